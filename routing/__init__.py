@@ -1,0 +1,14 @@
+"""Pools, sessions and affinity routing for stateful workers on Celery + Redis.
+
+This package imports neither ``dspy`` nor ``tasks``: producers need only it.
+"""
+
+from __future__ import annotations
+
+from routing.client import Client
+from routing.future import CallFuture
+from routing.pools import Affinity, Pool, PoolTable
+from routing.session import Session
+from routing.settings import Settings
+
+__all__ = ["Affinity", "CallFuture", "Client", "Pool", "PoolTable", "Session", "Settings"]

@@ -1,0 +1,160 @@
+"""The producer-side client: open sessions on pools and route their calls."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import EncodeError
+from redis import Redis
+
+from routing import names
+from routing.celery_config import celery_config
+from routing.embedded import resolve_url
+from routing.errors import InvalidArgument, SessionWorkerUnavailable, WorkerBusy
+from routing.future import CallFuture
+from routing.pools import Affinity, PoolTable
+from routing.reaper import reap_dead_workers
+from routing.registry import Liveness, Registry
+from routing.session import Session
+from routing.sessions import SessionStore
+from routing.settings import Settings
+from routing.watch import WorkerWatch
+
+log = logging.getLogger(__name__)
+
+
+class Client:
+    """Opens sessions and sends their calls; one per producer process is enough.
+
+    The routing decision reads a cached view of the bound workers (see
+    :class:`~routing.watch.WorkerWatch`), so a strict call costs the same Redis
+    work as a plain Celery ``send_task``. ``strict_fail_fast`` is the exception:
+    it reads the worker's in-flight count fresh, one round trip, by definition.
+    """
+
+    def __init__(self, redis_url: str, settings: Settings | None = None, pools: PoolTable | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.pools = pools or PoolTable.load(self.settings.pools_config)
+        self.redis_url = redis_url
+        self.redis = Redis.from_url(redis_url, decode_responses=True)
+        self.sessions = SessionStore(self.redis)
+        self.registry = Registry(self.redis, self.settings)
+        self.watch = WorkerWatch(self.registry, self.settings.watch_interval_s, self._on_worker_death)
+        self.app = Celery("flagship-client", set_as_current=False)
+        self.app.conf.update(celery_config(self.settings, redis_url))
+
+    @classmethod
+    def from_env(cls, settings: Settings | None = None) -> Client:
+        """``REDIS_URL``, else the embedded server's recorded address."""
+        settings = settings or Settings.from_env()
+        return cls(resolve_url(settings), settings)
+
+    # -- sessions ------------------------------------------------------------
+
+    def session(
+        self,
+        pool: str,
+        session_id: str | None = None,
+        *,
+        affinity: Affinity | str | None = None,
+        ttl_s: float | None = None,
+        bind: str = "eager",
+        node: str | None = None,
+    ) -> Session:
+        """Open a session on ``pool``.
+
+        ``bind="eager"`` binds now to the least-loaded live worker (``node`` asks
+        for a specific one); ``"lazy"`` binds on the first call.
+        """
+        spec = self.pools.get(pool)
+        mode = Affinity(affinity) if affinity else spec.affinity
+        session_id = session_id or uuid.uuid4().hex
+        ttl = ttl_s or self.settings.session_ttl_s
+        session = Session(self, session_id, spec.name, mode, None, ttl)
+        if bind == "lazy":
+            self.sessions.create(session_id, spec, mode, ttl)
+        else:
+            self._bind(session, prefer=node)
+            if node and session.worker != node:
+                session.close()
+                raise SessionWorkerUnavailable(session_id, node)
+        return session
+
+    def attach(self, session_id: str) -> Session:
+        """A handle on an existing session (opened by this or another producer)."""
+        record = self.sessions.get(session_id)
+        session = Session(self, record.id, record.pool, record.affinity, record.worker, record.ttl_s)
+        if record.worker:
+            self.watch.watch(record.worker)
+            self.watch.refresh()
+        return session
+
+    def _bind(self, session: Session, prefer: str | None = None, exclude: str | None = None) -> None:
+        spec = self.pools.get(session.pool)
+        node = self.sessions.bind(session.id, spec, session.affinity, session.ttl_s, prefer=prefer, exclude=exclude)
+        session.worker = node
+        self.watch.watch(node, Liveness(live=True, in_flight=0, concurrency=spec.concurrency))
+
+    def _close(self, session: Session) -> None:
+        node = self.sessions.close(session.id)
+        if node:
+            route = self._route_header(session, node)
+            self.app.send_task(names.CALL_TASK, args=[session.id, "release_session", {}, route],
+                               queue=names.worker_queue(node), ignore_result=True)
+
+    # -- calls ---------------------------------------------------------------
+
+    def _route(self, session: Session) -> str | None:
+        """The node to send to (its direct queue), or None for the pool's shared queue."""
+        if session.worker is None:
+            self._bind(session)
+        node = session.worker
+        assert node is not None
+        view = self.watch.get(node)
+        if session.affinity is Affinity.HINT:
+            return node if view is not None and view.live and not view.saturated else None
+        if view is None or not view.live:
+            raise SessionWorkerUnavailable(session.id, node)
+        if session.affinity is Affinity.STRICT_FAIL_FAST:
+            fresh = self.registry.liveness([node])[node]
+            if not fresh.live:
+                raise SessionWorkerUnavailable(session.id, node)
+            if fresh.saturated:
+                raise WorkerBusy(session.id, node, fresh.in_flight, fresh.concurrency)
+        return node
+
+    def _route_header(self, session: Session, node: str | None) -> dict[str, Any]:
+        return {"node": node, "pool": session.pool, "affinity": session.affinity.value, "ttl_s": session.ttl_s}
+
+    def _send(self, session: Session, op: str, kwargs: dict[str, Any]) -> CallFuture:
+        node = self._route(session)
+        queue = names.worker_queue(node) if node else names.pool_queue(session.pool)
+        try:
+            result = self.app.send_task(
+                names.CALL_TASK, args=[session.id, op, kwargs, self._route_header(session, node)], queue=queue
+            )
+        except EncodeError as exc:
+            raise InvalidArgument(op, f"arguments must be JSON-serializable ({exc})") from None
+        return CallFuture(session, op, result, node)
+
+    def _on_worker_death(self, node: str) -> None:
+        try:
+            reap_dead_workers(self.redis)
+        except Exception:  # the watch thread must survive; the next refresh retries
+            log.exception("reaping after the death of %s failed", node)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def close(self) -> None:
+        self.watch.close()
+        self.app.close()
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,232 @@
+"""Every error the system raises, under one root.
+
+Each error keeps its fields in ``args`` (in ``fields`` order) so Celery's JSON
+result backend can rebuild it on the producer as the same type with the same
+fields: the worker stores ``exc.args`` and the producer calls ``cls(*args)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "FlagshipError",
+    "RoutingError",
+    "UnknownPool",
+    "SessionNotFound",
+    "SessionClosed",
+    "SessionWorkerUnavailable",
+    "WorkerBusy",
+    "NoCapableWorker",
+    "ServerUnavailable",
+    "CallError",
+    "InvalidArgument",
+    "UnknownOperation",
+    "OperationFailed",
+    "CallTimeout",
+    "RefError",
+    "RefNotFound",
+    "RefSessionMismatch",
+    "RefEvicted",
+    "InvalidSignature",
+    "LMError",
+    "LMAuthError",
+    "LMBadRequest",
+    "LMUnavailable",
+    "SandboxError",
+    "SandboxCrashed",
+    "SandboxTimeout",
+    "CodeFailed",
+    "AnalyticsError",
+    "InvalidAnalyticsInput",
+]
+
+
+class FlagshipError(Exception):
+    """Root of every error raised by pools, sessions, refs, sandboxes and operations."""
+
+    #: Names of the constructor arguments, in order; each becomes an attribute.
+    fields: tuple[str, ...] = ()
+    #: ``str.format`` template over the fields.
+    template = "{}"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        values = list(args) + [kwargs.pop(name) for name in self.fields[len(args):] if name in kwargs]
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unexpected fields {sorted(kwargs)}")
+        super().__init__(*values)
+        for name, value in zip(self.fields, values):
+            setattr(self, name, value)
+        for name in self.fields[len(values):]:
+            setattr(self, name, None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.fields}
+
+    def __str__(self) -> str:
+        if not self.fields:
+            return super().__str__()
+        return self.template.format(**self.as_dict())
+
+
+# -- routing -----------------------------------------------------------------
+
+
+class RoutingError(FlagshipError):
+    """A call could not be placed on a worker."""
+
+
+class UnknownPool(RoutingError):
+    fields = ("pool", "known")
+    template = "unknown pool {pool!r} (known pools: {known})"
+
+
+class SessionNotFound(RoutingError):
+    fields = ("session_id",)
+    template = "session {session_id!r} does not exist (never opened, closed, or expired)"
+
+
+class SessionClosed(RoutingError):
+    fields = ("session_id",)
+    template = "session {session_id!r} is closed"
+
+
+class SessionWorkerUnavailable(RoutingError):
+    fields = ("session_id", "node")
+    template = (
+        "worker {node!r} bound to strict session {session_id!r} is gone; "
+        "its in-memory state is lost (reopen the session or call with rehydrate=True)"
+    )
+
+
+class WorkerBusy(RoutingError):
+    fields = ("session_id", "node", "in_flight", "limit")
+    template = "worker {node!r} of session {session_id!r} is busy ({in_flight}/{limit} in flight)"
+
+
+class NoCapableWorker(RoutingError):
+    fields = ("pool", "capabilities")
+    template = "no live worker of pool {pool!r} has capabilities {capabilities}"
+
+
+class ServerUnavailable(RoutingError):
+    fields = ("url", "reason")
+    template = "Redis server {url} is unavailable: {reason}"
+
+
+# -- calls -------------------------------------------------------------------
+
+
+class CallError(FlagshipError):
+    """A call reached a worker (or was about to) and could not be carried out."""
+
+
+class InvalidArgument(CallError):
+    fields = ("op", "reason")
+    template = "invalid argument for {op!r}: {reason}"
+
+
+class UnknownOperation(CallError):
+    fields = ("op", "known")
+    template = "unknown operation {op!r} (allowed: {known})"
+
+
+class OperationFailed(CallError):
+    """An operation raised something outside this tree; its type and message travel as text."""
+
+    fields = ("op", "error_type", "message")
+    template = "{op!r} failed with {error_type}: {message}"
+
+
+class CallTimeout(CallError):
+    fields = ("session_id", "op", "timeout_s")
+    template = "call {op!r} of session {session_id!r} got no result within {timeout_s} s"
+
+
+# -- refs --------------------------------------------------------------------
+
+
+class RefError(FlagshipError):
+    """A stateful object handle could not be resolved."""
+
+
+class RefNotFound(RefError):
+    fields = ("ref_id", "session_id", "node")
+    template = "ref {ref_id!r} of session {session_id!r} is not on worker {node!r}"
+
+
+class RefSessionMismatch(RefError):
+    fields = ("ref_id", "owner_session_id", "session_id")
+    template = "ref {ref_id!r} belongs to session {owner_session_id!r}, not {session_id!r}"
+
+
+class RefEvicted(RefError):
+    fields = ("ref_id", "session_id", "limit")
+    template = "ref {ref_id!r} of session {session_id!r} was evicted (worker holds at most {limit} refs)"
+
+
+class InvalidSignature(RefError):
+    fields = ("signature", "reason")
+    template = "invalid signature {signature!r}: {reason}"
+
+
+# -- language models ---------------------------------------------------------
+
+
+class LMError(FlagshipError):
+    """The language model provider refused or failed a request."""
+
+
+class LMAuthError(LMError):
+    fields = ("model", "message")
+    template = "provider rejected the credentials for {model!r}: {message}"
+
+
+class LMBadRequest(LMError):
+    fields = ("model", "message")
+    template = "provider rejected the request for {model!r}: {message}"
+
+
+class LMUnavailable(LMError):
+    fields = ("model", "message")
+    template = "provider for {model!r} stayed unavailable after retries: {message}"
+
+
+# -- sandbox -----------------------------------------------------------------
+
+
+class SandboxError(FlagshipError):
+    """The code sandbox failed."""
+
+
+class SandboxCrashed(SandboxError):
+    """The interpreter process is dead; it must be replaced."""
+
+    fields = ("reason",)
+    template = "sandbox crashed: {reason}"
+
+
+class SandboxTimeout(SandboxError):
+    """Code ran past its wall-clock limit; the interpreter was killed."""
+
+    fields = ("timeout_s",)
+    template = "sandbox code ran longer than {timeout_s} s and was killed"
+
+
+class CodeFailed(SandboxError):
+    """The code raised inside the sandbox; the interpreter is still usable."""
+
+    fields = ("error_type", "message")
+    template = "sandbox code raised {error_type}: {message}"
+
+
+# -- analytics ---------------------------------------------------------------
+
+
+class AnalyticsError(FlagshipError):
+    """Analytics input was rejected."""
+
+
+class InvalidAnalyticsInput(AnalyticsError):
+    fields = ("field", "reason")
+    template = "invalid analytics input {field!r}: {reason}"

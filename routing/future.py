@@ -1,0 +1,70 @@
+"""The producer's handle on one submitted call."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from routing.errors import CallTimeout, SessionWorkerUnavailable
+
+if TYPE_CHECKING:
+    from routing.session import Session
+
+
+class CallFuture:
+    """Waits for a call's result while watching the worker it was sent to.
+
+    A strict call whose worker dies after it was queued becomes
+    ``SessionWorkerUnavailable`` as soon as the producer's watch sees the death,
+    not after a timeout. Wait on futures from one thread (Celery's result consumer
+    is not thread-safe); submit many, then wait on each.
+    """
+
+    def __init__(self, session: Session, op: str, result: AsyncResult, target: str | None) -> None:
+        self.session = session
+        self.op = op
+        self.target = target
+        self._result = result
+        self._value: Any = None
+        self._done = False
+        #: The worker that ran the call, once known.
+        self.node: str | None = None
+
+    @property
+    def id(self) -> str:
+        return str(self._result.id)
+
+    def done(self) -> bool:
+        return self._done or self._result.ready()
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        if self._done:
+            return self._value
+        client = self.session.client
+        slice_s = client.settings.watch_interval_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            wait_s = slice_s if deadline is None else max(0.0, min(slice_s, deadline - time.monotonic()))
+            try:
+                envelope = self._result.get(timeout=wait_s, propagate=True, disable_sync_subtasks=False)
+                break
+            except CeleryTimeout:
+                self._check_worker()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise CallTimeout(self.session.id, self.op, timeout_s) from None
+        self._result.forget()
+        self.node = envelope["node"]
+        self._value = envelope["value"]
+        self._done = True
+        self.session._ran_on(self.node)
+        return self._value
+
+    def _check_worker(self) -> None:
+        if self.target is None or not self.session.affinity.strict:
+            return
+        view = self.session.client.watch.get(self.target)
+        if view is not None and not view.live:
+            raise SessionWorkerUnavailable(self.session.id, self.target)

@@ -1,0 +1,68 @@
+"""Every queue name and Redis key, derived in one place."""
+
+from __future__ import annotations
+
+#: Prefix of every Redis key the system owns (Celery's own keys are left as Celery names them).
+PREFIX = "flagship"
+
+#: Celery task that runs an operation of a session.
+CALL_TASK = "flagship.call"
+#: Plain no-op task, the baseline routing is measured against.
+NOOP_TASK = "flagship.noop"
+
+#: Hash of worker-reported fields.
+WORKER_KEY = PREFIX + ":worker:{node}"
+#: String whose existence means the worker is live; expires after the heartbeat TTL.
+HEARTBEAT_KEY = PREFIX + ":hb:{node}"
+#: Set of the nodes registered in a pool (live or not yet reaped).
+POOL_WORKERS_KEY = PREFIX + ":pool:{pool}:workers"
+#: Set of session ids bound to a worker; its size is the worker's load.
+WORKER_SESSIONS_KEY = PREFIX + ":worker:{node}:sessions"
+#: Hash of a session record.
+SESSION_KEY = PREFIX + ":session:{session_id}"
+#: Set of all session ids (entries may outlive expired records until swept).
+SESSIONS_KEY = PREFIX + ":sessions"
+#: Hash: direct queue -> pool, for every worker queue ever registered (so dead ones get reaped).
+DIRECT_QUEUES_KEY = PREFIX + ":direct-queues"
+#: Short lock held by whoever moves a dead worker's queued calls.
+REAP_LOCK_KEY = PREFIX + ":reap:{node}"
+#: List of recipes of a session's refs, in creation order.
+SESSION_RECIPES_KEY = PREFIX + ":session:{session_id}:recipes"
+
+
+def pool_queue(pool: str) -> str:
+    """The pool's shared Celery queue: any worker of the pool may take from it."""
+    return pool
+
+
+def worker_queue(node: str) -> str:
+    """A worker's own Celery queue: only that worker consumes it."""
+    return f"{PREFIX}.direct.{node}"
+
+
+def worker_key(node: str) -> str:
+    return WORKER_KEY.format(node=node)
+
+
+def heartbeat_key(node: str) -> str:
+    return HEARTBEAT_KEY.format(node=node)
+
+
+def pool_workers_key(pool: str) -> str:
+    return POOL_WORKERS_KEY.format(pool=pool)
+
+
+def worker_sessions_key(node: str) -> str:
+    return WORKER_SESSIONS_KEY.format(node=node)
+
+
+def session_key(session_id: str) -> str:
+    return SESSION_KEY.format(session_id=session_id)
+
+
+def session_recipes_key(session_id: str) -> str:
+    return SESSION_RECIPES_KEY.format(session_id=session_id)
+
+
+def reap_lock_key(node: str) -> str:
+    return REAP_LOCK_KEY.format(node=node)

@@ -1,0 +1,92 @@
+"""The pool table: data, overridable from a JSON file or inline JSON without code changes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from routing.errors import UnknownPool
+
+
+class Affinity(str, Enum):
+    #: Calls wait in the bound worker's direct queue.
+    STRICT_QUEUE = "strict_queue"
+    #: A bound worker at its in-flight limit is an immediate ``WorkerBusy``.
+    STRICT_FAIL_FAST = "strict_fail_fast"
+    #: The bound worker when live and free, else the shared queue; then rebind.
+    HINT = "hint"
+
+    @property
+    def strict(self) -> bool:
+        return self is not Affinity.HINT
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    affinity: Affinity = Affinity.STRICT_QUEUE
+    #: Workers started for the pool by ``flagship up`` and the demo.
+    size: int = 2
+    #: Threads per worker node (calls of different sessions run concurrently).
+    concurrency: int = 2
+    #: Capabilities a worker must prove at start-up to serve the pool.
+    requires: tuple[str, ...] = ()
+
+
+DEFAULT_POOLS: tuple[Pool, ...] = (
+    Pool("triage_pool", Affinity.STRICT_QUEUE),
+    Pool("rlm_pool", Affinity.STRICT_QUEUE, requires=("deno",)),
+    Pool("analytics_pool", Affinity.HINT),
+)
+
+
+def _pool_from_mapping(name: str, data: Mapping[str, Any], base: Pool | None) -> Pool:
+    pool = base or Pool(name)
+    changes: dict[str, Any] = {}
+    if "affinity" in data:
+        changes["affinity"] = Affinity(data["affinity"])
+    for key in ("size", "concurrency"):
+        if key in data:
+            changes[key] = int(data[key])
+    if "requires" in data:
+        changes["requires"] = tuple(data["requires"])
+    return replace(pool, **changes)
+
+
+@dataclass(frozen=True)
+class PoolTable:
+    pools: Mapping[str, Pool] = field(default_factory=lambda: {p.name: p for p in DEFAULT_POOLS})
+
+    def get(self, name: str) -> Pool:
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise UnknownPool(name, sorted(self.pools)) from None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.pools.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.pools
+
+    @classmethod
+    def load(cls, config: str | None) -> PoolTable:
+        """Defaults, updated by ``config``: a path to a JSON file or a JSON string.
+
+        The JSON maps pool names to fields (``affinity``, ``size``, ``concurrency``,
+        ``requires``); unknown names add pools, ``null`` removes one.
+        """
+        pools = {p.name: p for p in DEFAULT_POOLS}
+        if not config:
+            return cls(pools)
+        text = config if config.lstrip().startswith("{") else Path(config).read_text()
+        for name, data in json.loads(text).items():
+            if data is None:
+                pools.pop(name, None)
+            else:
+                pools[name] = _pool_from_mapping(name, data, pools.get(name))
+        return cls(pools)

@@ -1,0 +1,151 @@
+"""The live worker registry: what each worker reports about itself, and who is live."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from redis import Redis
+
+from routing import names
+from routing.settings import Settings
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    node: str
+    pool: str
+    host: str
+    pid: int
+    queue: str
+    capabilities: tuple[str, ...] = ()
+    concurrency: int = 1
+    started: float = field(default_factory=time.time)
+    in_flight: int = 0
+    sessions: int = 0
+    last_beat: float = 0.0
+    live: bool = False
+
+    @property
+    def heartbeat_age_s(self) -> float | None:
+        return round(time.time() - self.last_beat, 3) if self.last_beat else None
+
+    def as_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["capabilities"] = list(self.capabilities)
+        data["heartbeat_age_s"] = self.heartbeat_age_s
+        return data
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str], *, live: bool, sessions: int) -> WorkerInfo:
+        return cls(
+            node=data["node"],
+            pool=data["pool"],
+            host=data.get("host", ""),
+            pid=int(data.get("pid", 0)),
+            queue=data.get("queue", names.worker_queue(data["node"])),
+            capabilities=tuple(json.loads(data.get("capabilities", "[]"))),
+            concurrency=int(data.get("concurrency", 1)),
+            started=float(data.get("started", 0)),
+            in_flight=int(data.get("in_flight", 0)),
+            sessions=sessions,
+            last_beat=float(data.get("last_beat", 0)),
+            live=live,
+        )
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """The part of a worker's state a producer routes on."""
+
+    live: bool
+    in_flight: int
+    concurrency: int
+
+    @property
+    def saturated(self) -> bool:
+        return self.in_flight >= self.concurrency
+
+
+class Registry:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+
+    def register(self, info: WorkerInfo) -> None:
+        """Publish the worker and its first heartbeat (it becomes bindable at once)."""
+        pipe = self.redis.pipeline()
+        pipe.hset(names.worker_key(info.node), mapping={
+            "node": info.node, "pool": info.pool, "host": info.host, "pid": info.pid,
+            "queue": info.queue, "capabilities": json.dumps(list(info.capabilities)),
+            "concurrency": info.concurrency, "started": info.started,
+            "in_flight": info.in_flight, "last_beat": time.time(),
+        })
+        pipe.sadd(names.pool_workers_key(info.pool), info.node)
+        pipe.hset(names.DIRECT_QUEUES_KEY, info.node, info.pool)
+        pipe.set(names.heartbeat_key(info.node), info.pid, px=self._ttl_ms)
+        pipe.execute()
+
+    def beat(self, node: str, in_flight: int, pipeline: Redis | None = None) -> None:
+        pipe = pipeline if pipeline is not None else self.redis.pipeline()
+        pipe.set(names.heartbeat_key(node), in_flight, px=self._ttl_ms)
+        pipe.hset(names.worker_key(node), mapping={"in_flight": in_flight, "last_beat": time.time()})
+        if pipeline is None:
+            pipe.execute()
+
+    def deregister(self, node: str, pool: str) -> None:
+        """Clean shutdown: the worker stops being live at once (no TTL wait)."""
+        pipe = self.redis.pipeline()
+        pipe.delete(names.heartbeat_key(node), names.worker_key(node))
+        pipe.srem(names.pool_workers_key(pool), node)
+        pipe.execute()
+
+    def liveness(self, nodes: Iterable[str]) -> dict[str, Liveness]:
+        """One round trip for the routing view of ``nodes``."""
+        nodes = list(nodes)
+        pipe = self.redis.pipeline(transaction=False)
+        for node in nodes:
+            pipe.exists(names.heartbeat_key(node))
+            pipe.hmget(names.worker_key(node), "in_flight", "concurrency")
+        replies = pipe.execute()
+        view = {}
+        for i, node in enumerate(nodes):
+            exists, (in_flight, concurrency) = replies[2 * i], replies[2 * i + 1]
+            view[node] = Liveness(bool(exists), int(in_flight or 0), int(concurrency or 1))
+        return view
+
+    def workers(self, pools: Iterable[str]) -> list[WorkerInfo]:
+        nodes = [(pool, node) for pool in pools for node in sorted(self.redis.smembers(names.pool_workers_key(pool)))]
+        pipe = self.redis.pipeline(transaction=False)
+        for _, node in nodes:
+            pipe.hgetall(names.worker_key(node))
+            pipe.exists(names.heartbeat_key(node))
+            pipe.scard(names.worker_sessions_key(node))
+        replies = pipe.execute()
+        infos = []
+        for i, _ in enumerate(nodes):
+            data, live, sessions = replies[3 * i: 3 * i + 3]
+            if data:
+                infos.append(WorkerInfo.from_hash(data, live=bool(live), sessions=int(sessions)))
+        return infos
+
+    def prune_sessions(self, node: str) -> int:
+        """Drop expired sessions from the worker's bound set; returns how many remain."""
+        key = names.worker_sessions_key(node)
+        ids = list(self.redis.smembers(key))
+        if not ids:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for session_id in ids:
+            pipe.exists(names.session_key(session_id))
+        gone = [sid for sid, alive in zip(ids, pipe.execute()) if not alive]
+        if gone:
+            self.redis.srem(key, *gone)
+            self.redis.srem(names.SESSIONS_KEY, *gone)
+        return len(ids) - len(gone)
+
+    @property
+    def _ttl_ms(self) -> int:
+        return int(self.settings.heartbeat_ttl_s * 1000)

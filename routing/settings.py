@@ -1,0 +1,54 @@
+"""Runtime settings, read from the environment only when asked (never at import)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
+def flagship_home(env: dict[str, str] | None = None) -> Path:
+    """Where the embedded server, its address file and the sandbox cache live."""
+    env = dict(os.environ) if env is None else env
+    if env.get("FLAGSHIP_HOME"):
+        return Path(env["FLAGSHIP_HOME"]).expanduser()
+    state = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "flagship"
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Explicit Redis URL; ``None`` means the embedded server recorded under ``home``.
+    redis_url: str | None = None
+    home: Path = field(default_factory=flagship_home)
+    #: A worker is live while its heartbeat key exists; it renews it every ``heartbeat_interval_s``.
+    heartbeat_ttl_s: float = 6.0
+    heartbeat_interval_s: float = 1.0
+    #: How often a client refreshes its view of the workers it routes to.
+    watch_interval_s: float = 0.25
+    #: Session records expire after this long without a call.
+    session_ttl_s: float = 3600.0
+    #: Redis transport: an un-acked message returns to its queue after this long.
+    visibility_timeout_s: float = 3600.0
+    #: JSON file or inline JSON overriding the pool table.
+    pools_config: str | None = None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ) if env is None else env
+        ttl = _float(env, "FLAGSHIP_HEARTBEAT_TTL_S", cls.heartbeat_ttl_s)
+        return cls(
+            redis_url=env.get("REDIS_URL") or None,
+            home=flagship_home(env),
+            heartbeat_ttl_s=ttl,
+            heartbeat_interval_s=_float(env, "FLAGSHIP_HEARTBEAT_INTERVAL_S", min(ttl / 4, 1.0)),
+            watch_interval_s=_float(env, "FLAGSHIP_WATCH_INTERVAL_S", cls.watch_interval_s),
+            session_ttl_s=_float(env, "FLAGSHIP_SESSION_TTL_S", cls.session_ttl_s),
+            visibility_timeout_s=_float(env, "FLAGSHIP_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s),
+            pools_config=env.get("FLAGSHIP_POOLS") or None,
+        )

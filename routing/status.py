@@ -1,0 +1,50 @@
+"""A snapshot of pools, workers, sessions and queue depths (for `flagship status`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis import Redis
+
+from routing import names
+from routing.pools import PoolTable
+from routing.registry import Registry
+from routing.sessions import SessionStore
+from routing.settings import Settings
+
+
+def snapshot(redis: Redis, settings: Settings, pools: PoolTable) -> dict[str, Any]:
+    registry = Registry(redis, settings)
+    workers = registry.workers(p.name for p in pools)
+    sessions = SessionStore(redis).all()
+    pipe = redis.pipeline(transaction=False)
+    for pool in pools:
+        pipe.llen(names.pool_queue(pool.name))
+    for worker in workers:
+        pipe.llen(worker.queue)
+        pipe.hget(names.worker_key(worker.node), "refs")
+    replies = pipe.execute()
+    pool_depths = replies[: len(list(pools))]
+    worker_replies = replies[len(pool_depths):]
+    now = time.time()
+    return {
+        "redis_url": redis.connection_pool.connection_kwargs.get("host", ""),
+        "pools": [
+            {
+                "name": pool.name, "affinity": pool.affinity.value, "size": pool.size,
+                "requires": list(pool.requires), "queue": names.pool_queue(pool.name), "queued": depth,
+                "live_workers": sum(1 for w in workers if w.pool == pool.name and w.live),
+            }
+            for pool, depth in zip(pools, pool_depths)
+        ],
+        "workers": [
+            {**w.as_dict(), "queued": worker_replies[2 * i], "refs": int(worker_replies[2 * i + 1] or 0)}
+            for i, w in enumerate(workers)
+        ],
+        "sessions": [
+            {"id": s.id, "pool": s.pool, "affinity": s.affinity.value, "worker": s.worker,
+             "idle_s": round(now - s.last_used, 1), "ttl_s": s.ttl_s}
+            for s in sessions
+        ],
+    }

@@ -1,0 +1,65 @@
+"""A producer's cached view of the workers it routes to, refreshed off the call path.
+
+Calls read this view instead of asking Redis, so routing adds no round trip; a
+worker whose heartbeat expires turns dead here within one refresh interval, and
+the first producer to see it reaps the dead worker's queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis as redis_lib
+
+from routing.registry import Liveness, Registry
+
+log = logging.getLogger(__name__)
+
+
+class WorkerWatch:
+    def __init__(self, registry: Registry, interval_s: float, on_death: Callable[[str], None]) -> None:
+        self.registry = registry
+        self.interval_s = interval_s
+        self.on_death = on_death
+        self._view: dict[str, Liveness] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, node: str, liveness: Liveness | None = None) -> None:
+        with self._lock:
+            if liveness is not None or node not in self._view:
+                self._view[node] = liveness or Liveness(live=True, in_flight=0, concurrency=1)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="flagship-watch", daemon=True)
+                self._thread.start()
+
+    def get(self, node: str) -> Liveness | None:
+        return self._view.get(node)
+
+    def refresh(self) -> None:
+        with self._lock:
+            nodes = list(self._view)
+        if not nodes:
+            return
+        fresh = self.registry.liveness(nodes)
+        with self._lock:
+            died = [n for n, v in fresh.items() if not v.live and self._view.get(n, v).live]
+            self._view.update(fresh)
+        for node in died:
+            log.warning("worker %s stopped heartbeating", node)
+            self.on_death(node)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.refresh()
+            except redis_lib.RedisError as exc:
+                log.warning("worker watch refresh failed: %s", exc)

@@ -1,0 +1,1 @@
+"""Worker side: the Celery app, worker hooks, stateful DSPy operations and the CLI."""

@@ -1,0 +1,39 @@
+"""The Celery app. Workers: ``flagship worker --pool NAME`` or ``celery -A tasks.app worker``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+
+from routing import names
+from routing.celery_config import celery_config
+from routing.embedded import resolve_url
+from routing.errors import FlagshipError
+from routing.settings import Settings
+
+
+def _config() -> dict[str, Any]:
+    settings = Settings.from_env()
+    return celery_config(settings, resolve_url(settings))
+
+
+app = Celery("flagship")
+# Evaluated lazily, when Celery first reads its configuration (not at import).
+app.add_defaults(_config)
+
+from tasks import worker_hooks  # noqa: E402  (connects the worker signals)
+
+
+@app.task(name=names.CALL_TASK, bind=True, throws=(FlagshipError,))
+def call(self: Any, session_id: str, op: str, kwargs: dict[str, Any], route: dict[str, Any]) -> dict[str, Any]:
+    from tasks.calls import execute_call
+
+    return execute_call(worker_hooks.current_worker(), self.request.id, session_id, op, kwargs, route)
+
+
+@app.task(name=names.NOOP_TASK)
+def noop() -> dict[str, Any]:
+    """Plain Celery baseline for benchmarks: same payload as ``ping``, no routing."""
+    return {"node": worker_hooks.node_name(), "pid": os.getpid()}

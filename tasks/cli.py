@@ -1,0 +1,144 @@
+"""The ``flagship`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from routing.embedded import ensure_server, read_record, stop_server
+from routing.pools import PoolTable
+from routing.settings import Settings
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """Become ``celery worker`` for one pool (exec: same pid, so signals and Flower see it as usual)."""
+    settings = Settings.from_env()
+    pool = PoolTable.load(settings.pools_config).get(args.pool)
+    os.environ["REDIS_URL"] = ensure_server(settings)
+    os.environ["FLAGSHIP_POOL"] = pool.name
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    from routing.names import pool_queue, worker_queue
+    from tasks.stack import node_name
+
+    node = node_name(args.name or f"{pool.name.removesuffix('_pool')}-{os.getpid()}")
+    argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "threads",
+            "-c", str(args.concurrency or pool.concurrency), "-n", node,
+            "-Q", f"{pool_queue(pool.name)},{worker_queue(node)}",
+            "--without-mingle", "--without-gossip", "-l", args.loglevel, *args.celery_args]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
+def _server(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if args.action == "start":
+        print(ensure_server(settings))
+    elif args.action == "stop":
+        print("stopped" if stop_server(settings.home) else "no embedded server running")
+    else:
+        record = read_record(settings.home)
+        print(json.dumps(record.__dict__ if record else None))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from tasks.status_view import render_status
+
+    while True:
+        render_status(as_json=args.json)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def _up(args: argparse.Namespace) -> int:
+    """Server plus every pool's workers in the foreground until Ctrl-C."""
+    from tasks.stack import Stack
+
+    stack = Stack()
+    print(f"server: {stack.redis_url}")
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for worker in stack.start_pools(per_pool=args.per_pool):
+            print(f"worker {worker.node} ({worker.pool}) pid {worker.pid} log {worker.log_path}")
+        print("stack is up; Ctrl-C stops it")
+        while not stopping and all(w.alive() for w in stack.workers):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+        if args.stop_server and not stack.settings.redis_url:
+            stop_server(stack.settings.home)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "routing":
+        from tasks.bench_routing import main as bench_main
+    else:
+        from tasks.sandbox.bench import main as bench_main  # type: ignore[no-redef]
+    return int(bench_main(args.bench_args) or 0)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tasks.demo.main import main as demo_main
+
+    return int(demo_main(args.demo_args) or 0)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="flagship", description="DSPy pools on Celery + Redis")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    worker = sub.add_parser("worker", help="run one worker node of a pool (a celery worker)")
+    worker.add_argument("--pool", required=True)
+    worker.add_argument("--name", help=f"node name (default <pool>-<pid>@{socket.gethostname()})")
+    worker.add_argument("--concurrency", type=int, help="threads (default: the pool's concurrency)")
+    worker.add_argument("--loglevel", default="info")
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed on to celery worker")
+    worker.set_defaults(fn=_worker)
+
+    server = sub.add_parser("server", help="the embedded Valkey server (ignored with REDIS_URL)")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.set_defaults(fn=_server)
+
+    status = sub.add_parser("status", help="pools, workers, sessions, queue depths")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    status.set_defaults(fn=_status)
+
+    up = sub.add_parser("up", help="start the server and every pool's workers in the foreground")
+    up.add_argument("--per-pool", type=int, help="workers per pool (default: each pool's size)")
+    up.add_argument("--stop-server", action="store_true", help="stop the embedded server on exit")
+    up.set_defaults(fn=_up)
+
+    bench = sub.add_parser("bench", help="benchmarks: routing vs plain Celery, sandbox start")
+    bench.add_argument("what", choices=["routing", "sandbox"])
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(fn=_bench)
+
+    demo = sub.add_parser("demo", help="the flagship multi-pool RLM run")
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.set_defaults(fn=_demo)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

