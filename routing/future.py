@@ -55,7 +55,6 @@ class CallFuture:
                 self._check_worker()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise CallTimeout(self.session.id, self.op, timeout_s) from None
-        self._result.forget()
         self.node = envelope["node"]
         self._value = envelope["value"]
         self._done = True

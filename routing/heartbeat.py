@@ -42,7 +42,7 @@ class Heartbeat(threading.Thread):
         self.interval_s = interval_s
         self.in_flight = in_flight
         self.take_touched = take_touched
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._nudge = threading.Event()
         self._next_housekeeping = 0.0
 
@@ -51,13 +51,13 @@ class Heartbeat(threading.Thread):
         self._nudge.set()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
+        self._stopping.set()
         self._nudge.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout_s)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 self.beat()
             except redis_lib.RedisError as exc:

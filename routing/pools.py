@@ -73,6 +73,17 @@ class PoolTable:
     def __contains__(self, name: object) -> bool:
         return name in self.pools
 
+    def to_json(self) -> str:
+        """The whole table in the form ``load`` reads (to hand it to child processes)."""
+        return json.dumps({
+            p.name: {"affinity": p.affinity.value, "size": p.size, "concurrency": p.concurrency,
+                     "requires": list(p.requires)}
+            for p in self.pools.values()
+        })
+
+    def with_pool(self, pool: Pool) -> PoolTable:
+        return PoolTable({**self.pools, pool.name: pool})
+
     @classmethod
     def load(cls, config: str | None) -> PoolTable:
         """Defaults, updated by ``config``: a path to a JSON file or a JSON string.

@@ -69,14 +69,19 @@ class WorkerState:
     # -- in-flight accounting (called from Celery signals) --------------------
 
     def call_arrived(self) -> None:
-        with self._lock:
-            self._in_flight += 1
-        self.heartbeat.nudge()
+        self._count_in_flight(+1)
 
     def call_finished(self) -> None:
+        self._count_in_flight(-1)
+
+    def _count_in_flight(self, delta: int) -> None:
+        """Producers route on "saturated or not": publish at once only when that flips."""
         with self._lock:
-            self._in_flight = max(0, self._in_flight - 1)
-        self.heartbeat.nudge()
+            was_saturated = self._in_flight >= self.concurrency
+            self._in_flight = max(0, self._in_flight + delta)
+            flipped = was_saturated != (self._in_flight >= self.concurrency)
+        if flipped:
+            self.heartbeat.nudge()
 
     @property
     def in_flight(self) -> int:

@@ -1,0 +1,273 @@
+"""Build the LM a worker uses: a real provider through ``dspy.LM``, or the offline scripted LM.
+
+Retries live here rather than in ``dspy.LM(num_retries=...)``: DSPy 3.4 retries
+transient errors correctly, but its backoff is fixed (1 s, 2 s, 4 s, ...), while
+workers and tests need it configurable, and callers across Celery need the
+project's typed errors (``LMAuthError``, ``LMBadRequest``, ``LMUnavailable``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+from dspy.utils import exceptions as dspy_errors
+
+from routing.errors import LMAuthError, LMBadRequest, LMError, LMUnavailable
+from tasks.offline_lm import OFFLINE_MODEL, OfflineLM
+
+__all__ = ["LMSettings", "ProviderLM", "build_lm", "translate_lm_error", "is_transient", "history_entries"]
+
+#: Model used when only ``GEMINI_API_KEY`` is set.
+DEFAULT_GEMINI_MODEL = "gemini/gemini-flash-lite-latest"
+#: Model name used for an OpenAI-compatible server when ``FLAGSHIP_LM`` is unset.
+DEFAULT_LOCAL_MODEL = "openai/local-model"
+#: Sent to an OpenAI-compatible server that needs no key, so an ambient OPENAI_API_KEY never leaks to it.
+NO_KEY = "sk-no-key-required"
+
+_AUTH_STATUS = {401, 403}
+_BAD_REQUEST_STATUS = {400, 404, 405, 413, 422}
+_TRANSIENT_STATUS = {408, 409, 425, 429}
+
+
+@dataclass(frozen=True)
+class LMSettings:
+    """Which LM a worker builds; read from the environment only when ``from_env()`` is called."""
+
+    model: str | None = None
+    api_base: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    #: Extra attempts after the first for transient provider errors.
+    retries: int = 3
+    #: First backoff delay; doubles per attempt up to ``backoff_max_s``.
+    backoff_s: float = 1.0
+    backoff_max_s: float = 20.0
+    #: Per-request HTTP timeout.
+    timeout_s: float = 60.0
+    temperature: float = 0.0
+    max_tokens: int = 4000
+    #: Cache provider responses in DSPy's cache (off: a cache hit hides usage, history and retries).
+    cache: bool = False
+    #: Characters of each message kept by ``history_entries``.
+    history_chars: int = 400
+
+    @property
+    def offline(self) -> bool:
+        return self.model is None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LMSettings:
+        env = os.environ if env is None else env
+        model = (env.get("FLAGSHIP_LM") or "").strip() or None
+        api_base = (env.get("FLAGSHIP_LM_API_BASE") or "").strip() or None
+        if model and model.lower().startswith("offline"):
+            model, api_base = None, None
+        elif model is None and api_base:
+            model = DEFAULT_LOCAL_MODEL
+        elif model is None and env.get("GEMINI_API_KEY"):
+            model = DEFAULT_GEMINI_MODEL
+        return cls(
+            model=_provider_model(model, api_base), api_base=api_base,
+            api_key=(env.get("FLAGSHIP_LM_API_KEY") or "").strip() or None,
+            retries=_number(env, "FLAGSHIP_LM_RETRIES", cls.retries, int),
+            backoff_s=_number(env, "FLAGSHIP_LM_BACKOFF_S", cls.backoff_s, float),
+            backoff_max_s=_number(env, "FLAGSHIP_LM_BACKOFF_MAX_S", cls.backoff_max_s, float),
+            timeout_s=_number(env, "FLAGSHIP_LM_TIMEOUT_S", cls.timeout_s, float),
+            temperature=_number(env, "FLAGSHIP_LM_TEMPERATURE", cls.temperature, float),
+            max_tokens=_number(env, "FLAGSHIP_LM_MAX_TOKENS", cls.max_tokens, int),
+            cache=(env.get("FLAGSHIP_LM_CACHE") or "").strip().lower() in ("1", "true", "yes", "on"),
+            history_chars=_number(env, "FLAGSHIP_LM_HISTORY_CHARS", cls.history_chars, int),
+        )
+
+
+def _number(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if value < 0 or (kind is float and not math.isfinite(value)):
+        raise ValueError(f"{name}={raw!r} must be a finite number >= 0")
+    return value
+
+
+def _provider_model(model: str | None, api_base: str | None) -> str | None:
+    """A bare model name served by an OpenAI-compatible server goes through the ``openai/`` route."""
+    if model and api_base and "/" not in model:
+        return f"openai/{model}"
+    return model
+
+
+# -- errors ---------------------------------------------------------------------
+
+
+def _status(exc: BaseException) -> int | None:
+    for name in ("status", "status_code"):
+        value = getattr(exc, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Rate limits, timeouts, 5xx and connection failures: worth another attempt."""
+    if isinstance(exc, LMError):
+        return False
+    if dspy_errors.is_retryable_lm_error(exc) or isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    status = _status(exc)
+    return status is not None and (status in _TRANSIENT_STATUS or status >= 500)
+
+
+def translate_lm_error(model: str, exc: BaseException) -> LMError | None:
+    """The project's typed error for a provider failure, or None when it is not one."""
+    if isinstance(exc, LMError):
+        return exc
+    # DSPy appends multi-paragraph remedies for its own API; the first paragraph is the provider's word.
+    message = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().split("\n\n")[0]
+    status = _status(exc)
+    auth = (dspy_errors.LMAuthError, dspy_errors.LMBillingError, dspy_errors.LMNotConfiguredError)
+    bad = (dspy_errors.LMInvalidRequestError, dspy_errors.LMUnsupportedFeatureError,
+           dspy_errors.LMConfigurationError)
+    if isinstance(exc, auth) or status in _AUTH_STATUS:
+        return LMAuthError(model, message)
+    if isinstance(exc, bad) or status in _BAD_REQUEST_STATUS:
+        return LMBadRequest(model, message)
+    if is_transient(exc):
+        return LMUnavailable(model, message)
+    return None
+
+
+class ProviderLM(dspy.LM):
+    """``dspy.LM`` with configurable exponential backoff and the project's typed errors.
+
+    Context-window errors pass through untranslated: DSPy modules catch them to
+    shorten their prompts. Streaming calls are not retried (output may be visible).
+    """
+
+    def __init__(self, model: str, *, retries: int = 3, backoff_s: float = 1.0, backoff_max_s: float = 20.0,
+                 **kwargs: Any) -> None:
+        kwargs["num_retries"] = 0  # one attempt per call inside DSPy; the retry loop is ours
+        super().__init__(model, **kwargs)
+        self.retries, self.backoff_s, self.backoff_max_s = retries, backoff_s, backoff_max_s
+
+    def _delay_or_raise(self, exc: Exception, attempt: int) -> float:
+        """Seconds before the next attempt; raises the typed error when there is none."""
+        if isinstance(exc, dspy_errors.ContextWindowExceededError):
+            raise exc
+        if is_transient(exc) and dspy.settings.send_stream is None:
+            if attempt >= self.retries:
+                last = (getattr(exc, "message", None) or str(exc)).strip().split("\n\n")[0]
+                raise LMUnavailable(self.model, f"{attempt + 1} attempts failed; last: {last}") from exc
+            delay = min(self.backoff_max_s, self.backoff_s * 2**attempt)
+            hint = getattr(exc, "retry_after", None)
+            if isinstance(hint, (int, float)) and math.isfinite(hint) and hint > delay:
+                delay = min(float(hint), self.backoff_max_s)
+            return delay
+        typed = translate_lm_error(self.model, exc)
+        if typed is None or typed is exc:
+            raise exc
+        raise typed from exc
+
+    def __call__(self, prompt: Any = None, *, messages: Any = None, **kwargs: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return super().__call__(prompt, messages=messages, **kwargs)
+            except Exception as exc:  # sorted by _delay_or_raise
+                time.sleep(self._delay_or_raise(exc, attempt))
+                attempt += 1
+
+    async def acall(self, prompt: Any = None, *, messages: Any = None, **kwargs: Any) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await super().acall(prompt, messages=messages, **kwargs)
+            except Exception as exc:  # sorted by _delay_or_raise
+                await asyncio.sleep(self._delay_or_raise(exc, attempt))
+                attempt += 1
+
+
+def build_lm(model: str | None = None, temperature: float | None = None, max_tokens: int | None = None,
+             api_base: str | None = None, api_key: str | None = None, settings: LMSettings | None = None,
+             **extra: Any) -> dspy.BaseLM:
+    """A provider LM for ``model`` (default: the configured one), or the offline LM when none is configured."""
+    settings = settings or LMSettings.from_env()
+    temperature = settings.temperature if temperature is None else temperature
+    max_tokens = settings.max_tokens if max_tokens is None else max_tokens
+    api_base = api_base or settings.api_base
+    model = _provider_model(model, api_base) if model else settings.model
+    if model is None or model.lower().startswith("offline"):
+        return OfflineLM(model or OFFLINE_MODEL, temperature=temperature, max_tokens=max_tokens)
+    extra.setdefault("cache", settings.cache)
+    extra.setdefault("timeout", settings.timeout_s)
+    retries = extra.pop("num_retries", settings.retries)
+    if api_base:
+        extra["api_base"] = api_base
+        extra["api_key"] = api_key or settings.api_key or NO_KEY
+    elif api_key or settings.api_key:
+        extra["api_key"] = api_key or settings.api_key
+    return ProviderLM(model, temperature=temperature, max_tokens=max_tokens, retries=retries,
+                      backoff_s=settings.backoff_s, backoff_max_s=settings.backoff_max_s, **extra)
+
+
+# -- history --------------------------------------------------------------------
+
+
+def _clip(text: Any, limit: int) -> str:
+    text = text if isinstance(text, str) else str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... [{len(text) - limit} more chars]"
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):  # multimodal parts: keep the text, name the rest
+        return "\n".join(str(p.get("text", f"<{p.get('type', 'part')}>")) if isinstance(p, dict) else str(p)
+                         for p in content)
+    return "" if content is None else str(content)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _entry(entry: Mapping[str, Any], index: int, limit: int) -> dict[str, Any]:
+    usage = entry.get("usage") or {}
+    cost = entry.get("cost")
+    messages = entry.get("messages")
+    outputs = entry.get("outputs") or []
+    timestamp = entry.get("timestamp")
+    return {
+        "index": index,
+        "model": str(entry.get("model") or ""),
+        "response_model": None if entry.get("response_model") is None else str(entry["response_model"]),
+        "timestamp": timestamp.isoformat() if hasattr(timestamp, "isoformat") else str(timestamp or ""),
+        "offline": bool(entry.get("offline")) or str(entry.get("model") or "").startswith("offline/"),
+        "messages": None if not messages else [
+            {"role": str(m.get("role", "")), "content": _clip(_content_text(m.get("content")), limit)}
+            for m in messages if isinstance(m, Mapping)],
+        "prompt_preview": None if entry.get("prompt") is None else _clip(entry["prompt"], limit),
+        "outputs": [_clip(o.get("text") if isinstance(o, Mapping) else o, limit) for o in outputs],
+        "usage": {key: _int_or_none(usage.get(key)) for key in ("prompt_tokens", "completion_tokens", "total_tokens")},
+        "cost": float(cost) if isinstance(cost, (int, float)) and math.isfinite(cost) else None,
+    }
+
+
+def history_entries(lm: dspy.BaseLM, n: int = 6, since_index: int | None = None,
+                    max_chars: int | None = None) -> list[dict[str, Any]]:
+    """The last ``n`` history entries of ``lm`` (from ``since_index`` on, if given) as JSON-safe dicts.
+
+    ``index`` is the entry's position in ``lm.history``, so a caller can ask for what is new since.
+    """
+    limit = LMSettings.history_chars if max_chars is None else max_chars
+    history = list(getattr(lm, "history", None) or [])
+    start = 0 if since_index is None else max(0, since_index)
+    first = max(start, len(history) - max(n, 0))
+    return [_entry(entry, index, limit) for index, entry in enumerate(history[first:], first)]

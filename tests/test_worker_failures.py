@@ -1,0 +1,104 @@
+"""Workers dying, stopping, joining late and losing the broker connection."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import redis as redis_lib
+from helpers import wait_until
+
+from routing import Client, Session
+from routing import names
+from routing.errors import SessionWorkerUnavailable
+from routing.settings import Settings
+from tasks.stack import Stack, WorkerProcess
+
+StartWorkers = Callable[..., list[WorkerProcess]]
+
+
+def test_strict_call_after_kill_9_fails_fast_and_queued_calls_on_live_worker_are_not_lost(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    workers = {w.node: w for w in pool_workers("kill_pool", 2)}
+    doomed, survivor = sessions("kill_pool"), sessions("kill_pool")
+    assert doomed.worker != survivor.worker
+    waiting = doomed.submit("ping", sleep_s=30)  # running on the worker when it dies
+    backlog = [survivor.submit("ping", sleep_s=0.2)] + [survivor.submit("ping") for _ in range(10)]
+
+    killed_at = time.monotonic()
+    workers[doomed.worker].kill()
+    with pytest.raises(SessionWorkerUnavailable) as raised:
+        waiting.result(30)
+    with pytest.raises(SessionWorkerUnavailable):
+        doomed.call("ping", timeout_s=30)
+    elapsed_s = time.monotonic() - killed_at
+    assert raised.value.node == doomed.worker
+    assert elapsed_s <= Settings.from_env().heartbeat_ttl_s + 1.0
+
+    done = [f.result(15) for f in backlog]
+    assert [d["seq"] for d in done] == list(range(1, 12))
+    assert {d["pid"] for d in done} == {workers[survivor.worker].pid}
+
+
+def test_hint_calls_queued_on_a_killed_worker_move_to_the_shared_queue(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    workers = {w.node: w for w in pool_workers("hint_kill_pool", 2)}
+    hinted = sessions("hint_kill_pool")
+    dead = hinted.worker
+    other = next(n for n in workers if n != dead)
+    # Two slow calls occupy the worker; the rest wait in its direct queue (or its prefetch).
+    futures = [hinted.submit("ping", sleep_s=0.3) for _ in range(6)]
+    wait_until(lambda: client.registry.liveness([dead])[dead].in_flight >= 1, what="calls received")
+    workers[dead].kill()
+    results = [f.result(30) for f in futures[2:]]
+    assert all(r["node"] == other for r in results)
+    assert hinted.call("ping", timeout_s=10)["node"] == other
+    assert hinted.worker == other
+    assert client.redis.llen(names.worker_queue(dead)) == 0
+
+
+def test_clean_stop_deregisters_at_once_and_hint_sessions_continue_elsewhere(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    workers = {w.node: w for w in pool_workers("stop_pool", 2)}
+    hinted = sessions("stop_pool")
+    first = hinted.worker
+    workers[first].stop()
+    assert not client.redis.exists(names.heartbeat_key(first))
+    assert first not in client.redis.smembers(names.pool_workers_key("stop_pool"))
+    wait_until(lambda: not client.watch.get(first).live, what="client sees the stop")
+    results = [hinted.call("ping", timeout_s=10) for _ in range(5)]
+    survivor = next(n for n in workers if n != first)
+    assert {r["node"] for r in results} == {survivor}
+    assert client.sessions.get(hinted.id).worker == survivor
+
+
+def test_a_worker_started_later_joins_and_receives_new_sessions(
+    stack: Stack, client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    (early,) = pool_workers("late_pool", 1)
+    first = sessions("late_pool")
+    assert first.worker == early.node
+    (late,) = pool_workers("late_pool", 1)
+    second = sessions("late_pool")
+    assert second.worker == late.node
+    assert second.call("ping", timeout_s=10)["pid"] == late.pid
+    assert first.call("ping", timeout_s=10)["pid"] == early.pid
+
+
+def test_worker_still_consumes_its_direct_queue_after_a_broker_reconnect(
+    stack: Stack, client: Client, sessions: Callable[..., Session]
+) -> None:
+    session = sessions("triage_pool")
+    before = session.call("ping", timeout_s=10)
+    admin = redis_lib.Redis.from_url(stack.redis_url)
+    killed = admin.client_kill_filter(_type="normal", skipme=True)
+    assert killed > 0
+    # Heartbeats come back once the worker reconnected; then strict calls reach its direct queue.
+    wait_until(lambda: client.redis.exists(names.heartbeat_key(session.worker)), timeout_s=20,
+               what="heartbeat after reconnect")
+    after = session.call("ping", timeout_s=30)
+    assert after["pid"] == before["pid"] and after["seq"] == before["seq"] + 1
