@@ -25,6 +25,9 @@ from routing.watch import WorkerWatch
 
 log = logging.getLogger(__name__)
 
+#: Each recipe replayed during a rehydration must finish within this long.
+rehydrate_call_timeout_s = 120.0
+
 
 class Client:
     """Opens sessions and sends their calls; one per producer process is enough.
@@ -63,17 +66,19 @@ class Client:
         ttl_s: float | None = None,
         bind: str = "eager",
         node: str | None = None,
+        rehydrate: bool = False,
     ) -> Session:
         """Open a session on ``pool``.
 
         ``bind="eager"`` binds now to the least-loaded live worker (``node`` asks
-        for a specific one); ``"lazy"`` binds on the first call.
+        for a specific one); ``"lazy"`` binds on the first call. ``rehydrate=True``
+        rebuilds the session on a live worker when its strict worker is gone.
         """
         spec = self.pools.get(pool)
         mode = Affinity(affinity) if affinity else spec.affinity
         session_id = session_id or uuid.uuid4().hex
         ttl = ttl_s or self.settings.session_ttl_s
-        session = Session(self, session_id, spec.name, mode, None, ttl)
+        session = Session(self, session_id, spec.name, mode, None, ttl, rehydrate)
         if bind == "lazy":
             self.sessions.create(session_id, spec, mode, ttl)
         else:
@@ -83,10 +88,10 @@ class Client:
                 raise SessionWorkerUnavailable(session_id, node)
         return session
 
-    def attach(self, session_id: str) -> Session:
+    def attach(self, session_id: str, *, rehydrate: bool = False) -> Session:
         """A handle on an existing session (opened by this or another producer)."""
         record = self.sessions.get(session_id)
-        session = Session(self, record.id, record.pool, record.affinity, record.worker, record.ttl_s)
+        session = Session(self, record.id, record.pool, record.affinity, record.worker, record.ttl_s, rehydrate)
         if record.worker:
             self.watch.watch(record.worker)
             self.watch.refresh()
@@ -129,7 +134,25 @@ class Client:
     def _route_header(self, session: Session, node: str | None) -> dict[str, Any]:
         return {"node": node, "pool": session.pool, "affinity": session.affinity.value, "ttl_s": session.ttl_s}
 
-    def _send(self, session: Session, op: str, kwargs: dict[str, Any]) -> CallFuture:
+    def _rehydrate(self, session: Session, dead: str | None) -> None:
+        """Rebind ``session`` away from its dead worker and rebuild its refs there, in creation order.
+
+        Ref ids stay the same, so the producer's handles keep working. Whatever
+        lived only in the dead worker's memory (LM history) is gone.
+        """
+        with session.lock:
+            if session.worker != dead:
+                return  # another call of this session already did it
+            recipes = self.sessions.recipes(session.id)
+            self._bind(session, exclude=dead)
+            self.redis.hincrby(names.session_key(session.id), "rehydrations", 1)
+            for ref_id, op, kwargs in recipes:
+                self._send(session, op, {**kwargs, "ref_id": ref_id}, False).result(rehydrate_call_timeout_s)
+            session.rehydrations += 1
+            log.warning("session %s rehydrated on %s (was %s): %d ref(s) rebuilt",
+                        session.id, session.worker, dead, len(recipes))
+
+    def _send(self, session: Session, op: str, kwargs: dict[str, Any], rehydrate: bool = False) -> CallFuture:
         node = self._route(session)
         queue = names.worker_queue(node) if node else names.pool_queue(session.pool)
         try:
@@ -138,7 +161,7 @@ class Client:
             )
         except EncodeError as exc:
             raise InvalidArgument(op, f"arguments must be JSON-serializable ({exc})") from None
-        return CallFuture(session, op, result, node)
+        return CallFuture(session, op, result, node, kwargs, rehydrate)
 
     def _on_worker_death(self, node: str) -> None:
         try:

@@ -14,9 +14,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from collections.abc import Iterator
 from pathlib import Path
 
 import redis as redis_lib
@@ -79,7 +79,8 @@ def resolve_url(settings: Settings) -> str:
     record = read_record(settings.home)
     if record is None:
         raise ServerUnavailable(
-            "(embedded)", f"no server recorded in {_record_path(settings.home)}; run `flagship server start` or set REDIS_URL"
+            "(embedded)",
+            f"no server recorded in {_record_path(settings.home)}; run `flagship server start` or set REDIS_URL",
         )
     return record.url
 

@@ -23,9 +23,12 @@ class CallFuture:
     is not thread-safe); submit many, then wait on each.
     """
 
-    def __init__(self, session: Session, op: str, result: AsyncResult, target: str | None) -> None:
+    def __init__(self, session: Session, op: str, result: AsyncResult, target: str | None,
+                 kwargs: dict[str, Any] | None = None, rehydrate: bool = False) -> None:
         self.session = session
         self.op = op
+        self.kwargs = kwargs or {}
+        self.rehydrate = rehydrate
         self.target = target
         self._result = result
         self._value: Any = None
@@ -52,7 +55,12 @@ class CallFuture:
                 envelope = self._result.get(timeout=wait_s, propagate=True, disable_sync_subtasks=False)
                 break
             except CeleryTimeout:
-                self._check_worker()
+                try:
+                    self._check_worker()
+                except SessionWorkerUnavailable:
+                    if not self.rehydrate:
+                        raise
+                    return self._retry_rehydrated(None if deadline is None else deadline - time.monotonic())
                 if deadline is not None and time.monotonic() >= deadline:
                     raise CallTimeout(self.session.id, self.op, timeout_s) from None
         self.node = envelope["node"]
@@ -60,6 +68,15 @@ class CallFuture:
         self._done = True
         self.session._ran_on(self.node)
         return self._value
+
+    def _retry_rehydrated(self, timeout_s: float | None) -> Any:
+        """The worker died with this call: rebuild the session elsewhere and run the call again there."""
+        assert self.target is not None
+        self.session.client._rehydrate(self.session, self.target)
+        retry = self.session.client._send(self.session, self.op, self.kwargs, rehydrate=False)
+        value = retry.result(timeout_s)
+        self.node, self._value, self._done = retry.node, value, True
+        return value
 
     def _check_worker(self) -> None:
         if self.target is None or not self.session.affinity.strict:

@@ -33,6 +33,8 @@ class Heartbeat(threading.Thread):
         interval_s: float,
         in_flight: Callable[[], int],
         take_touched: Callable[[], dict[str, float]],
+        extra_fields: Callable[[], dict[str, int]] = dict,
+        housekeeping: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name=f"flagship-heartbeat-{node}", daemon=True)
         self.registry = registry
@@ -42,6 +44,8 @@ class Heartbeat(threading.Thread):
         self.interval_s = interval_s
         self.in_flight = in_flight
         self.take_touched = take_touched
+        self.extra_fields = extra_fields
+        self.housekeeping = housekeeping
         self._stopping = threading.Event()
         self._nudge = threading.Event()
         self._next_housekeeping = 0.0
@@ -68,7 +72,7 @@ class Heartbeat(threading.Thread):
     def beat(self) -> None:
         touched = self.take_touched()
         pipe = self.registry.redis.pipeline(transaction=False)
-        self.registry.beat(self.node, self.in_flight(), pipeline=pipe)
+        self.registry.beat(self.node, self.in_flight(), pipeline=pipe, extra=self.extra_fields())
         if touched:
             self.sessions.touch(touched, pipeline=pipe)
         pipe.execute()
@@ -76,3 +80,5 @@ class Heartbeat(threading.Thread):
             self._next_housekeeping = time.monotonic() + housekeeping_interval_s
             self.registry.prune_sessions(self.node)
             reap_dead_workers(self.registry.redis, self.pool)
+            if self.housekeeping is not None:
+                self.housekeeping()

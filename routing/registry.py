@@ -88,10 +88,12 @@ class Registry:
         pipe.set(names.heartbeat_key(info.node), info.pid, px=self._ttl_ms)
         pipe.execute()
 
-    def beat(self, node: str, in_flight: int, pipeline: Redis | None = None) -> None:
+    def beat(
+        self, node: str, in_flight: int, pipeline: Redis | None = None, extra: dict[str, int] | None = None
+    ) -> None:
         pipe = pipeline if pipeline is not None else self.redis.pipeline()
         pipe.set(names.heartbeat_key(node), in_flight, px=self._ttl_ms)
-        pipe.hset(names.worker_key(node), mapping={"in_flight": in_flight, "last_beat": time.time()})
+        pipe.hset(names.worker_key(node), mapping={"in_flight": in_flight, "last_beat": time.time(), **(extra or {})})
         if pipeline is None:
             pipe.execute()
 

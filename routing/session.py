@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
-from routing.errors import SessionClosed
+from routing.errors import SessionClosed, SessionWorkerUnavailable
 from routing.future import CallFuture
 from routing.pools import Affinity
+from routing.refs import RefMethods
 
 if TYPE_CHECKING:
     from routing.client import Client
 
 
-class Session:
+class Session(RefMethods):
     def __init__(self, client: Client, session_id: str, pool: str, affinity: Affinity,
-                 worker: str | None, ttl_s: float) -> None:
+                 worker: str | None, ttl_s: float, rehydrate: bool = False) -> None:
         self.client = client
         self.id = session_id
         self.pool = pool
@@ -23,19 +25,38 @@ class Session:
         self.worker = worker
         self.ttl_s = ttl_s
         self.closed = False
+        #: Rebuild the session on a live worker when its strict worker is gone (see ``rehydrate``).
+        self.rehydrate = rehydrate
+        #: How many times this handle rebuilt the session on a new worker.
+        self.rehydrations = 0
+        self.lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Session {self.id} pool={self.pool} affinity={self.affinity.value} worker={self.worker}>"
 
-    def submit(self, op: str, /, **kwargs: Any) -> CallFuture:
-        """Send ``op(**kwargs)`` to the session's worker; returns at once."""
+    def submit(self, op: str, /, *, rehydrate: bool | None = None, **kwargs: Any) -> CallFuture:
+        """Send ``op(**kwargs)`` to the session's worker; returns at once.
+
+        ``rehydrate`` (default: the session's setting): if the strict worker is
+        gone, rebind to a live worker, rebuild the session's refs from their
+        recipes, then run the call there. Without it the error is
+        ``SessionWorkerUnavailable``.
+        """
         if self.closed:
             raise SessionClosed(self.id)
-        return self.client._send(self, op, kwargs)
+        rehydrate = self.rehydrate if rehydrate is None else rehydrate
+        try:
+            return self.client._send(self, op, kwargs, rehydrate)
+        except SessionWorkerUnavailable as exc:
+            if not rehydrate:
+                raise
+            self.client._rehydrate(self, exc.node)
+            return self.client._send(self, op, kwargs, rehydrate)
 
-    def call(self, op: str, /, *, timeout_s: float | None = None, **kwargs: Any) -> Any:
+    def call(self, op: str, /, *, timeout_s: float | None = None, rehydrate: bool | None = None,
+             **kwargs: Any) -> Any:
         """Run ``op(**kwargs)`` on the session's worker and return its JSON result."""
-        return self.submit(op, **kwargs).result(timeout_s)
+        return self.submit(op, rehydrate=rehydrate, **kwargs).result(timeout_s)
 
     def ping(self, sleep_s: float = 0.0, timeout_s: float | None = None) -> dict[str, Any]:
         result: dict[str, Any] = self.call("ping", sleep_s=sleep_s, timeout_s=timeout_s)

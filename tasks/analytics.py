@@ -39,7 +39,8 @@ def _check_items(name: str, items: Any) -> list[Mapping[str, Any]]:
             if field not in item:
                 raise InvalidAnalyticsInput(f"{name}[{i}].{field}", "is missing")
             if not isinstance(item[field], str):
-                raise InvalidAnalyticsInput(f"{name}[{i}].{field}", f"must be a string, got {type(item[field]).__name__}")
+                kind = type(item[field]).__name__
+                raise InvalidAnalyticsInput(f"{name}[{i}].{field}", f"must be a string, got {kind}")
         ticket_id = item.get("ticket_id")
         if isinstance(ticket_id, bool) or (ticket_id is not None and not isinstance(ticket_id, (str, int))):
             raise InvalidAnalyticsInput(f"{name}[{i}].ticket_id", "must be a string or an integer")
@@ -74,18 +75,19 @@ def score_predictions(predictions: list[dict[str, Any]], gold: list[dict[str, An
     gold = _check_items("gold", gold)
     if len(predictions) != len(gold):
         raise InvalidAnalyticsInput("predictions", f"has {len(predictions)} items but gold has {len(gold)}")
-    for i, (p, g) in enumerate(zip(predictions, gold)):
+    for i, (p, g) in enumerate(zip(predictions, gold, strict=True)):
         if p.get("ticket_id") is not None and g.get("ticket_id") is not None and p["ticket_id"] != g["ticket_id"]:
             raise InvalidAnalyticsInput(f"predictions[{i}].ticket_id",
                                         f"{p['ticket_id']!r} does not match gold {g['ticket_id']!r}")
     latencies = _latencies(predictions)
 
-    matches = np.array([[_norm(p[f]) == _norm(g[f]) for f in LABEL_FIELDS] for p, g in zip(predictions, gold)])
+    pairs = list(zip(predictions, gold, strict=True))
+    matches = np.array([[_norm(p[f]) == _norm(g[f]) for f in LABEL_FIELDS] for p, g in pairs])
     scores = matches.astype(np.float64) @ np.full(len(LABEL_FIELDS), 1.0 / len(LABEL_FIELDS))
     per_ticket = [
         {"ticket_id": p.get("ticket_id", g.get("ticket_id", i)), "score": float(s),
-         **{f"{f}_match": bool(m) for f, m in zip(LABEL_FIELDS, row)}}
-        for i, (p, g, s, row) in enumerate(zip(predictions, gold, scores, matches))
+         **{f"{f}_match": bool(m) for f, m in zip(LABEL_FIELDS, row, strict=True)}}
+        for i, (p, g, s, row) in enumerate(zip(predictions, gold, scores, matches, strict=True))
     ]
     result: dict[str, Any] = {
         "n": len(scores),
@@ -101,6 +103,11 @@ def score_predictions(predictions: list[dict[str, Any]], gold: list[dict[str, An
     }
     if latencies:
         values = np.array(latencies)
-        result["latency"] = {"n": len(latencies), "p50_s": float(np.percentile(values, 50)), "p95_s": float(np.percentile(values, 95)),
-                             "mean_s": float(np.mean(values)), "max_s": float(np.max(values))}
+        result["latency"] = {
+            "n": len(latencies),
+            "p50_s": float(np.percentile(values, 50)),
+            "p95_s": float(np.percentile(values, 95)),
+            "mean_s": float(np.mean(values)),
+            "max_s": float(np.max(values)),
+        }
     return result

@@ -9,8 +9,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from routing import Client, Pool, PoolTable, Settings
-from routing import names
+from routing import Client, Pool, PoolTable, Settings, names
 from tasks.stack import Stack
 
 BENCH_POOL = Pool("bench_pool", size=2, concurrency=2)

@@ -9,10 +9,16 @@ log = logging.getLogger(__name__)
 
 
 def _probe_deno() -> tuple[bool, str]:
+    """Fill the sandbox cache if needed (idempotent), then run Python in a real sandbox."""
     try:
         from tasks.sandbox.probe import probe_sandbox
+        from tasks.sandbox.setup import INSTALL_HINT, ensure_sandbox_cache
     except ImportError as exc:  # pragma: no cover - packaging error
         return False, f"sandbox support is not installed ({exc})"
+    try:
+        ensure_sandbox_cache()
+    except Exception as exc:  # reported as the reason the worker refuses the pool
+        return False, f"sandbox cache could not be prepared: {' '.join(str(exc).split())}; {INSTALL_HINT}"
     result = probe_sandbox()
     return result.ok, result.reason
 

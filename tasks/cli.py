@@ -70,10 +70,12 @@ def _up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        for worker in stack.start_pools(per_pool=args.per_pool):
-            print(f"worker {worker.node} ({worker.pool}) pid {worker.pid} log {worker.log_path}")
+        serving = stack.start_pools(per_pool=args.per_pool)
+        for worker in stack.workers:
+            state = "serving" if worker in serving else "REFUSED (see its log)"
+            print(f"worker {worker.node} ({worker.pool}) pid {worker.pid} {state}; log {worker.log_path}")
         print("stack is up; Ctrl-C stops it")
-        while not stopping and all(w.alive() for w in stack.workers):
+        while not stopping and all(w.alive() for w in serving):
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass

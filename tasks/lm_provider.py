@@ -159,6 +159,10 @@ class ProviderLM(dspy.LM):
         super().__init__(model, **kwargs)
         self.retries, self.backoff_s, self.backoff_max_s = retries, backoff_s, backoff_max_s
 
+    def dump_state(self) -> dict[str, Any]:
+        return {**super().dump_state(), "retries": self.retries, "backoff_s": self.backoff_s,
+                "backoff_max_s": self.backoff_max_s}
+
     def _delay_or_raise(self, exc: Exception, attempt: int) -> float:
         """Seconds before the next attempt; raises the typed error when there is none."""
         if isinstance(exc, dspy_errors.ContextWindowExceededError):

@@ -239,7 +239,7 @@ def _sections(text: str) -> dict[str, str]:
     """Input field name -> value, from ``[[ ## name ## ]]`` sections of a user message."""
     marks = list(_SECTION.finditer(text))
     out = {}
-    for mark, nxt in zip(marks, marks[1:] + [None]):
+    for mark, nxt in zip(marks, [*marks[1:], None], strict=True):
         end = nxt.start() if nxt else len(text)
         out[mark.group(1)] = text[mark.end():end].strip()
     if out and marks:  # the final section is followed by the adapter's format reminder
@@ -248,7 +248,7 @@ def _sections(text: str) -> dict[str, str]:
     return out
 
 
-def choices_of(type_text: str) -> list[str]:
+def _choices_of(type_text: str) -> list[str]:
     """Allowed values of a ``Literal[...]`` annotation, in order."""
     match = re.fullmatch(r"Literal\[(.*)\]", type_text.strip())
     if not match:
@@ -257,12 +257,12 @@ def choices_of(type_text: str) -> list[str]:
 
 
 def _is_text(type_text: str) -> bool:
-    return not choices_of(type_text) and type_text.split("[")[0].strip().lower() in ("str", "")
+    return not _choices_of(type_text) and type_text.split("[")[0].strip().lower() in ("str", "")
 
 
 def _fit(name: str, value: Any, type_text: str) -> Any:
     """Coerce a value to the field's type; free text was labelled where it was produced."""
-    choices = choices_of(type_text)
+    choices = _choices_of(type_text)
     if choices:
         lowered = {c.lower(): c for c in choices}
         return lowered.get(str(value).lower(), choices[0])
@@ -371,6 +371,8 @@ class OfflineLM(dspy.BaseLM):
 
     def __init__(self, model: str = OFFLINE_MODEL, temperature: float | None = 0.0,
                  max_tokens: int | None = 4000, **kwargs: Any) -> None:
+        for fixed in ("model_type", "cache", "num_retries"):  # present in dump_state(); always chat, uncached
+            kwargs.pop(fixed, None)
         super().__init__(model, "chat", temperature, max_tokens, cache=False, num_retries=0, **kwargs)
         self._engine_spec = _ScriptedEngine()
         self._async_engine_spec = _AsyncScriptedEngine(self._engine_spec)

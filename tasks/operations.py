@@ -78,10 +78,4 @@ def ping(ctx: CallContext, sleep_s: float = 0.0) -> dict[str, Any]:
 @operation("release_session")
 def release_session(ctx: CallContext) -> dict[str, Any]:
     """Free everything the session holds on this worker (sent when a session closes)."""
-    ctx.worker.forget_session(ctx.session_id)
-    freed = 0
-    for service in ctx.worker.services.values():
-        release = getattr(service, "release_session", None)
-        if release is not None:
-            freed += int(release(ctx.session_id) or 0)
-    return {"released": freed}
+    return {"released": ctx.worker.forget_session(ctx.session_id)}

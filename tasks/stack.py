@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -18,6 +19,9 @@ from routing import names
 from routing.embedded import ensure_server
 from routing.pools import PoolTable
 from routing.settings import Settings
+from tasks.worker_hooks import EXIT_MISSING_CAPABILITY
+
+log = logging.getLogger(__name__)
 
 #: How long a worker gets to register (the RLM pool's sandbox probe included).
 worker_ready_timeout_s = 90.0
@@ -116,31 +120,46 @@ class Stack:
             self.wait_ready([worker])
         return worker
 
-    def wait_ready(self, workers: list[WorkerProcess], timeout_s: float = worker_ready_timeout_s) -> None:
-        """Block until each worker's heartbeat exists; fail fast if one exits."""
+    def wait_ready(self, workers: list[WorkerProcess], timeout_s: float = worker_ready_timeout_s,
+                   allow_refused: bool = False) -> list[WorkerProcess]:
+        """Block until each worker's heartbeat exists; fail fast if one exits.
+
+        With ``allow_refused``, a worker that exits because it lacks its pool's
+        capability (exit 78) is returned instead of failing the start.
+        """
         deadline = time.monotonic() + timeout_s
-        pending = list(workers)
+        pending, refused = list(workers), []
         while pending:
             pending = [w for w in pending if not self.redis.exists(names.heartbeat_key(w.node))]
-            for worker in pending:
-                if not worker.alive():
-                    raise WorkerStartFailed(f"worker {worker.node} exited ({worker.proc.returncode}):\n"
-                                            f"{worker.log_tail()}")
+            for worker in list(pending):
+                if worker.alive():
+                    continue
+                if allow_refused and worker.proc.returncode == EXIT_MISSING_CAPABILITY:
+                    pending.remove(worker)
+                    refused.append(worker)
+                    continue
+                raise WorkerStartFailed(f"worker {worker.node} exited ({worker.proc.returncode}):\n"
+                                        f"{worker.log_tail()}")
             if pending and time.monotonic() > deadline:
                 raise WorkerStartFailed(f"workers {[w.node for w in pending]} did not register in {timeout_s} s")
             if pending:
                 time.sleep(0.05)
+        return refused
 
-    def start_pools(self, per_pool: int | None = None, pools: list[str] | None = None) -> list[WorkerProcess]:
+    def start_pools(self, per_pool: int | None = None, pools: list[str] | None = None,
+                    env: dict[str, str] | None = None) -> list[WorkerProcess]:
+        """Start each pool's workers; returns those serving (capability refusals are logged, not fatal)."""
         started = []
         for spec in self.pools:
             if pools is not None and spec.name not in pools:
                 continue
             for i in range(per_pool or spec.size):
                 started.append(self.start_worker(spec.name, f"{spec.name.removesuffix('_pool')}-{i + 1}",
-                                                 wait=False))
-        self.wait_ready(started)
-        return started
+                                                 env=env, wait=False))
+        refused = self.wait_ready(started, allow_refused=True)
+        for worker in refused:
+            log.warning("%s", worker.log_tail(400).strip().splitlines()[-1])
+        return [w for w in started if w not in refused]
 
     def stop(self) -> None:
         for worker in self.workers:

@@ -20,6 +20,7 @@ from routing import names
 from routing.pools import Pool, PoolTable
 from routing.settings import Settings
 from tasks.capabilities import probe_capabilities
+from tasks.refs import RefStore, default_max_refs
 from tasks.worker_state import WorkerState
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,18 @@ def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
     redis = Redis.from_url(conf.broker_url, decode_responses=True)
     _state = WorkerState(node=sender, pool=pool, settings=settings, redis=redis,
                          concurrency=int(instance.concurrency), capabilities=capabilities)
+    install_services(_state)
+
+
+def install_services(state: WorkerState) -> None:
+    """Per-worker objects the operations use: the ref store (and the sandbox pool on RLM workers)."""
+    refs = RefStore(state.node, int(os.environ.get("FLAGSHIP_MAX_REFS", default_max_refs)))
+    state.services["refs"] = refs
+    state.gauges["refs"] = refs.__len__
+    if "deno" in state.capabilities:
+        from tasks.rlm_ops import install_sandbox_pool
+
+        install_sandbox_pool(state)
 
 
 @signals.worker_ready.connect

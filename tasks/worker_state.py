@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ class WorkerState:
     #: Objects operations keep per worker (ref store, sandbox pool, ...), by name.
     services: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    #: Counters published with every heartbeat (e.g. ``refs``), by name.
+    gauges: dict[str, Callable[[], int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.redis, self.settings)
@@ -45,9 +48,12 @@ class WorkerState:
         self._touched: dict[str, float] = {}
         self._known_sessions: dict[str, float] = {}
         self._seqs: dict[str, int] = {}
+        self._ttls: dict[str, float] = {}
         self.heartbeat = Heartbeat(
             self.registry, self.sessions, self.node, self.pool.name, self.settings.heartbeat_interval_s,
             in_flight=lambda: self._in_flight, take_touched=self._take_touched,
+            extra_fields=lambda: {name: gauge() for name, gauge in self.gauges.items()},
+            housekeeping=self.sweep_sessions,
         )
 
     @property
@@ -99,10 +105,39 @@ class WorkerState:
             self._known_sessions[session_id] = now + session_cache_ttl_s
         with self._lock:
             self._touched[session_id] = ttl_s
+            self._ttls[session_id] = ttl_s
 
-    def forget_session(self, session_id: str) -> None:
+    def session_ttl(self, session_id: str) -> float:
+        return self._ttls.get(session_id, self.settings.session_ttl_s)
+
+    def forget_session(self, session_id: str) -> int:
+        """Free everything this worker holds for a session; returns how many objects went."""
         self._known_sessions.pop(session_id, None)
         self._seqs.pop(session_id, None)
+        self._ttls.pop(session_id, None)
+        freed = 0
+        for service in self.services.values():
+            release = getattr(service, "release_session", None)
+            if release is not None:
+                freed += int(release(session_id) or 0)
+        return freed
+
+    def sweep_sessions(self) -> None:
+        """Free the objects of sessions whose records expired (TTL of inactivity) or were closed."""
+        held: set[str] = set()
+        for service in self.services.values():
+            sessions = getattr(service, "sessions", None)
+            if sessions is not None:
+                held |= set(sessions())
+        if not held:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        ordered = sorted(held)
+        for session_id in ordered:
+            pipe.exists(names.session_key(session_id))
+        for session_id, alive in zip(ordered, pipe.execute()):
+            if not alive:
+                self.forget_session(session_id)
 
     def next_seq(self, session_id: str) -> int:
         """1, 2, 3, ... per session on this worker (calls of a session never run at once)."""

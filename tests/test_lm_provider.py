@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import dspy
 import pytest
 from dspy.utils import exceptions as dspy_errors
+from fake_openai import FakeOpenAI
 
 from routing.errors import LMAuthError, LMBadRequest, LMUnavailable
 from tasks.lm_provider import (
@@ -21,7 +22,6 @@ from tasks.lm_provider import (
     translate_lm_error,
 )
 from tasks.offline_lm import OfflineLM
-from tests.fake_openai import FakeOpenAI
 
 TICKET = "Checkout is down: every request returns 502 for all customers."
 

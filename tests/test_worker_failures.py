@@ -9,8 +9,7 @@ import pytest
 import redis as redis_lib
 from helpers import wait_until
 
-from routing import Client, Session
-from routing import names
+from routing import Client, Session, names
 from routing.errors import SessionWorkerUnavailable
 from routing.settings import Settings
 from tasks.stack import Stack, WorkerProcess

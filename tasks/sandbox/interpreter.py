@@ -16,9 +16,6 @@ and watched:
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 

@@ -13,6 +13,7 @@ Run ``python -m tasks.sandbox.setup`` once per machine (it is idempotent).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import hashlib
 import json
@@ -176,11 +177,23 @@ def ensure_sandbox_cache(directory: Path | None = None) -> Path:
     """Fill DENO_DIR with Pyodide and prove a sandbox starts from it; returns DENO_DIR.
 
     Idempotent: once a marker records this exact runner, shim and Deno binary,
-    later calls only compare files (milliseconds).
+    later calls only compare files (milliseconds). Workers starting together
+    take a file lock, so only one of them downloads.
     """
     if is_cache_ready(directory):
         return sandbox_paths(directory).deno_dir
     paths = sandbox_paths(directory)
+    paths.deno_dir.mkdir(parents=True, exist_ok=True)
+    with open(paths.deno_dir / ".fill.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_cache_ready(directory):
+            return paths.deno_dir
+        paths = sandbox_paths(directory)
+        _fill(paths)
+    return paths.deno_dir
+
+
+def _fill(paths: SandboxPaths) -> None:
     started = time.monotonic()
     if paths.pyodide_dir is None:
         log.info("downloading Pyodide (%s) into %s", paths.pyodide_spec, paths.deno_dir)
@@ -196,7 +209,6 @@ def ensure_sandbox_cache(directory: Path | None = None) -> Path:
         raise SandboxError(f"sandbox self-check printed {output!r} instead of 42")
     (paths.deno_dir / _MARKER_NAME).write_text(_cache_key(paths))
     log.info("sandbox cache ready in %s (%.1f s)", paths.deno_dir, time.monotonic() - started)
-    return paths.deno_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,123 @@
+"""Producer-side handles on DSPy objects that live in a worker's memory.
+
+A handle is JSON (ref id, session id, worker, kind); calling it sends the
+``call`` operation to the session's worker. Nothing here imports DSPy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from routing.future import CallFuture
+    from routing.session import Session
+
+
+@dataclass(frozen=True)
+class RefHandle:
+    ref_id: str
+    session_id: str
+    worker: str
+    kind: str
+    #: What the worker said about the object when it was made (model, fields, ...).
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_reply(cls, reply: dict[str, Any]) -> RefHandle:
+        core = {k: reply[k] for k in ("ref_id", "session_id", "worker", "kind")}
+        return cls(**core, info={k: v for k, v in reply.items() if k not in core})
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ref_id": self.ref_id, "session_id": self.session_id, "worker": self.worker, "kind": self.kind}
+
+
+class LMRef(RefHandle):
+    """An LM on the worker; pass it as ``lm=`` when creating modules."""
+
+    @property
+    def model(self) -> str:
+        return str(self.info.get("model", ""))
+
+    @property
+    def offline(self) -> bool:
+        return bool(self.info.get("offline"))
+
+
+class ModuleRef:
+    """A callable module (Predict, ChainOfThought, RLM) bound to its session."""
+
+    def __init__(self, session: Session, handle: RefHandle) -> None:
+        self.session = session
+        self.handle = handle
+
+    @property
+    def ref_id(self) -> str:
+        return self.handle.ref_id
+
+    def __repr__(self) -> str:
+        return f"<{self.handle.kind} {self.ref_id} session={self.session.id}>"
+
+    def submit(self, **inputs: Any) -> CallFuture:
+        """Send the call now; ``.result()`` returns ``{"outputs": {...}, ...}``."""
+        return self.session.submit("call", ref=self.ref_id, inputs=inputs)
+
+    def __call__(self, *, timeout_s: float | None = None, **inputs: Any) -> dict[str, Any]:
+        """The module's output fields (``reasoning`` included where the module has it)."""
+        reply: dict[str, Any] = self.session.call("call", ref=self.ref_id, inputs=inputs, timeout_s=timeout_s)
+        outputs: dict[str, Any] = reply["outputs"]
+        return outputs
+
+    def release(self) -> None:
+        self.session.release(self.handle)
+
+
+class RefMethods:
+    """The DSPy-facing part of :class:`~routing.session.Session`."""
+
+    def call(self, op: str, /, *, timeout_s: float | None = None, **kwargs: Any) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def lm(self, model: str | None = None, *, temperature: float | None = None, max_tokens: int | None = None,
+           api_base: str | None = None, api_key: str | None = None, default: bool = False) -> LMRef:
+        """A ``dspy.LM`` for this session (the first one becomes the session default)."""
+        reply = self.call("lm", model=model, temperature=temperature, max_tokens=max_tokens, api_base=api_base,
+                          api_key=api_key, default=default)
+        return LMRef.from_reply(reply)
+
+    def configure(self, lm: RefHandle) -> None:
+        """Make ``lm`` the session default: ``dspy.configure(lm=...)`` scoped to this session."""
+        self.call("set_default_lm", lm=lm.ref_id)
+
+    def _module(self, kind: str, signature: str | dict[str, Any], lm: RefHandle | None,
+                instructions: str | None) -> ModuleRef:
+        reply = self.call(kind, signature=signature, lm=lm.ref_id if lm else None, instructions=instructions)
+        return ModuleRef(self, RefHandle.from_reply(reply))  # type: ignore[arg-type]
+
+    def predict(self, signature: str | dict[str, Any], *, lm: RefHandle | None = None,
+                instructions: str | None = None) -> ModuleRef:
+        return self._module("predict", signature, lm, instructions)
+
+    def chain_of_thought(self, signature: str | dict[str, Any], *, lm: RefHandle | None = None,
+                         instructions: str | None = None) -> ModuleRef:
+        return self._module("chain_of_thought", signature, lm, instructions)
+
+    def rlm(self, signature: str = "context, query -> output", *, max_iters: int = 4, max_llm_calls: int = 12,
+            max_output_chars: int = 4000, lm: RefHandle | None = None, sub_lm: RefHandle | None = None) -> ModuleRef:
+        """A ``dspy.RLM`` on an RLM worker; its code runs in that worker's Deno sandbox."""
+        reply = self.call("rlm", signature=signature, max_iters=max_iters, max_llm_calls=max_llm_calls,
+                          max_output_chars=max_output_chars, lm=lm.ref_id if lm else None,
+                          sub_lm=sub_lm.ref_id if sub_lm else None)
+        return ModuleRef(self, RefHandle.from_reply(reply))  # type: ignore[arg-type]
+
+    def release(self, ref: RefHandle | ModuleRef) -> None:
+        handle = ref.handle if isinstance(ref, ModuleRef) else ref
+        self.call("release_ref", ref=handle.ref_id)
+
+    def refs(self) -> list[RefHandle]:
+        return [RefHandle.from_reply(r) for r in self.call("refs")]
+
+    def history(self, lm: RefHandle | None = None, n: int = 6) -> dict[str, Any]:
+        """The session's last ``n`` LM calls, read on the worker that owns them."""
+        reply: dict[str, Any] = self.call("history", lm=lm.ref_id if lm else None, n=n)
+        return reply

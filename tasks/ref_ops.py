@@ -1,0 +1,53 @@
+"""Operations on refs as a whole: list, release, and the session's prompt history."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from routing import names
+from tasks import recipes
+from tasks.dspy_ops import handle, store
+from tasks.lm_provider import history_entries
+from tasks.operations import CallContext, operation
+
+#: Most history entries one call returns.
+max_history_entries = 100
+
+
+@operation("refs")
+def list_refs(ctx: CallContext) -> list[dict[str, Any]]:
+    return [handle(ctx, e) for e in store(ctx).session_refs(ctx.session_id)]
+
+
+@operation("release_ref")
+def release_ref(ctx: CallContext, ref: str) -> dict[str, Any]:
+    released = store(ctx).release(ctx.session_id, ref)
+    recipes.forget(ctx.worker.redis, ctx.session_id, ref)
+    return {"released": released, "refs_left": len(store(ctx).session_refs(ctx.session_id))}
+
+
+@operation("history")
+def history(ctx: CallContext, lm: str | None = None, n: int = 6) -> dict[str, Any]:
+    """The session's last ``n`` LM calls (of one LM ref, or of all of the session's LMs), oldest first.
+
+    Entries come only from this session's LM objects, so another session's
+    prompts never appear. After a rehydration the history held by the dead
+    worker is gone; ``complete`` says so.
+    """
+    n = max(0, min(int(n), max_history_entries))
+    refs = store(ctx)
+    lms = [refs.get(ctx.session_id, lm, kind="lm")] if lm else refs.session_refs(ctx.session_id, kind="lm")
+    entries = []
+    for entry in lms:
+        for item in history_entries(entry.obj, n=n):
+            entries.append({**item, "lm_ref": entry.ref_id})
+    entries.sort(key=lambda e: e["timestamp"] or datetime.min.isoformat())
+    rehydrations = int(ctx.worker.redis.hget(names.session_key(ctx.session_id), "rehydrations") or 0)
+    return {
+        "entries": entries[-n:] if n else [],
+        "worker": ctx.node,
+        "complete": rehydrations == 0,
+        "note": None if rehydrations == 0 else
+        f"session was rebuilt on a new worker {rehydrations} time(s); earlier history died with the old worker",
+    }
