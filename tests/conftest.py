@@ -22,6 +22,9 @@ TEST_POOLS = {
     "kill_pool": {"affinity": "strict_queue", "size": 2},
     "hint_kill_pool": {"affinity": "hint", "size": 2},
     "late_pool": {"affinity": "strict_queue", "size": 1},
+    "small_pool": {"affinity": "strict_queue", "size": 1},
+    # Requires Deno like rlm_pool, but no test ever starts a worker for it.
+    "rlm_empty_pool": {"affinity": "strict_queue", "size": 2, "requires": ["deno"]},
     "stop_pool": {"affinity": "hint", "size": 2},
 }
 
@@ -32,6 +35,13 @@ TEST_ENV = {
     "FLAGSHIP_WATCH_INTERVAL_S": "0.1",
     "FLAGSHIP_POOLS": json.dumps(TEST_POOLS),
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    # Provider retries back off quickly in tests (the fake server scripts 429s).
+    "FLAGSHIP_LM_BACKOFF_S": "0.05",
+    "FLAGSHIP_LM_BACKOFF_MAX_S": "0.2",
+    # No model API here: every LM is the offline scripted one unless a test passes api_base.
+    "FLAGSHIP_LM": "",
+    "FLAGSHIP_LM_API_BASE": "",
+    "GEMINI_API_KEY": "",
 }
 
 

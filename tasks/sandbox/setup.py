@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from routing.errors import SandboxError
+from routing.settings import flagship_home
 
 __all__ = [
     "SandboxPaths",
@@ -68,10 +69,6 @@ class SandboxPaths:
     pyodide_dir: Path | None  # None until the cache is filled
 
 
-def flagship_home() -> Path:
-    return Path(os.environ.get("FLAGSHIP_HOME") or "~/.local/state/flagship").expanduser()
-
-
 def deno_dir() -> Path:
     """The project's DENO_DIR: ``$FLAGSHIP_DENO_DIR``, else ``$FLAGSHIP_HOME/deno``."""
     override = os.environ.get("FLAGSHIP_DENO_DIR")
@@ -79,7 +76,12 @@ def deno_dir() -> Path:
 
 
 def find_deno() -> str:
-    """The Deno binary from the ``deno`` wheel, else one on PATH."""
+    """``$FLAGSHIP_DENO_BIN``, else the Deno binary from the ``deno`` wheel, else one on PATH."""
+    override = os.environ.get("FLAGSHIP_DENO_BIN")
+    if override:
+        if not os.access(override, os.X_OK):
+            raise SandboxError(f"FLAGSHIP_DENO_BIN={override} is not an executable deno; {INSTALL_HINT}")
+        return override
     try:
         from deno import find_deno_bin
 
