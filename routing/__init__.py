@@ -6,9 +6,9 @@ This package imports neither ``dspy`` nor ``tasks``: producers need only it.
 from __future__ import annotations
 
 from routing.client import Client
-from routing.future import CallFuture
+from routing.future import CallFuture, gather
 from routing.pools import Affinity, Pool, PoolTable
 from routing.session import Session
 from routing.settings import Settings
 
-__all__ = ["Affinity", "CallFuture", "Client", "Pool", "PoolTable", "Session", "Settings"]
+__all__ = ["Affinity", "CallFuture", "Client", "Pool", "PoolTable", "Session", "Settings", "gather"]

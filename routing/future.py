@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -35,6 +36,9 @@ class CallFuture:
         self._done = False
         #: The worker that ran the call, once known.
         self.node: str | None = None
+        self.submitted_at = time.monotonic()
+        #: When the producer saw the result (set by ``result`` and ``gather``).
+        self.completed_at: float | None = None
 
     @property
     def id(self) -> str:
@@ -66,6 +70,7 @@ class CallFuture:
         self.node = envelope["node"]
         self._value = envelope["value"]
         self._done = True
+        self.completed_at = self.completed_at or time.monotonic()
         self.session._ran_on(self.node)
         return self._value
 
@@ -75,12 +80,44 @@ class CallFuture:
         self.session.client._rehydrate(self.session, self.target)
         retry = self.session.client._send(self.session, self.op, self.kwargs, rehydrate=False)
         value = retry.result(timeout_s)
-        self.node, self._value, self._done = retry.node, value, True
+        self.node, self._value, self._done, self.completed_at = retry.node, value, True, retry.completed_at
         return value
 
-    def _check_worker(self) -> None:
+    def worker_gone(self) -> bool:
+        """The strict worker this call waits on is dead (per the producer's watch; no round trip)."""
         if self.target is None or not self.session.affinity.strict:
-            return
+            return False
         view = self.session.client.watch.get(self.target)
-        if view is not None and not view.live:
+        return view is not None and not view.live
+
+    def _check_worker(self) -> None:
+        if self.worker_gone():
+            assert self.target is not None
             raise SessionWorkerUnavailable(self.session.id, self.target)
+
+
+def gather(futures: list[CallFuture], timeout_s: float | None = None, poll_s: float = 0.01,
+           on_done: Callable[[CallFuture], None] | None = None) -> list[Any]:
+    """Wait for calls running in parallel, noting when each finished; results in submission order.
+
+    ``on_done`` is called as each call completes (for progress displays). Errors
+    are raised when the failing call's result is collected, after the others finished.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = list(futures)
+    while pending:
+        for future in list(pending):
+            if not future.done() and not future.worker_gone():
+                continue
+            if not future.done():
+                future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            future.completed_at = future.completed_at or time.monotonic()
+            pending.remove(future)
+            if on_done is not None:
+                on_done(future)
+        if pending:
+            if deadline is not None and time.monotonic() > deadline:
+                f = pending[0]
+                raise CallTimeout(f.session.id, f.op, timeout_s)
+            time.sleep(poll_s)
+    return [f.result(timeout_s) for f in futures]

@@ -23,7 +23,7 @@ app = Celery("flagship")
 # Evaluated lazily, when Celery first reads its configuration (not at import).
 app.add_defaults(_config)
 
-from tasks import dspy_ops, ref_ops, rlm_ops, worker_hooks  # noqa: E402, F401  (signals and the operation allow-list)
+from tasks import analytics_ops, dspy_ops, ref_ops, rlm_ops, worker_hooks  # noqa: E402, F401  (signals and the operation allow-list)
 
 
 @app.task(name=names.CALL_TASK, bind=True, throws=(FlagshipError,))

@@ -137,8 +137,16 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+#: Subcommands whose own options are parsed by the code they hand over to.
+_PASS_THROUGH = {"demo": "demo_args", "bench": "bench_args", "worker": "celery_args"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args, rest = parser().parse_known_args(argv)
+    if rest:
+        if args.command not in _PASS_THROUGH:
+            parser().error(f"unrecognized arguments: {' '.join(rest)}")
+        setattr(args, _PASS_THROUGH[args.command], [*getattr(args, _PASS_THROUGH[args.command]), *rest])
     return int(args.fn(args) or 0)
 
 
