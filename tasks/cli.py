@@ -137,16 +137,14 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-#: Subcommands whose own options are parsed by the code they hand over to.
-_PASS_THROUGH = {"demo": "demo_args", "bench": "bench_args", "worker": "celery_args"}
-
-
 def main(argv: list[str] | None = None) -> int:
-    args, rest = parser().parse_known_args(argv)
-    if rest:
-        if args.command not in _PASS_THROUGH:
-            parser().error(f"unrecognized arguments: {' '.join(rest)}")
-        setattr(args, _PASS_THROUGH[args.command], [*getattr(args, _PASS_THROUGH[args.command]), *rest])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `demo` and `bench <what>` parse their own options: hand them everything after the subcommand.
+    if argv[:1] == ["demo"]:
+        return _demo(argparse.Namespace(demo_args=argv[1:]))
+    if argv[:1] == ["bench"] and len(argv) >= 2 and argv[1] in ("routing", "sandbox"):
+        return _bench(argparse.Namespace(what=argv[1], bench_args=argv[2:]))
+    args = parser().parse_args(argv)
     return int(args.fn(args) or 0)
 
 

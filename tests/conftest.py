@@ -15,6 +15,7 @@ import pytest
 
 from routing import Client, Session, Settings
 from routing.embedded import stop_server
+from tasks.sandbox.setup import deno_dir
 from tasks.stack import Stack, WorkerProcess
 
 #: Extra pools, so destructive tests never disturb the shared workers.
@@ -48,7 +49,8 @@ TEST_ENV = {
 @pytest.fixture(scope="session")
 def flagship_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("flagship-home")
-    env = {**TEST_ENV, "FLAGSHIP_HOME": str(home)}
+    # The Pyodide cache is shared with the developer's (filled once by bootstrap.py), not per run.
+    env = {**TEST_ENV, "FLAGSHIP_HOME": str(home), "FLAGSHIP_DENO_DIR": str(deno_dir())}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield env

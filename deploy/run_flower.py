@@ -1,0 +1,94 @@
+"""Flower for the flagship workers, with basic auth unless explicitly told otherwise.
+
+Reads the broker from ``REDIS_URL`` or, without it, from the embedded server
+recorded in ``$FLAGSHIP_HOME/server.json`` (waiting up to ``--wait-s`` for it,
+since under a Procfile the server starts alongside this process), then becomes
+``celery -A tasks.app flower`` (exec: same pid).
+
+Authentication:
+
+* ``FLOWER_BASIC_AUTH=user:pass`` (comma-separate several) turns on basic auth for
+  the dashboard and the API. Flower reads that variable itself (it takes any
+  ``FLOWER_<option>``), so the password never appears on a command line or in ``ps``;
+* ``FLAGSHIP_FLOWER_UNAUTHENTICATED=1`` runs it open, UI and API
+  (``FLOWER_UNAUTHENTICATED_API=true``): for a loopback-only dev box;
+* neither: refuse to start (exit 2).
+
+Usage: ``python deploy/run_flower.py [--port 5555] [--address 127.0.0.1] [extra flower args]``
+(``FLOWER_PORT`` / ``FLOWER_ADDRESS`` work too.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from routing.embedded import resolve_url
+from routing.errors import ServerUnavailable
+from routing.settings import Settings
+
+#: Exit status when no authentication was configured (EX_USAGE-like).
+EXIT_NO_AUTH = 2
+#: Exit status when no broker could be found in time.
+EXIT_NO_SERVER = 69
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _broker_url(wait_s: float) -> str:
+    """``REDIS_URL`` or the recorded embedded server, waiting for it to appear."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return resolve_url(Settings.from_env())
+        except ServerUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def flower_argv(args: argparse.Namespace, extra: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The command and environment to exec, or ``SystemExit`` when auth is missing."""
+    env = dict(env)
+    auth = env.get("FLOWER_BASIC_AUTH", "").strip()
+    if auth:
+        if any(":" not in cred or cred.startswith(":") for cred in auth.split(",")):
+            raise SystemExit("FLOWER_BASIC_AUTH must be user:password (comma-separated for several)")
+        env.pop("FLOWER_UNAUTHENTICATED_API", None)
+    elif _truthy(env.get("FLAGSHIP_FLOWER_UNAUTHENTICATED")):
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"
+    else:
+        print("refusing to start Flower without authentication: set FLOWER_BASIC_AUTH=user:password, "
+              "or FLAGSHIP_FLOWER_UNAUTHENTICATED=1 to run it open on purpose", file=sys.stderr)
+        raise SystemExit(EXIT_NO_AUTH)
+    argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "flower",
+            f"--port={args.port}", f"--address={args.address}", *extra]
+    return argv, env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=int(os.environ.get("FLOWER_PORT") or 5555))
+    parser.add_argument("--address", default=os.environ.get("FLOWER_ADDRESS") or "127.0.0.1")
+    parser.add_argument("--wait-s", type=float, default=30.0, help="how long to wait for the embedded server")
+    args, extra = parser.parse_known_args(argv)
+    command, env = flower_argv(args, extra, dict(os.environ))  # auth is checked before anything else
+    try:
+        env["REDIS_URL"] = _broker_url(args.wait_s)
+    except ServerUnavailable as exc:
+        print(f"no broker: {exc}", file=sys.stderr)
+        return EXIT_NO_SERVER
+    # Flower reads FLOWER_PORT/FLOWER_ADDRESS too; the flags above already carry them.
+    env.pop("FLOWER_PORT", None)
+    env.pop("FLOWER_ADDRESS", None)
+    env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.execve(sys.executable, command, env)
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

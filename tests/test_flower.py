@@ -1,0 +1,294 @@
+"""Flower against the real workers: its API with and without basic auth, and its dashboard in Chromium.
+
+Flower is started the way operators start it, through ``deploy/run_flower.py``
+(auth from ``FLOWER_BASIC_AUTH``), on a free port, against the session ``stack``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import wait_until
+
+from routing import Session
+from tasks.stack import Stack
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_FLOWER = ROOT / "deploy" / "run_flower.py"
+SCREENSHOT = ROOT / "docs" / "flower.png"
+MONITORED_POOLS = ("triage_pool", "analytics_pool")
+
+#: Flower imports the whole Celery app (DSPy included) before it listens.
+flower_start_timeout_s = 90.0
+#: Chromium's install from Debian, when the test has to do it.
+chromium_install_timeout_s = 900.0
+
+
+@dataclass
+class Flower:
+    url: str
+    user: str
+    password: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def get(self, path: str, *, auth: tuple[str, str] | None | bool = True) -> tuple[int, Any]:
+        """GET ``path``; ``auth=True`` uses Flower's credentials, a pair others, ``None`` none."""
+        request = urllib.request.Request(self.url + path)
+        creds = (self.user, self.password) if auth is True else auth
+        if creds:
+            token = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                body = response.read()
+                kind = response.headers.get("Content-Type", "")
+                return response.status, json.loads(body) if "json" in kind else body.decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers_http(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url + "/healthcheck", timeout=2).close()
+        return True
+    except urllib.error.HTTPError:
+        return True  # it answers, whatever it says
+    except OSError:
+        return False
+
+
+@contextmanager
+def running_flower(stack: Stack, tmp_dir: Path, env: dict[str, str]) -> Iterator[Flower]:
+    port = _free_port()
+    log_path = tmp_dir / f"flower-{port}.log"
+    child_env = stack.child_env(env)
+    for key in ("FLOWER_BASIC_AUTH", "FLAGSHIP_FLOWER_UNAUTHENTICATED", "FLOWER_UNAUTHENTICATED_API"):
+        if key not in env:
+            child_env.pop(key, None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(RUN_FLOWER), "--port", str(port), "--address", "127.0.0.1"],
+                                env=child_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    user, _, password = env.get("FLOWER_BASIC_AUTH", ":").partition(":")
+    flower = Flower(f"http://127.0.0.1:{port}", user, password, proc, log_path)
+    try:
+        wait_until(lambda: proc.poll() is not None or _answers_http(flower.url), flower_start_timeout_s,
+                   interval_s=0.2, what="Flower to listen")
+        assert proc.poll() is None, f"Flower exited ({proc.returncode}):\n{flower.log_tail()}"
+        yield flower
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def flower(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flower]:
+    auth = f"ops:{secrets.token_urlsafe(12)}"
+    with running_flower(stack, tmp_path_factory.mktemp("flower"), {"FLOWER_BASIC_AUTH": auth}) as f:
+        yield f
+
+
+def pool_nodes(stack: Stack) -> set[str]:
+    return {w.node for w in stack.workers if w.pool in MONITORED_POOLS and w.alive()}
+
+
+def listed_workers(flower: Flower) -> set[str]:
+    status, body = flower.get("/api/workers?refresh=1")
+    return set(body) if status == 200 and isinstance(body, dict) else set()
+
+
+def test_flower_refuses_to_start_without_authentication_unless_told_to_run_open() -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FLOWER_BASIC_AUTH", "FLAGSHIP_FLOWER_UNAUTHENTICATED", "FLOWER_UNAUTHENTICATED_API")}
+    done = subprocess.run([sys.executable, str(RUN_FLOWER), "--port", str(_free_port())], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "FLOWER_BASIC_AUTH" in done.stderr and "FLAGSHIP_FLOWER_UNAUTHENTICATED=1" in done.stderr
+
+
+def test_flower_api_answers_401_without_or_with_wrong_credentials(flower: Flower) -> None:
+    assert flower.get("/api/workers", auth=None)[0] == 401
+    assert flower.get("/api/tasks", auth=None)[0] == 401
+    assert flower.get("/", auth=None)[0] == 401
+    assert flower.get("/api/workers", auth=(flower.user, flower.password + "x"))[0] == 401
+    assert flower.get("/api/workers")[0] == 200
+
+
+def test_flower_lists_every_worker_of_both_pools_and_the_calls_they_ran(
+    stack: Stack, flower: Flower, sessions: Callable[..., Session]
+) -> None:
+    expected = pool_nodes(stack)
+    assert {n.split("-")[0] for n in expected} >= {"triage", "analytics"}
+    wait_until(lambda: expected <= listed_workers(flower), 30, interval_s=0.5,
+               what=f"Flower to list {sorted(expected)}")
+
+    opened = [sessions(pool) for pool in MONITORED_POOLS for _ in range(2)]
+    futures = {s: [s.submit("ping") for _ in range(3)] for s in opened}
+    ran_on = {f.id: f.result(30)["node"] for fs in futures.values() for f in fs}
+
+    def seen() -> dict[str, Any]:
+        status, tasks = flower.get("/api/tasks?limit=1000")
+        if status != 200:
+            return {}
+        done = {tid: t for tid, t in tasks.items() if tid in ran_on and t.get("state") == "SUCCESS"}
+        return done if len(done) == len(ran_on) else {}
+
+    tasks = wait_until(seen, 30, interval_s=0.25, what="Flower to show every call as SUCCESS")
+    assert isinstance(tasks, dict)
+    for task_id, task in tasks.items():
+        assert task["name"] == "flagship.call"
+        assert task["worker"] == ran_on[task_id]
+    # Triage sessions are strict: every call ran on the session's own worker.
+    for session, fs in futures.items():
+        if session.pool == "triage_pool":
+            assert {tasks[f.id]["worker"] for f in fs} == {session.worker}
+    assert {t["worker"] for t in tasks.values()} <= expected
+
+
+# -- the dashboard in headless Chromium -----------------------------------------------------------
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1400,900",
+]
+
+
+def _find_chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's ``chromium``, installed with apt-get when missing (skips if that is not possible)."""
+    found = _find_chromium()
+    if found:
+        return found
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        pytest.skip("chromium is not installed and apt-get as root is not available to install it")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=chromium_install_timeout_s)
+            if done.returncode != 0:
+                pytest.skip(f"could not install chromium ({' '.join(cmd)}): {done.stderr.strip()[-300:]}")
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"installing chromium took more than {chromium_install_timeout_s} s")
+    found = _find_chromium()
+    if not found:
+        pytest.skip("apt-get installed chromium but no chromium binary is on PATH")
+    return found
+
+
+def run_chromium(binary: str, *args: str) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        return subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def with_credentials(flower: Flower) -> str:
+    if not flower.user:
+        return flower.url + "/"
+    return flower.url.replace("http://", f"http://{flower.user}:{flower.password}@") + "/"
+
+
+def dashboard_shows(binary: str, url: str, nodes: set[str]) -> bool:
+    """Chromium's rendered DOM of the dashboard names every node (the page passed auth and ran its JS)."""
+    dom = run_chromium(binary, "--virtual-time-budget=5000", "--dump-dom", url).stdout
+    return "Flower" in dom and all(node in dom for node in nodes)
+
+
+def png_size_and_colours(path: Path) -> tuple[int, int, int]:
+    """Width, height and number of distinct colours of an 8-bit RGB(A) PNG (no imaging library needed)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, header = 8, b"", b""
+    while pos < len(data):
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        chunk = data[pos + 8:pos + 8 + length]
+        header = chunk if kind == b"IHDR" else header
+        idat += chunk if kind == b"IDAT" else b""
+        pos += 12 + length
+    width, height, depth, colour_type = struct.unpack(">IIBB", header[:10])
+    assert depth == 8 and colour_type in (2, 6), f"unexpected PNG format (depth {depth}, type {colour_type})"
+    bpp = 3 if colour_type == 2 else 4
+    raw, stride = zlib.decompress(idat), width * bpp
+    prev, colours = bytearray(stride), set()
+    for y in range(height):
+        filt, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if filt == 1:
+                line[i] = (line[i] + a) & 0xFF
+            elif filt == 2:
+                line[i] = (line[i] + b) & 0xFF
+            elif filt == 3:
+                line[i] = (line[i] + (a + b) // 2) & 0xFF
+            elif filt == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
+        if y % 4 == 0:  # sampling every fourth row is plenty to tell a page from a blank
+            colours.update(bytes(line[i:i + 3]) for i in range(0, stride, bpp))
+        prev = line
+    return width, height, len(colours)
+
+
+@pytest.mark.timeout(chromium_install_timeout_s + 300)
+def test_flower_dashboard_renders_in_headless_chromium_and_is_saved_as_docs_flower_png(
+    stack: Stack, flower: Flower, chromium: str, sessions: Callable[..., Session],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    for pool in MONITORED_POOLS:
+        sessions(pool).call("ping", timeout_s=30)
+    nodes = pool_nodes(stack)
+    target, url = flower, with_credentials(flower)
+    with ExitStack() as stack_ctx:
+        if not dashboard_shows(chromium, url, nodes):
+            # Some Chromium builds ignore credentials in the URL: fall back to an explicitly open Flower.
+            target = stack_ctx.enter_context(running_flower(
+                stack, tmp_path_factory.mktemp("flower-open"), {"FLAGSHIP_FLOWER_UNAUTHENTICATED": "1"}))
+            assert target.get("/api/workers", auth=None)[0] == 200
+            url = target.url + "/"
+            wait_until(lambda: dashboard_shows(chromium, url, nodes), 60, interval_s=1.0,
+                       what="the open Flower dashboard to list every worker")
+        shot = tmp_path_factory.mktemp("shot") / "flower.png"
+        done = run_chromium(chromium, "--virtual-time-budget=5000", f"--screenshot={shot}", url)
+        assert shot.exists(), f"no screenshot: {done.stderr[-1000:]}"
+    width, height, colours = png_size_and_colours(shot)
+    assert (width, height) == (1400, 900)
+    assert shot.stat().st_size > 20_000 and colours > 50, f"screenshot looks blank ({colours} colours)"
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    shutil.copyfile(shot, SCREENSHOT)
