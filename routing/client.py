@@ -120,12 +120,12 @@ class Client:
         assert node is not None
         view = self.watch.get(node)
         if session.affinity is Affinity.HINT:
-            return node if view is not None and view.live and not view.saturated else None
-        if view is None or not view.live:
+            return node if view is not None and view.accepting and not view.saturated else None
+        if view is None or not view.accepting:
             raise SessionWorkerUnavailable(session.id, node)
         if session.affinity is Affinity.STRICT_FAIL_FAST:
             fresh = self.registry.liveness([node])[node]
-            if not fresh.live:
+            if not fresh.accepting:
                 raise SessionWorkerUnavailable(session.id, node)
             if fresh.saturated:
                 raise WorkerBusy(session.id, node, fresh.in_flight, fresh.concurrency)

@@ -59,14 +59,18 @@ class CallFuture:
                 envelope = self._result.get(timeout=wait_s, propagate=True, disable_sync_subtasks=False)
                 break
             except CeleryTimeout:
-                try:
-                    self._check_worker()
-                except SessionWorkerUnavailable:
-                    if not self.rehydrate:
-                        raise
-                    return self._retry_rehydrated(None if deadline is None else deadline - time.monotonic())
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise CallTimeout(self.session.id, self.op, timeout_s) from None
+                if not self.worker_gone():
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise CallTimeout(self.session.id, self.op, timeout_s) from None
+                    continue
+                assert self.target is not None
+                lost = SessionWorkerUnavailable(self.session.id, self.target)
+            except SessionWorkerUnavailable as exc:
+                # The call was moved off its dead worker and refused where it landed.
+                lost = exc
+            if not self.rehydrate or lost.node != self.target:
+                raise lost
+            return self._retry_rehydrated(None if deadline is None else deadline - time.monotonic())
         self.node = envelope["node"]
         self._value = envelope["value"]
         self._done = True
@@ -90,10 +94,6 @@ class CallFuture:
         view = self.session.client.watch.get(self.target)
         return view is not None and not view.live
 
-    def _check_worker(self) -> None:
-        if self.worker_gone():
-            assert self.target is not None
-            raise SessionWorkerUnavailable(self.session.id, self.target)
 
 
 def gather(futures: list[CallFuture], timeout_s: float | None = None, poll_s: float = 0.01,

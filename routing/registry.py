@@ -63,10 +63,17 @@ class Liveness:
     live: bool
     in_flight: int
     concurrency: int
+    #: Shutting down: finishing its calls, taking no new ones.
+    draining: bool = False
 
     @property
     def saturated(self) -> bool:
         return self.in_flight >= self.concurrency
+
+    @property
+    def accepting(self) -> bool:
+        """New calls may be sent to it."""
+        return self.live and not self.draining
 
 
 class Registry:
@@ -81,7 +88,7 @@ class Registry:
             "node": info.node, "pool": info.pool, "host": info.host, "pid": info.pid,
             "queue": info.queue, "capabilities": json.dumps(list(info.capabilities)),
             "concurrency": info.concurrency, "started": info.started,
-            "in_flight": info.in_flight, "last_beat": time.time(),
+            "in_flight": info.in_flight, "last_beat": time.time(), "draining": 0,
         })
         pipe.sadd(names.pool_workers_key(info.pool), info.node)
         pipe.hset(names.DIRECT_QUEUES_KEY, info.node, info.pool)
@@ -97,10 +104,18 @@ class Registry:
         if pipeline is None:
             pipe.execute()
 
+    def drain(self, node: str) -> None:
+        """Shutdown began: no new sessions or calls; calls already here still finish."""
+        self.redis.hset(names.worker_key(node), "draining", 1)
+
     def deregister(self, node: str, pool: str) -> None:
-        """Clean shutdown: the worker stops being live at once (no TTL wait)."""
+        """Clean shutdown done: the worker stops being live at once (no TTL wait).
+
+        Its sessions keep pointing at it, so strict ones fail fast (or rehydrate)
+        and hint ones move on with their next call.
+        """
         pipe = self.redis.pipeline()
-        pipe.delete(names.heartbeat_key(node), names.worker_key(node))
+        pipe.delete(names.heartbeat_key(node), names.worker_key(node), names.worker_sessions_key(node))
         pipe.srem(names.pool_workers_key(pool), node)
         pipe.execute()
 
@@ -110,12 +125,12 @@ class Registry:
         pipe = self.redis.pipeline(transaction=False)
         for node in nodes:
             pipe.exists(names.heartbeat_key(node))
-            pipe.hmget(names.worker_key(node), "in_flight", "concurrency")
+            pipe.hmget(names.worker_key(node), "in_flight", "concurrency", "draining")
         replies = pipe.execute()
         view = {}
         for i, node in enumerate(nodes):
-            exists, (in_flight, concurrency) = replies[2 * i], replies[2 * i + 1]
-            view[node] = Liveness(bool(exists), int(in_flight or 0), int(concurrency or 1))
+            exists, (in_flight, concurrency, draining) = replies[2 * i], replies[2 * i + 1]
+            view[node] = Liveness(bool(exists), int(in_flight or 0), int(concurrency or 1), draining == "1")
         return view
 
     def workers(self, pools: Iterable[str]) -> list[WorkerInfo]:

@@ -48,17 +48,24 @@ def run(calls: int, block: int, sessions_n: int, per_session: int, rounds: int =
             session = client.session(BENCH_POOL.name)
             queue = names.pool_queue(BENCH_POOL.name)
 
+            direct = names.worker_queue(session.worker or "")
+
             def plain() -> Any:
                 return client.app.send_task(names.NOOP_TASK, queue=queue).get(timeout=10)
+
+            def plain_direct() -> Any:  # same queue topology as the session: isolates the router's cost
+                return client.app.send_task(names.NOOP_TASK, queue=direct).get(timeout=10)
 
             def routed() -> Any:
                 return session.call("ping", timeout_s=10)
 
-            _latency(plain, 200), _latency(routed, 200)  # warm-up: connections, imports
+            _latency(plain, 200), _latency(plain_direct, 200), _latency(routed, 200)  # warm-up
             plain_ms: list[float] = []
+            direct_ms: list[float] = []
             routed_ms: list[float] = []
-            for _ in range(max(1, calls // block)):  # interleaved, so drift hits both alike
+            for _ in range(max(1, calls // block)):  # interleaved, so drift hits all alike
                 plain_ms += _latency(plain, block)
+                direct_ms += _latency(plain_direct, block)
                 routed_ms += _latency(routed, block)
 
             many = [client.session(BENCH_POOL.name) for _ in range(sessions_n)]
@@ -76,11 +83,13 @@ def run(calls: int, block: int, sessions_n: int, per_session: int, rounds: int =
         finally:
             client.close()
     p = {name: {"p50_ms": statistics.median(s), "p99_ms": _percentile(s, 99), "n": len(s)}
-         for name, s in (("plain_celery", plain_ms), ("strict_session", routed_ms))}
+         for name, s in (("plain_celery", plain_ms), ("plain_celery_direct_queue", direct_ms),
+                         ("strict_session", routed_ms))}
     return {
         "latency": p,
         "p50_ratio": p["strict_session"]["p50_ms"] / p["plain_celery"]["p50_ms"],
         "p99_ratio": p["strict_session"]["p99_ms"] / p["plain_celery"]["p99_ms"],
+        "p50_ratio_same_queue": p["strict_session"]["p50_ms"] / p["plain_celery_direct_queue"]["p50_ms"],
         "throughput": {"plain_celery_calls_s": plain_tput, "sessions_calls_s": routed_tput,
                        "sessions": sessions_n, "workers": workers_used, "calls": total},
         "throughput_ratio": routed_tput / plain_tput,
@@ -101,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
         return 0
     lat, tput = report["latency"], report["throughput"]
-    for name in ("plain_celery", "strict_session"):
-        print(f"{name:15s} p50 {lat[name]['p50_ms']:.3f} ms  p99 {lat[name]['p99_ms']:.3f} ms  (n={lat[name]['n']})")
-    print(f"p50 ratio {report['p50_ratio']:.3f}  p99 ratio {report['p99_ratio']:.3f}")
+    for name in ("plain_celery", "plain_celery_direct_queue", "strict_session"):
+        print(f"{name:26s} p50 {lat[name]['p50_ms']:.3f} ms  p99 {lat[name]['p99_ms']:.3f} ms  (n={lat[name]['n']})")
+    print(f"strict session vs plain Celery: p50 ratio {report['p50_ratio']:.3f}  p99 ratio {report['p99_ratio']:.3f}"
+          f"  (p50 ratio vs plain Celery on the same direct queue: {report['p50_ratio_same_queue']:.3f})")
     print(f"throughput: plain {tput['plain_celery_calls_s']:.0f} calls/s, {tput['sessions']} sessions over "
           f"{len(tput['workers'])} workers {tput['sessions_calls_s']:.0f} calls/s, "
           f"ratio {report['throughput_ratio']:.3f}")

@@ -19,6 +19,7 @@ from tasks.worker_state import WorkerState
 Operation = Callable[..., Any]
 
 _OPERATIONS: dict[str, Operation] = {}
+_SIGNATURES: dict[str, inspect.Signature] = {}
 #: Operations that run even when the session record is already gone.
 SESSIONLESS = {"release_session"}
 
@@ -36,6 +37,7 @@ class CallContext:
 def operation(name: str) -> Callable[[Operation], Operation]:
     def register(fn: Operation) -> Operation:
         _OPERATIONS[name] = fn
+        _SIGNATURES[name] = inspect.signature(fn)
         return fn
 
     return register
@@ -52,7 +54,7 @@ def dispatch(ctx: CallContext, op: str, kwargs: dict[str, Any]) -> Any:
     if not isinstance(kwargs, dict):
         raise InvalidArgument(op, "arguments must be a JSON object of keyword arguments")
     try:
-        inspect.signature(fn).bind(ctx, **kwargs)
+        _SIGNATURES[op].bind(ctx, **kwargs)
     except TypeError as exc:
         raise InvalidArgument(op, str(exc)) from None
     return fn(ctx, **kwargs)

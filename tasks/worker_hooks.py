@@ -97,12 +97,15 @@ def _ready(**_: Any) -> None:
 
 @signals.worker_shutting_down.connect
 def _shutting_down(**_: Any) -> None:
+    """SIGTERM: stop taking new calls; running ones finish, reserved ones return to their queue."""
+    if _state is not None:
+        _state.drain()
+
+
+@signals.worker_shutdown.connect
+def _shutdown(**_: Any) -> None:
     if _state is not None:
         _state.stop()
-        for service in _state.services.values():
-            shutdown = getattr(service, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
 
 
 @signals.task_received.connect

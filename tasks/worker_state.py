@@ -68,9 +68,19 @@ class WorkerState:
         ))
         self.heartbeat.start()
 
+    def drain(self) -> None:
+        """Warm shutdown began: producers stop sending here; the heartbeat goes on until ``stop``."""
+        self.registry.drain(self.node)
+        self.heartbeat.nudge()
+
     def stop(self) -> None:
+        """Calls finished (or went back to the queue): stop heartbeating, deregister, free services."""
         self.heartbeat.stop()
         self.registry.deregister(self.node, self.pool.name)
+        for service in self.services.values():
+            shutdown = getattr(service, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
 
     # -- in-flight accounting (called from Celery signals) --------------------
 

@@ -168,3 +168,18 @@ def test_rehydrate_rebuilds_refs_on_a_live_worker_after_kill_9(
     history = session.history(n=10)
     assert not history["complete"] and "rebuilt" in history["note"]
     assert len(history["entries"]) == 2  # only the calls made since the rebuild
+
+
+def test_a_session_opened_with_rehydrate_survives_its_worker_dying_mid_call(
+    client: Client, sessions: Callable[..., Session], pool_workers: Callable[..., list[WorkerProcess]]
+) -> None:
+    workers = {w.node: w for w in pool_workers("kill_pool", 2)}
+    session = sessions("kill_pool", rehydrate=True)
+    triage = session.predict(TRIAGE)
+    dead = session.worker
+    waiting = session.submit("ping", sleep_s=1.0)
+    wait_until(lambda: client.registry.liveness([dead])[dead].in_flight >= 1, what="call running")
+    workers[dead].kill()
+    result = waiting.result(30)
+    assert result["node"] != dead and session.worker == result["node"] == waiting.node
+    assert triage(ticket=TICKETS["billing"])["category"] == "billing"

@@ -93,6 +93,18 @@ def test_rlm_over_a_long_incident_log_answers_from_code_that_ran(
     assert context[:2000] not in str(session.history(n=12)["entries"])  # the log never went into a prompt
 
 
+def test_a_megabyte_context_stays_in_the_sandbox_and_out_of_the_prompts(
+    rlm_workers: list[WorkerProcess], sessions: Callable[..., Session]
+) -> None:
+    session = sessions("rlm_pool")
+    rlm = session.rlm()
+    context = incident_log(1_000_000)
+    reply = session.call("call", ref=rlm.ref_id, inputs={"context": context, "query": QUERY}, timeout_s=120)
+    assert f"analysed {context.count(chr(10)) + 1} non-empty lines" in reply["trajectory"]["steps"][0]["output"]
+    prompts = session.history(n=12)["entries"]
+    assert prompts and max(len(str(e["messages"])) for e in prompts) < 50_000
+
+
 def _looping_reply(state: dict[str, Any]) -> Callable[[list[dict[str, Any]]], str]:
     """A provider whose first RLM step writes an infinite loop; later steps are the scripted ones."""
     def reply(messages: list[dict[str, Any]]) -> str:

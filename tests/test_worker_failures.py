@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
@@ -101,3 +102,26 @@ def test_worker_still_consumes_its_direct_queue_after_a_broker_reconnect(
                what="heartbeat after reconnect")
     after = session.call("ping", timeout_s=30)
     assert after["pid"] == before["pid"] and after["seq"] == before["seq"] + 1
+
+
+def test_sigterm_lets_running_calls_finish_and_loses_no_queued_call(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    workers = {w.node: w for w in pool_workers("stop_pool", 2)}
+    strict = sessions("stop_pool", affinity="strict_queue")
+    leaving = strict.worker
+    hinted = sessions("stop_pool", node=leaving)
+    other = next(n for n in workers if n != leaving)
+    running = strict.submit("ping", sleep_s=1.5)
+    wait_until(lambda: client.registry.liveness([leaving])[leaving].in_flight >= 1, what="call running")
+    queued = [hinted.submit("ping", sleep_s=0.05) for _ in range(8)]
+    workers[leaving].proc.send_signal(signal.SIGTERM)
+
+    assert running.result(20)["node"] == leaving  # finished during the warm shutdown, not cut off
+    results = [f.result(30) for f in queued]
+    assert len(results) == 8 and {r["node"] for r in results} <= {leaving, other}
+    assert workers[leaving].proc.wait(20) == 0
+    assert not client.redis.exists(names.heartbeat_key(leaving))
+    with pytest.raises(SessionWorkerUnavailable):
+        strict.call("ping", timeout_s=10)
+    assert hinted.call("ping", timeout_s=10)["node"] == other

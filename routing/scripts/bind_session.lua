@@ -21,7 +21,7 @@ for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if node ~= ARGV[10] and redis.call('EXISTS', ARGV[8] .. node) == 1 then
     live = live + 1
     local wkey = ARGV[7] .. node
-    if has_all(redis.call('HGET', wkey, 'capabilities')) then
+    if redis.call('HGET', wkey, 'draining') ~= '1' and has_all(redis.call('HGET', wkey, 'capabilities')) then
       local load = redis.call('SCARD', wkey .. ':sessions')
       local inflight = tonumber(redis.call('HGET', wkey, 'in_flight') or '0') or 0
       if node == ARGV[9] then
