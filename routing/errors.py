@@ -77,6 +77,8 @@ class RoutingError(FlagshipError):
 
 
 class UnknownPool(RoutingError):
+    pool: str
+    known: list[str]
     fields = ("pool", "known")
     template = "unknown pool {pool!r} (known pools: {known})"
 
@@ -92,6 +94,8 @@ class SessionClosed(RoutingError):
 
 
 class SessionWorkerUnavailable(RoutingError):
+    session_id: str
+    node: str
     fields = ("session_id", "node")
     template = (
         "worker {node!r} bound to strict session {session_id!r} is gone; "
@@ -100,11 +104,17 @@ class SessionWorkerUnavailable(RoutingError):
 
 
 class WorkerBusy(RoutingError):
+    session_id: str
+    node: str
+    in_flight: int
+    limit: int
     fields = ("session_id", "node", "in_flight", "limit")
     template = "worker {node!r} of session {session_id!r} is busy ({in_flight}/{limit} in flight)"
 
 
 class NoCapableWorker(RoutingError):
+    pool: str
+    capabilities: list[str]
     fields = ("pool", "capabilities")
     template = "no live worker of pool {pool!r} has capabilities {capabilities}"
 

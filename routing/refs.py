@@ -7,7 +7,7 @@ A handle is JSON (ref id, session id, worker, kind); calling it sends the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from routing.future import CallFuture
@@ -24,7 +24,7 @@ class RefHandle:
     info: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_reply(cls, reply: dict[str, Any]) -> RefHandle:
+    def from_reply(cls, reply: dict[str, Any]) -> Self:
         core = {k: reply[k] for k in ("ref_id", "session_id", "worker", "kind")}
         return cls(**core, info={k: v for k, v in reply.items() if k not in core})
 
