@@ -151,6 +151,15 @@ def _context_var(variables_info: str) -> str:
     return max(names, key=names.__getitem__)
 
 
+def _action_for(theme: str) -> str:
+    """The recommended action for a counted theme or triage category."""
+    if theme in _THEMES:
+        return _THEMES[theme][1]
+    if theme in _TRIAGE:
+        return f"{theme}: {_TRIAGE[theme][2][0].lower()}{_TRIAGE[theme][2][1:].rstrip('.')}"
+    return f"investigate the root cause of {theme!r}"
+
+
 def _answer_from_counts(history: str) -> str | None:
     """Build the final answer from the counts the analysis code printed, or None if none were printed."""
     lines = _LINES_LINE.search(history)
@@ -161,9 +170,7 @@ def _answer_from_counts(history: str) -> str | None:
         return f"{LABEL} Scripted REPL analysis of {lines.group(1)} log lines found no recurring issues."
     top = counts[:2]
     issues = " and ".join(f"{i}) {theme} ({n} occurrences)" for i, (n, theme) in enumerate(top, 1))
-    actions = "; ".join(
-        f"{i}) {_THEMES[theme][1] if theme in _THEMES else f'investigate the root cause of {theme!r}'}"
-        for i, (_, theme) in enumerate(top, 1))
+    actions = "; ".join(f"{i}) {_action_for(theme)}" for i, (_, theme) in enumerate(top, 1))
     return (f"{LABEL} Scripted analysis, not a model answer. Code run in the REPL over {lines.group(1)} log lines "
             f"counted the top recurring issues: {issues}. Recommended next actions: {actions}.")
 
