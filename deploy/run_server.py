@@ -13,7 +13,10 @@ This is that process:
   still only one server: this process takes it over as its own;
 * on SIGTERM or SIGINT it stops the server it owns (Valkey writes its AOF on the
   way out) and exits 0; if the server dies on its own it exits 1, so the runner
-  stops the rest.
+  stops the rest. The runner signals every process at once, so before stopping it
+  gives the workers' warm shutdown (finish calls, deregister) up to
+  ``$FLAGSHIP_SERVER_DRAIN_S`` seconds (default 4: honcho kills after 5) to
+  disconnect.
 
 A server that was already recorded and running before this process started
 (``flagship server start``, another stack) is used but never stopped from here.
@@ -30,11 +33,31 @@ import threading
 import time
 from pathlib import Path
 
+import redis as redis_lib
+
 from routing.embedded import ensure_server, read_record, stop_server
 from routing.settings import Settings
 
 #: How often the server process is checked while idling.
 poll_interval_s = 0.5
+#: Longest wait, once told to stop, for the other clients to disconnect.
+default_drain_s = 4.0
+
+
+def drain(url: str, timeout_s: float) -> int:
+    """Wait until no other client is connected (or ``timeout_s``); returns how many still are."""
+    deadline = time.monotonic() + timeout_s
+    r = redis_lib.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        while True:
+            others = len(r.client_list()) - 1
+            if others <= 0 or time.monotonic() >= deadline:
+                return max(others, 0)
+            time.sleep(0.1)
+    except redis_lib.RedisError:
+        return 0
+    finally:
+        r.close()
 
 
 def _process_start_time() -> float:
@@ -79,6 +102,9 @@ def main() -> int:
             print("embedded server exited", file=sys.stderr, flush=True)
             return 1
     if owned:
+        left = drain(url, float(os.environ.get("FLAGSHIP_SERVER_DRAIN_S") or default_drain_s))
+        if left:
+            print(f"stopping with {left} client connection(s) still open", flush=True)
         stop_server(settings.home)
         print("embedded server stopped", flush=True)
     return 0
