@@ -29,6 +29,18 @@ log = logging.getLogger(__name__)
 rehydrate_call_timeout_s = 120.0
 
 
+#: Argument names whose values never appear in task events, Flower or worker logs.
+SECRET_ARGUMENTS = frozenset({"api_key"})
+
+
+def _redacted_repr(args: list[Any]) -> str | None:
+    """The repr Celery shows for a call (None: Celery's own), with secret arguments masked."""
+    kwargs = args[2]
+    if not SECRET_ARGUMENTS & kwargs.keys():
+        return None
+    return repr([args[0], args[1], {k: "***" if k in SECRET_ARGUMENTS else v for k, v in kwargs.items()}, args[3]])
+
+
 class Client:
     """Opens sessions and sends their calls; one per producer process is enough.
 
@@ -92,6 +104,7 @@ class Client:
         """A handle on an existing session (opened by this or another producer)."""
         record = self.sessions.get(session_id)
         session = Session(self, record.id, record.pool, record.affinity, record.worker, record.ttl_s, rehydrate)
+        session.incarnation = record.incarnation
         if record.worker:
             self.watch.watch(record.worker)
             self.watch.refresh()
@@ -99,7 +112,8 @@ class Client:
 
     def _bind(self, session: Session, prefer: str | None = None, exclude: str | None = None) -> None:
         spec = self.pools.get(session.pool)
-        node = self.sessions.bind(session.id, spec, session.affinity, session.ttl_s, prefer=prefer, exclude=exclude)
+        node, session.incarnation = self.sessions.bind(session.id, spec, session.affinity, session.ttl_s,
+                                                       prefer=prefer, exclude=exclude)
         session.worker = node
         self.watch.watch(node, Liveness(live=True, in_flight=0, concurrency=spec.concurrency))
 
@@ -115,24 +129,28 @@ class Client:
     def _route(self, session: Session) -> str | None:
         """The node to send to (its direct queue), or None for the pool's shared queue."""
         if session.worker is None:
-            self._bind(session)
+            with session.lock:
+                if session.worker is None:
+                    self._bind(session)
         node = session.worker
         assert node is not None
         view = self.watch.get(node)
         if session.affinity is Affinity.HINT:
             return node if view is not None and view.accepting and not view.saturated else None
-        if view is None or not view.accepting:
+        if view is None or not session.holds_state_on(view):
             raise SessionWorkerUnavailable(session.id, node)
         if session.affinity is Affinity.STRICT_FAIL_FAST:
             fresh = self.registry.liveness([node])[node]
-            if not fresh.accepting:
+            if not session.holds_state_on(fresh):
                 raise SessionWorkerUnavailable(session.id, node)
             if fresh.saturated:
                 raise WorkerBusy(session.id, node, fresh.in_flight, fresh.concurrency)
         return node
 
     def _route_header(self, session: Session, node: str | None) -> dict[str, Any]:
-        return {"node": node, "pool": session.pool, "affinity": session.affinity.value, "ttl_s": session.ttl_s}
+        """What the worker checks: a strict call runs only on the run of the node holding its state."""
+        return {"node": node, "pool": session.pool, "affinity": session.affinity.value, "ttl_s": session.ttl_s,
+                "incarnation": session.incarnation if node else None}
 
     def _rehydrate(self, session: Session, dead: str | None) -> None:
         """Rebind ``session`` away from its dead worker and rebuild its refs there, in creation order.
@@ -155,10 +173,9 @@ class Client:
     def _send(self, session: Session, op: str, kwargs: dict[str, Any], rehydrate: bool = False) -> CallFuture:
         node = self._route(session)
         queue = names.worker_queue(node) if node else names.pool_queue(session.pool)
+        args = [session.id, op, kwargs, self._route_header(session, node)]
         try:
-            result = self.app.send_task(
-                names.CALL_TASK, args=[session.id, op, kwargs, self._route_header(session, node)], queue=queue
-            )
+            result = self.app.send_task(names.CALL_TASK, args=args, queue=queue, argsrepr=_redacted_repr(args))
         except EncodeError as exc:
             raise InvalidArgument(op, f"arguments must be JSON-serializable ({exc})") from None
         return CallFuture(session, op, result, node, kwargs, rehydrate)

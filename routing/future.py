@@ -30,6 +30,7 @@ class CallFuture:
         self.op = op
         self.kwargs = kwargs or {}
         self.rehydrate = rehydrate
+        self.incarnation = session.incarnation
         self.target = target
         self._result = result
         self._value: Any = None
@@ -59,7 +60,7 @@ class CallFuture:
                 envelope = self._result.get(timeout=wait_s, propagate=True, disable_sync_subtasks=False)
                 break
             except CeleryTimeout:
-                if not self.worker_gone():
+                if not self.worker_gone() or self._result.ready():
                     if deadline is not None and time.monotonic() >= deadline:
                         raise CallTimeout(self.session.id, self.op, timeout_s) from None
                     continue
@@ -88,11 +89,13 @@ class CallFuture:
         return value
 
     def worker_gone(self) -> bool:
-        """The strict worker this call waits on is dead (per the producer's watch; no round trip)."""
+        """The strict worker run this call waits on is gone (per the producer's watch; no round trip)."""
         if self.target is None or not self.session.affinity.strict:
             return False
         view = self.session.client.watch.get(self.target)
-        return view is not None and not view.live
+        if view is None or not view.live:
+            return True
+        return bool(self.incarnation and view.incarnation and view.incarnation != self.incarnation)
 
 
 
@@ -100,8 +103,11 @@ def gather(futures: list[CallFuture], timeout_s: float | None = None, poll_s: fl
            on_done: Callable[[CallFuture], None] | None = None) -> list[Any]:
     """Wait for calls running in parallel, noting when each finished; results in submission order.
 
-    ``on_done`` is called as each call completes (for progress displays). Errors
-    are raised when the failing call's result is collected, after the others finished.
+    ``on_done`` is called as each call completes (for progress displays). A call
+    that failed on its worker raises when results are collected, after the others
+    finished; a strict call whose worker died raises as soon as that is seen (a
+    rehydrating session instead reruns it, and such reruns happen in the order
+    they are noticed, not the order they were submitted).
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = list(futures)

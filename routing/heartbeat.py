@@ -1,7 +1,8 @@
-"""The worker's heartbeat loop: liveness, in-flight count, session TTLs and reaping peers.
+"""The worker's heartbeat loop: liveness, load, session TTLs, and reaping dead peers.
 
 The loop survives broker outages: a failed beat is logged and retried on the next
-tick (redis-py reconnects), so a worker that outlives an outage becomes live again.
+tick (redis-py reconnects). A worker that peers reaped while it was cut off (its
+record deleted) registers again, so it becomes live and bindable again.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from typing import Protocol
 
 import redis as redis_lib
 
@@ -23,35 +24,42 @@ log = logging.getLogger(__name__)
 housekeeping_interval_s = 2.0
 
 
+class BeatSource(Protocol):
+    """What a heartbeat publishes about its worker."""
+
+    node: str
+    incarnation: str
+
+    @property
+    def pool_name(self) -> str: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def held_tags(self) -> list[str]: ...
+
+    def take_touched(self) -> dict[str, float]: ...
+
+    def gauge_values(self) -> dict[str, int]: ...
+
+    def register(self) -> None: ...
+
+    def housekeeping(self) -> None: ...
+
+
 class Heartbeat(threading.Thread):
-    def __init__(
-        self,
-        registry: Registry,
-        sessions: SessionStore,
-        node: str,
-        pool: str,
-        interval_s: float,
-        in_flight: Callable[[], int],
-        take_touched: Callable[[], dict[str, float]],
-        extra_fields: Callable[[], dict[str, int]] = dict,
-        housekeeping: Callable[[], None] | None = None,
-    ) -> None:
-        super().__init__(name=f"flagship-heartbeat-{node}", daemon=True)
+    def __init__(self, registry: Registry, sessions: SessionStore, source: BeatSource, interval_s: float) -> None:
+        super().__init__(name=f"flagship-heartbeat-{source.node}", daemon=True)
         self.registry = registry
         self.sessions = sessions
-        self.node = node
-        self.pool = pool
+        self.source = source
         self.interval_s = interval_s
-        self.in_flight = in_flight
-        self.take_touched = take_touched
-        self.extra_fields = extra_fields
-        self.housekeeping = housekeeping
         self._stopping = threading.Event()
         self._nudge = threading.Event()
         self._next_housekeeping = 0.0
 
     def nudge(self) -> None:
-        """Publish soon: the in-flight count changed."""
+        """Publish soon: something producers route on changed."""
         self._nudge.set()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -62,23 +70,27 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping.is_set():
+            self._nudge.clear()  # before beating: a nudge during the beat triggers the next one
             try:
                 self.beat()
             except redis_lib.RedisError as exc:
-                log.warning("heartbeat of %s failed (%s); retrying", self.node, exc)
+                log.warning("heartbeat of %s failed (%s); retrying", self.source.node, exc)
             self._nudge.wait(self.interval_s)
-            self._nudge.clear()
 
     def beat(self) -> None:
-        touched = self.take_touched()
+        source = self.source
+        touched = source.take_touched()
         pipe = self.registry.redis.pipeline(transaction=False)
-        self.registry.beat(self.node, self.in_flight(), pipeline=pipe, extra=self.extra_fields())
+        self.registry.beat(source.node, source.incarnation, source.in_flight, source.held_tags(), pipe,
+                           extra=source.gauge_values())
         if touched:
             self.sessions.touch(touched, pipeline=pipe)
-        pipe.execute()
+        still_registered = pipe.execute()[1]
+        if not still_registered:
+            log.warning("worker %s was reaped while cut off from the broker; registering again", source.node)
+            source.register()
         if time.monotonic() >= self._next_housekeeping:
             self._next_housekeeping = time.monotonic() + housekeeping_interval_s
-            self.registry.prune_sessions(self.node)
-            reap_dead_workers(self.registry.redis, self.pool)
-            if self.housekeeping is not None:
-                self.housekeeping()
+            self.registry.prune_sessions(source.node)
+            reap_dead_workers(self.registry.redis, source.pool_name)
+            source.housekeeping()

@@ -24,6 +24,8 @@ SESSION_KEY = PREFIX + ":session:{session_id}"
 SESSIONS_KEY = PREFIX + ":sessions"
 #: Hash: direct queue -> pool, for every worker queue ever registered (so dead ones get reaped).
 DIRECT_QUEUES_KEY = PREFIX + ":direct-queues"
+#: Hash: node -> when its last incarnation was reaped (entries are pruned after a retention period).
+REAPED_KEY = PREFIX + ":reaped"
 #: Short lock held by whoever moves a dead worker's queued calls.
 REAP_LOCK_KEY = PREFIX + ":reap:{node}"
 #: List of recipes of a session's refs, in creation order.

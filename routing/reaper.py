@@ -1,15 +1,24 @@
-"""Moving the calls queued for a dead worker to its pool's shared queue, once.
+"""Moving the calls a dead worker held or had queued to its pool's shared queue, once.
 
-Whoever first notices a worker's heartbeat is gone (a producer's watcher or a
-peer's heartbeat loop) takes a short lock and moves the messages. A strict call
-moved this way is refused by the worker that receives it (its session's state is
-gone); a hint call simply runs there.
+Whoever first notices a worker's heartbeat is gone (a producer's watch or a peer's
+heartbeat loop) takes a short lock and moves: the messages waiting in the dead
+worker's direct queue, and its deliveries that were never acknowledged (those
+routed from its direct queue, and the ones it reported holding in its last
+heartbeat, whichever queue they came from). A worker restarting under the same
+node name does the same for its previous incarnation before it registers.
+
+A strict call moved this way is refused by the worker that receives it (its
+session's state is gone); a hint call simply runs there. Calls a worker received
+in its last heartbeat interval and held from the shared queue come back when
+kombu's visibility timeout expires.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 
 import redis as redis_lib
 from redis import Redis
@@ -20,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: How long one reaper may hold a dead worker's lock.
 reap_lock_ttl_s = 30
+#: A reaped node's queue is still watched this long (a producer with a stale view may send to it).
+reap_retention_s = 3600.0
 #: Kombu's Redis transport keeps deliveries not yet acknowledged here (its defaults).
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
@@ -34,58 +45,75 @@ def _retarget(raw: str, queue: str) -> str:
     return json.dumps(message)
 
 
+def _move_one(redis: Redis, watched: str, read: Callable[[Redis], str | None],
+              take: Callable[[Redis], None], target: str) -> bool | None:
+    """Atomically take one message (read under WATCH) and push it to ``target``.
+
+    Returns True if moved, False if there was nothing to move, None on a conflict (retry).
+    """
+    with redis.pipeline() as pipe:
+        try:
+            pipe.watch(watched)
+            raw = read(pipe)
+            if raw is None:
+                return False
+            pipe.multi()
+            take(pipe)
+            pipe.lpush(target, _retarget(raw, target))
+            pipe.execute()
+            return True
+        except redis_lib.WatchError:
+            return None
+
+
 def move_queue(redis: Redis, source: str, target: str) -> int:
     """Move every message from ``source`` to ``target``, oldest first, each move atomic."""
     moved = 0
-    while True:
-        with redis.pipeline() as pipe:
-            try:
-                pipe.watch(source)
-                raw = pipe.lindex(source, -1)
-                if raw is None:
-                    return moved
-                pipe.multi()
-                pipe.rpop(source)
-                pipe.lpush(target, _retarget(raw, target))
-                pipe.execute()
-                moved += 1
-            except redis_lib.WatchError:
-                continue
+    while (result := _move_one(redis, source, lambda p: p.lindex(source, -1), lambda p: p.rpop(source),
+                               target)) is not False:
+        moved += bool(result)
+    return moved
 
 
-def move_unacked(redis: Redis, source: str, target: str) -> int:
-    """Requeue deliveries taken from ``source`` and never acknowledged (their worker died).
-
-    Only the dead worker consumed its direct queue, so every un-acked delivery
-    routed from it was held by that worker. Kombu's Redis transport would restore
-    them to the dead queue after the visibility timeout; this moves them now.
-    """
+def move_unacked(redis: Redis, wanted: Callable[[str, str], bool], target: str) -> int:
+    """Requeue un-acknowledged deliveries for which ``wanted(delivery_tag, routing_key)`` holds."""
     moved = 0
     for tag, raw in redis.hscan_iter(UNACKED_KEY):
         payload, _exchange, routing_key = json.loads(raw)
-        if routing_key != source:
+        if not wanted(tag, routing_key):
             continue
-        with redis.pipeline() as pipe:
-            try:
-                pipe.watch(UNACKED_KEY)
-                if pipe.hget(UNACKED_KEY, tag) is None:
-                    continue
-                pipe.multi()
-                pipe.hdel(UNACKED_KEY, tag)
-                pipe.zrem(UNACKED_INDEX_KEY, tag)
-                pipe.lpush(target, _retarget(json.dumps(payload), target))
-                pipe.execute()
-                moved += 1
-            except redis_lib.WatchError:
-                continue
+
+        def read(pipe: Redis, tag: str = tag) -> str | None:
+            current = pipe.hget(UNACKED_KEY, tag)
+            return None if current is None else json.dumps(json.loads(current)[0])
+
+        def take(pipe: Redis, tag: str = tag) -> None:
+            pipe.hdel(UNACKED_KEY, tag)
+            pipe.zrem(UNACKED_INDEX_KEY, tag)
+
+        while (result := _move_one(redis, UNACKED_KEY, read, take, target)) is None:
+            pass
+        moved += bool(result)
+    return moved
+
+
+def reap_node(redis: Redis, node: str, pool: str) -> int:
+    """Move what a gone incarnation of ``node`` held or had queued to the pool's shared queue."""
+    queue, shared = names.worker_queue(node), names.pool_queue(pool)
+    held = set(json.loads(redis.hget(names.worker_key(node), "holding") or "[]"))
+    moved = move_unacked(redis, lambda tag, routing_key: routing_key == queue or tag in held, shared)
+    moved += move_queue(redis, queue, shared)
+    if moved:
+        log.warning("worker %s is gone: moved %d call(s) it held or had queued to %s", node, moved, pool)
     return moved
 
 
 def reap_dead_workers(redis: Redis, pool: str | None = None) -> dict[str, int]:
-    """Reap every registered worker without a heartbeat; returns messages moved per node."""
+    """Reap every known worker without a heartbeat; returns messages moved per node."""
     entries = {node: p for node, p in redis.hgetall(names.DIRECT_QUEUES_KEY).items() if pool in (None, p)}
     if not entries:
         return {}
+    reaped_at = redis.hgetall(names.REAPED_KEY)
     pipe = redis.pipeline(transaction=False)
     for node in entries:
         pipe.exists(names.heartbeat_key(node))
@@ -93,21 +121,26 @@ def reap_dead_workers(redis: Redis, pool: str | None = None) -> dict[str, int]:
         pipe.exists(names.worker_key(node))
     replies = pipe.execute()
     reaped = {}
+    now = time.time()
     for i, (node, node_pool) in enumerate(entries.items()):
         live, queued, registered = replies[3 * i: 3 * i + 3]
-        if live or not (queued or registered):
+        if live:
+            continue
+        if not (queued or registered):
+            if now - float(reaped_at.get(node, now)) > reap_retention_s:
+                redis.hdel(names.DIRECT_QUEUES_KEY, node)
+                redis.hdel(names.REAPED_KEY, node)
             continue
         if not redis.set(names.reap_lock_key(node), 1, nx=True, ex=reap_lock_ttl_s):
             continue
         try:
-            queue, shared = names.worker_queue(node), names.pool_queue(node_pool)
-            moved = move_unacked(redis, queue, shared) + move_queue(redis, queue, shared)
+            reaped[node] = reap_node(redis, node, node_pool)
             if not redis.exists(names.heartbeat_key(node)):
-                redis.delete(names.worker_key(node))
-                redis.srem(names.pool_workers_key(node_pool), node)
-            reaped[node] = moved
-            if moved:
-                log.warning("worker %s is gone: moved %d queued call(s) to %s", node, moved, node_pool)
+                pipe = redis.pipeline()
+                pipe.delete(names.worker_key(node))
+                pipe.srem(names.pool_workers_key(node_pool), node)
+                pipe.hset(names.REAPED_KEY, node, now)
+                pipe.execute()
         finally:
             redis.delete(names.reap_lock_key(node))
     return reaped

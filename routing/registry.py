@@ -23,6 +23,8 @@ class WorkerInfo:
     capabilities: tuple[str, ...] = ()
     concurrency: int = 1
     started: float = field(default_factory=time.time)
+    #: Tells one run of a node from the next under the same name (its refs died with the last one).
+    incarnation: str = ""
     in_flight: int = 0
     sessions: int = 0
     last_beat: float = 0.0
@@ -49,6 +51,7 @@ class WorkerInfo:
             capabilities=tuple(json.loads(data.get("capabilities", "[]"))),
             concurrency=int(data.get("concurrency", 1)),
             started=float(data.get("started", 0)),
+            incarnation=data.get("incarnation", ""),
             in_flight=int(data.get("in_flight", 0)),
             sessions=sessions,
             last_beat=float(data.get("last_beat", 0)),
@@ -65,6 +68,8 @@ class Liveness:
     concurrency: int
     #: Shutting down: finishing its calls, taking no new ones.
     draining: bool = False
+    #: The run of the node this view describes (None when not live).
+    incarnation: str | None = None
 
     @property
     def saturated(self) -> bool:
@@ -89,20 +94,24 @@ class Registry:
             "queue": info.queue, "capabilities": json.dumps(list(info.capabilities)),
             "concurrency": info.concurrency, "started": info.started,
             "in_flight": info.in_flight, "last_beat": time.time(), "draining": 0,
+            "incarnation": info.incarnation, "holding": "[]",
         })
         pipe.sadd(names.pool_workers_key(info.pool), info.node)
         pipe.hset(names.DIRECT_QUEUES_KEY, info.node, info.pool)
-        pipe.set(names.heartbeat_key(info.node), info.pid, px=self._ttl_ms)
+        pipe.hdel(names.REAPED_KEY, info.node)
+        pipe.set(names.heartbeat_key(info.node), info.incarnation, px=self._ttl_ms)
         pipe.execute()
 
     def beat(
-        self, node: str, in_flight: int, pipeline: Redis | None = None, extra: dict[str, int] | None = None
+        self, node: str, incarnation: str, in_flight: int, holding: list[str], pipeline: Redis,
+        extra: dict[str, int] | None = None,
     ) -> None:
-        pipe = pipeline if pipeline is not None else self.redis.pipeline()
-        pipe.set(names.heartbeat_key(node), in_flight, px=self._ttl_ms)
-        pipe.hset(names.worker_key(node), mapping={"in_flight": in_flight, "last_beat": time.time(), **(extra or {})})
-        if pipeline is None:
-            pipe.execute()
+        """Renew liveness and publish load; queues an ``HEXISTS`` whose reply says if still registered."""
+        pipeline.set(names.heartbeat_key(node), incarnation, px=self._ttl_ms)
+        pipeline.hexists(names.worker_key(node), "node")
+        pipeline.hset(names.worker_key(node), mapping={
+            "in_flight": in_flight, "last_beat": time.time(), "holding": json.dumps(holding), **(extra or {}),
+        })
 
     def drain(self, node: str) -> None:
         """Shutdown began: no new sessions or calls; calls already here still finish."""
@@ -124,13 +133,14 @@ class Registry:
         nodes = list(nodes)
         pipe = self.redis.pipeline(transaction=False)
         for node in nodes:
-            pipe.exists(names.heartbeat_key(node))
+            pipe.get(names.heartbeat_key(node))
             pipe.hmget(names.worker_key(node), "in_flight", "concurrency", "draining")
         replies = pipe.execute()
         view = {}
         for i, node in enumerate(nodes):
-            exists, (in_flight, concurrency, draining) = replies[2 * i], replies[2 * i + 1]
-            view[node] = Liveness(bool(exists), int(in_flight or 0), int(concurrency or 1), draining == "1")
+            incarnation, (in_flight, concurrency, draining) = replies[2 * i], replies[2 * i + 1]
+            view[node] = Liveness(incarnation is not None, int(in_flight or 0), int(concurrency or 1),
+                                  draining == "1", incarnation)
         return view
 
     def workers(self, pools: Iterable[str]) -> list[WorkerInfo]:

@@ -21,3 +21,4 @@ class Scripts:
         self.bind_session: Script = redis.register_script(_source("bind_session"))
         self.rebind_session: Script = redis.register_script(_source("rebind_session"))
         self.close_session: Script = redis.register_script(_source("close_session"))
+        self.touch_session: Script = redis.register_script(_source("touch_session"))

@@ -9,6 +9,7 @@ from routing.errors import SessionClosed, SessionWorkerUnavailable
 from routing.future import CallFuture
 from routing.pools import Affinity
 from routing.refs import RefMethods
+from routing.registry import Liveness
 
 if TYPE_CHECKING:
     from routing.client import Client
@@ -23,6 +24,8 @@ class Session(RefMethods):
         self.affinity = affinity
         #: Node name of the bound worker (None until a lazy session's first call).
         self.worker = worker
+        #: The run of that node holding the session's state (a restart under the same name loses it).
+        self.incarnation: str | None = None
         self.ttl_s = ttl_s
         self.closed = False
         #: Rebuild the session on a live worker when its strict worker is gone (see ``rehydrate``).
@@ -73,6 +76,12 @@ class Session(RefMethods):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def holds_state_on(self, view: Liveness) -> bool:
+        """Whether the worker described by ``view`` can take this session's calls (strict sessions)."""
+        if not view.accepting:
+            return False
+        return not (self.incarnation and view.incarnation and view.incarnation != self.incarnation)
 
     def _ran_on(self, node: str | None) -> None:
         if node and node != self.worker and self.affinity is Affinity.HINT:

@@ -25,6 +25,8 @@ class SessionRecord:
     pool: str
     affinity: Affinity
     worker: str | None
+    #: The run of the worker the session's state lives in (see ``WorkerInfo.incarnation``).
+    incarnation: str | None
     created: float
     last_used: float
     ttl_s: float
@@ -36,6 +38,7 @@ class SessionRecord:
             pool=data["pool"],
             affinity=Affinity(data["affinity"]),
             worker=data.get("worker") or None,
+            incarnation=data.get("incarnation") or None,
             created=float(data.get("created", 0)),
             last_used=float(data.get("last_used", 0)),
             ttl_s=float(data.get("ttl_s", 0)),
@@ -68,9 +71,9 @@ class SessionStore:
         *,
         prefer: str | None = None,
         exclude: str | None = None,
-    ) -> str:
-        """Bind (or rebind) to the least-loaded live worker with the pool's capabilities."""
-        status, value = self.scripts.bind_session(
+    ) -> tuple[str, str]:
+        """Keep a usable binding, else bind to the least-loaded live worker; returns (node, incarnation)."""
+        status, value, *incarnation = self.scripts.bind_session(
             keys=[names.pool_workers_key(pool.name), names.session_key(session_id), names.SESSIONS_KEY],
             args=[session_id, pool.name, affinity.value, time.time(), int(ttl_s * 1000),
                   json.dumps(list(pool.requires)), _WORKER_PREFIX, _HEARTBEAT_PREFIX,
@@ -78,7 +81,7 @@ class SessionStore:
         )
         if status != "ok":
             raise NoCapableWorker(pool.name, list(pool.requires))
-        return str(value)
+        return str(value), str(incarnation[0])
 
     def get(self, session_id: str) -> SessionRecord:
         data = self.redis.hgetall(names.session_key(session_id))
@@ -87,12 +90,12 @@ class SessionStore:
         return SessionRecord.from_hash(data)
 
     def exists(self, session_id: str) -> bool:
-        return bool(self.redis.exists(names.session_key(session_id)))
+        return bool(self.redis.hexists(names.session_key(session_id), "pool"))
 
-    def rebind(self, session_id: str, node: str) -> str | None:
+    def rebind(self, session_id: str, node: str, incarnation: str) -> str | None:
         """Point the session at ``node``; returns the previous node (None if the session is gone)."""
         previous = self.scripts.rebind_session(
-            keys=[names.session_key(session_id)], args=[session_id, node, _WORKER_PREFIX, time.time()]
+            keys=[names.session_key(session_id)], args=[session_id, node, _WORKER_PREFIX, time.time(), incarnation]
         )
         return previous or None
 
@@ -117,9 +120,8 @@ class SessionStore:
         pipe = pipeline if pipeline is not None else self.redis.pipeline()
         now = time.time()
         for session_id, ttl_s in ttls.items():
-            key = names.session_key(session_id)
-            pipe.hset(key, "last_used", now)
-            pipe.pexpire(key, int(ttl_s * 1000))
+            self.scripts.touch_session(keys=[names.session_key(session_id), names.session_recipes_key(session_id)],
+                                       args=[now, int(ttl_s * 1000)], client=pipe)
         if pipeline is None:
             pipe.execute()
 

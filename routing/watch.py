@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import redis as redis_lib
@@ -18,12 +19,17 @@ from routing.registry import Liveness, Registry
 log = logging.getLogger(__name__)
 
 
+#: A node dead this long is dropped from the view (calls to it then fail as if it were never known).
+forget_dead_after_s = 60.0
+
+
 class WorkerWatch:
     def __init__(self, registry: Registry, interval_s: float, on_death: Callable[[str], None]) -> None:
         self.registry = registry
         self.interval_s = interval_s
         self.on_death = on_death
         self._view: dict[str, Liveness] = {}
+        self._dead_since: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -45,12 +51,25 @@ class WorkerWatch:
         if not nodes:
             return
         fresh = self.registry.liveness(nodes)
+        now = time.monotonic()
         with self._lock:
-            died = [n for n, v in fresh.items() if not v.live and self._view.get(n, v).live]
+            died = [node for node, view in fresh.items() if self._ended(self._view.get(node), view)]
             self._view.update(fresh)
+            for node, view in fresh.items():
+                if view.live:
+                    self._dead_since.pop(node, None)
+                elif now - self._dead_since.setdefault(node, now) > forget_dead_after_s:
+                    del self._view[node], self._dead_since[node]
         for node in died:
-            log.warning("worker %s stopped heartbeating", node)
+            log.warning("worker %s stopped heartbeating (or restarted)", node)
             self.on_death(node)
+
+    @staticmethod
+    def _ended(before: Liveness | None, now: Liveness) -> bool:
+        """A live run of the node is gone: no heartbeat, or a new run under the same name."""
+        if before is None or not before.live:
+            return False
+        return not now.live or bool(before.incarnation and now.incarnation != before.incarnation)
 
     def close(self) -> None:
         self._stop.set()

@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
-from routing.errors import FlagshipError, OperationFailed, SessionWorkerUnavailable
+from routing.errors import FlagshipError, InvalidArgument, OperationFailed, SessionWorkerUnavailable
 from routing.pools import Affinity
 from tasks.operations import SESSIONLESS, CallContext, dispatch
 from tasks.worker_state import WorkerState
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where the producer sent a call, and why (the task's ``route`` argument)."""
+
+    node: str | None
+    affinity: Affinity
+    incarnation: str | None
+    ttl_s: float | None
+
+    @classmethod
+    def parse(cls, raw: Any) -> Route:
+        if not isinstance(raw, dict):
+            raise InvalidArgument("route", "must be an object")
+        try:
+            affinity = Affinity(raw.get("affinity", Affinity.STRICT_QUEUE.value))
+        except ValueError:
+            raise InvalidArgument("route", f"unknown affinity {raw.get('affinity')!r}") from None
+        ttl_s = raw.get("ttl_s")
+        return cls(raw.get("node"), affinity, raw.get("incarnation"), float(ttl_s) if ttl_s else None)
 
 
 def execute_call(
@@ -20,14 +42,14 @@ def execute_call(
 
     Returns ``{"node": ..., "value": ...}`` so the producer learns who ran it.
     """
-    target = route.get("node")
-    affinity = Affinity(route.get("affinity", Affinity.STRICT_QUEUE.value))
     with worker.turns.turn(session_id, call_id):
-        if target and target != worker.node and affinity.strict:
-            # A strict call moved here from a dead worker's queue: its state is not here.
-            raise SessionWorkerUnavailable(session_id, target)
+        where = Route.parse(route)
+        stale = where.node != worker.node or where.incarnation not in (None, worker.incarnation)
+        if where.affinity.strict and where.node and stale:
+            # A strict call moved off a dead worker, or sent to an earlier run of this node: its state is gone.
+            raise SessionWorkerUnavailable(session_id, where.node)
         if op not in SESSIONLESS:
-            worker.ensure_session(session_id, float(route.get("ttl_s") or worker.settings.session_ttl_s))
+            worker.ensure_session(session_id, where.ttl_s or worker.settings.session_ttl_s)
         try:
             value = dispatch(CallContext(session_id, worker), op, kwargs)
         except FlagshipError:
@@ -35,6 +57,6 @@ def execute_call(
         except Exception as exc:
             log.exception("operation %r of session %s failed", op, session_id)
             raise OperationFailed(op, type(exc).__name__, str(exc)) from None
-    if affinity is Affinity.HINT and target != worker.node:
-        worker.sessions.rebind(session_id, worker.node)
+    if where.affinity is Affinity.HINT and where.node != worker.node:
+        worker.sessions.rebind(session_id, worker.node, worker.incarnation)
     return {"node": worker.node, "value": value}

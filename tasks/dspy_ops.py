@@ -8,11 +8,12 @@ one session's prompts never land in another session's LM history.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import dspy
 
-from routing.errors import InvalidArgument, LMError
+from routing.errors import InvalidArgument, LMError, RefError
 from tasks import recipes
 from tasks.lm_provider import build_lm, translate_lm_error
 from tasks.offline_lm import OfflineLM
@@ -39,6 +40,13 @@ def remember(ctx: CallContext, entry: RefEntry) -> None:
                    ctx.worker.session_ttl(ctx.session_id))
 
 
+def api_base_allowed(api_base: str) -> bool:
+    """Producers may point LMs only at servers the workers' operator allowed (no request forgery)."""
+    configured = os.environ.get("FLAGSHIP_LM_API_BASE") or ""
+    allowed = [p.strip() for p in os.environ.get("FLAGSHIP_LM_API_BASES", "").split(",") if p.strip()]
+    return api_base == configured or "*" in allowed or any(api_base.startswith(p) for p in allowed)
+
+
 def _check_number(op: str, name: str, value: Any, low: float, high: float) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if value is not None and (not number or not low <= value <= high):
@@ -55,15 +63,17 @@ def create_lm(ctx: CallContext, model: str | None = None, temperature: float | N
     for name, value in (("model", model), ("api_base", api_base), ("api_key", api_key)):
         if value is not None and not isinstance(value, str):
             raise InvalidArgument("lm", f"{name} must be a string")
+    if api_base is not None and not api_base_allowed(api_base):
+        raise InvalidArgument("lm", f"api_base {api_base!r} is not allowed on this worker; "
+                                    "list it in FLAGSHIP_LM_API_BASES (comma-separated prefixes, or *)")
     lm = build_lm(model, temperature, max_tokens, api_base=api_base, api_key=api_key)
     kwargs = {"model": model, "temperature": temperature, "max_tokens": max_tokens, "api_base": api_base,
               "default": bool(default)}
     refs = store(ctx)
     entry = refs.put(ctx.session_id, "lm", lm, {"op": "lm", "kwargs": kwargs}, ref_id)
-    if default or ctx.session_id not in refs.default_lm:
-        refs.default_lm[ctx.session_id] = entry.ref_id
-        entry.recipe["kwargs"]["default"] = True
     remember(ctx, entry)
+    if default or ctx.session_id not in refs.default_lm:
+        make_default(ctx, entry)
     return handle(ctx, entry, model=lm.model, offline=isinstance(lm, OfflineLM),
                   default=refs.default_lm[ctx.session_id] == entry.ref_id)
 
@@ -71,12 +81,26 @@ def create_lm(ctx: CallContext, model: str | None = None, temperature: float | N
 @operation("set_default_lm")
 def set_default_lm(ctx: CallContext, lm: str) -> dict[str, Any]:
     """The session's equivalent of ``dspy.configure(lm=...)``, scoped to the session."""
+    entry = store(ctx).get(ctx.session_id, lm, kind="lm")
+    make_default(ctx, entry)
+    return handle(ctx, entry, model=entry.obj.model, default=True)
+
+
+def make_default(ctx: CallContext, entry: RefEntry) -> None:
+    """Make ``entry`` the session default, in memory and in the recipes (so a rebuild agrees)."""
     refs = store(ctx)
-    entry = refs.get(ctx.session_id, lm, kind="lm")
+    previous = refs.default_lm.get(ctx.session_id)
+    if previous not in (None, entry.ref_id):
+        try:
+            old = refs.get(ctx.session_id, previous, kind="lm")
+        except RefError:
+            old = None
+        if old is not None:
+            old.recipe["kwargs"]["default"] = False
+            remember(ctx, old)
     refs.default_lm[ctx.session_id] = entry.ref_id
     entry.recipe["kwargs"]["default"] = True
     remember(ctx, entry)
-    return handle(ctx, entry, model=entry.obj.model, default=True)
 
 
 def session_lm(ctx: CallContext, lm_ref: str | None) -> dspy.BaseLM:

@@ -216,7 +216,9 @@ def build_lm(model: str | None = None, temperature: float | None = None, max_tok
     retries = extra.pop("num_retries", settings.retries)
     if api_base:
         extra["api_base"] = api_base
-        extra["api_key"] = api_key or settings.api_key or NO_KEY
+        # The configured key goes only to the configured server, never to a caller-chosen one.
+        own_key = settings.api_key if api_base == settings.api_base else None
+        extra["api_key"] = api_key or own_key or NO_KEY
     elif api_key or settings.api_key:
         extra["api_key"] = api_key or settings.api_key
     return ProviderLM(model, temperature=temperature, max_tokens=max_tokens, retries=retries,

@@ -53,6 +53,9 @@ class RefStore:
     def put(self, session_id: str, kind: str, obj: Any, recipe: dict[str, Any], ref_id: str | None = None) -> RefEntry:
         entry = RefEntry(ref_id or self.new_id(kind), session_id, kind, obj, recipe)
         with self._lock:
+            existing = self._refs.get(entry.ref_id)
+            if existing is not None and existing.session_id != session_id:
+                raise RefSessionMismatch(entry.ref_id, existing.session_id, session_id)
             self._refs[entry.ref_id] = entry
             self._refs.move_to_end(entry.ref_id)
             self._evicted.pop(entry.ref_id, None)

@@ -62,12 +62,13 @@ def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
     if pool is None:
         log.warning("no flagship pool for queues %s: serving plain Celery tasks only", sorted(consumed))
         return
+    pool_module = getattr(instance.pool_cls, "__module__", "")
+    if not pool_module.endswith((".thread", ".solo")):
+        _refuse(sender, pool, [f"stateful workers need `-P threads` or `-P solo`, not {pool_module} "
+                               "(prefork children would not share the ref store)"])
     capabilities, failures = probe_capabilities(pool.requires)
     if failures:
-        message = f"worker {sender} refuses to serve {pool.name}: " + "; ".join(failures)
-        log.critical(message)
-        print(message, file=sys.stderr, flush=True)
-        os._exit(EXIT_MISSING_CAPABILITY)
+        _refuse(sender, pool, failures)
     for queue in (names.pool_queue(pool.name), names.worker_queue(sender)):
         if queue not in consumed:
             queues.select_add(queue)
@@ -86,6 +87,14 @@ def install_services(state: WorkerState) -> None:
         from tasks.rlm_ops import install_sandbox_pool
 
         install_sandbox_pool(state)
+
+
+def _refuse(node: str, pool: Pool, reasons: list[str]) -> None:
+    """One clear line, then exit before consuming anything from the pool's queues."""
+    message = f"worker {node} refuses to serve {pool.name}: " + "; ".join(reasons)
+    log.critical(message)
+    print(message, file=sys.stderr, flush=True)
+    os._exit(EXIT_MISSING_CAPABILITY)
 
 
 @signals.worker_ready.connect
@@ -112,21 +121,26 @@ def _shutdown(**_: Any) -> None:
 def _received(request: Any, **_: Any) -> None:
     if _state is None:
         return
-    if request.name == names.CALL_TASK:
-        _state.turns.arrive(request.args[0], request.id)
-    _state.call_arrived()
+    if request.name == names.CALL_TASK and request.args:
+        _state.turns.arrive(str(request.args[0]), request.id)
+    tag = getattr(request.message, "delivery_tag", None)
+    _state.call_arrived(request.id, None if tag is None else str(tag))
+
+
+def _finished(task_id: str, task_name: str, args: Any) -> None:
+    if _state is None:
+        return
+    if task_name == names.CALL_TASK and args:
+        # Normally the call already left its turn; this covers calls that failed before taking it.
+        _state.turns.leave(str(args[0]), task_id)
+    _state.call_finished(task_id)
 
 
 @signals.task_postrun.connect
-def _postrun(**_: Any) -> None:
-    if _state is not None:
-        _state.call_finished()
+def _postrun(task_id: str, task: Any, args: Any = None, **_: Any) -> None:
+    _finished(task_id, task.name, args)
 
 
 @signals.task_revoked.connect
 def _revoked(request: Any, **_: Any) -> None:
-    if _state is None:
-        return
-    if request.name == names.CALL_TASK:
-        _state.turns.leave(request.args[0], request.id)
-    _state.call_finished()
+    _finished(request.id, request.name, request.args)

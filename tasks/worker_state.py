@@ -16,6 +16,7 @@ from routing import names
 from routing.errors import SessionNotFound
 from routing.heartbeat import Heartbeat
 from routing.pools import Pool
+from routing.reaper import reap_node
 from routing.registry import Registry, WorkerInfo
 from routing.sessions import SessionStore
 from routing.settings import Settings
@@ -27,6 +28,11 @@ session_cache_ttl_s = 5.0
 
 @dataclass
 class WorkerState:
+    """One worker node: its registration, heartbeat, session bookkeeping and services.
+
+    Implements :class:`routing.heartbeat.BeatSource`.
+    """
+
     node: str
     pool: Pool
     settings: Settings
@@ -49,24 +55,32 @@ class WorkerState:
         self._known_sessions: dict[str, float] = {}
         self._seqs: dict[str, int] = {}
         self._ttls: dict[str, float] = {}
-        self.heartbeat = Heartbeat(
-            self.registry, self.sessions, self.node, self.pool.name, self.settings.heartbeat_interval_s,
-            in_flight=lambda: self._in_flight, take_touched=self._take_touched,
-            extra_fields=lambda: {name: gauge() for name, gauge in self.gauges.items()},
-            housekeeping=self.sweep_sessions,
-        )
+        self._held: dict[str, str] = {}  # task id -> broker delivery tag
+        #: Differs between runs of a node under the same name; strict calls check it.
+        self.incarnation = f"{os.getpid()}-{int(self.started * 1000)}"
+        self.heartbeat = Heartbeat(self.registry, self.sessions, self, self.settings.heartbeat_interval_s)
 
     @property
     def queue(self) -> str:
         return names.worker_queue(self.node)
 
+    @property
+    def pool_name(self) -> str:
+        return self.pool.name
+
     def start(self) -> None:
+        """Requeue what a previous run under this name left behind, then register and heartbeat."""
+        reap_node(self.redis, self.node, self.pool.name)
+        self.redis.delete(names.worker_sessions_key(self.node))
+        self.register()
+        self.heartbeat.start()
+
+    def register(self) -> None:
         self.registry.register(WorkerInfo(
             node=self.node, pool=self.pool.name, host=socket.gethostname(), pid=os.getpid(),
             queue=self.queue, capabilities=self.capabilities, concurrency=self.concurrency,
-            started=self.started,
+            started=self.started, incarnation=self.incarnation,
         ))
-        self.heartbeat.start()
 
     def drain(self) -> None:
         """Warm shutdown began: producers stop sending here; the heartbeat goes on until ``stop``."""
@@ -84,11 +98,24 @@ class WorkerState:
 
     # -- in-flight accounting (called from Celery signals) --------------------
 
-    def call_arrived(self) -> None:
+    def call_arrived(self, task_id: str, delivery_tag: str | None) -> None:
+        if delivery_tag is not None:
+            with self._lock:
+                self._held[task_id] = delivery_tag
         self._count_in_flight(+1)
 
-    def call_finished(self) -> None:
+    def call_finished(self, task_id: str) -> None:
+        with self._lock:
+            self._held.pop(task_id, None)
         self._count_in_flight(-1)
+
+    def held_tags(self) -> list[str]:
+        """Delivery tags of the messages this worker holds (published so a reaper can requeue them)."""
+        with self._lock:
+            return list(self._held.values())
+
+    def gauge_values(self) -> dict[str, int]:
+        return {name: gauge() for name, gauge in self.gauges.items()}
 
     def _count_in_flight(self, delta: int) -> None:
         """Producers route on "saturated or not": publish at once only when that flips."""
@@ -132,9 +159,12 @@ class WorkerState:
                 freed += int(release(session_id) or 0)
         return freed
 
+    def housekeeping(self) -> None:
+        self.sweep_sessions()
+
     def sweep_sessions(self) -> None:
-        """Free the objects of sessions whose records expired (TTL of inactivity) or were closed."""
-        held: set[str] = set()
+        """Free the objects and bookkeeping of sessions whose records expired or were closed."""
+        held: set[str] = set(self._ttls)
         for service in self.services.values():
             sessions = getattr(service, "sessions", None)
             if sessions is not None:
@@ -155,7 +185,7 @@ class WorkerState:
             self._seqs[session_id] = seq = self._seqs.get(session_id, 0) + 1
         return seq
 
-    def _take_touched(self) -> dict[str, float]:
+    def take_touched(self) -> dict[str, float]:
         with self._lock:
             touched, self._touched = self._touched, {}
         return touched

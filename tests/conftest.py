@@ -42,6 +42,8 @@ TEST_ENV = {
     # No model API here: every LM is the offline scripted one unless a test passes api_base.
     "FLAGSHIP_LM": "",
     "FLAGSHIP_LM_API_BASE": "",
+    # Tests point LMs at their own local OpenAI-protocol server.
+    "FLAGSHIP_LM_API_BASES": "http://127.0.0.1:",
     "GEMINI_API_KEY": "",
 }
 

@@ -183,3 +183,26 @@ def test_a_session_opened_with_rehydrate_survives_its_worker_dying_mid_call(
     result = waiting.result(30)
     assert result["node"] != dead and session.worker == result["node"] == waiting.node
     assert triage(ticket=TICKETS["billing"])["category"] == "billing"
+
+
+def test_api_keys_are_masked_in_what_celery_shows_and_never_stored_in_recipes(
+    client: Client, sessions: Callable[..., Session]
+) -> None:
+    from routing.client import _redacted_repr
+
+    shown = _redacted_repr(["s", "lm", {"model": "m", "api_key": "sk-secret"}, {}])
+    assert shown is not None and "sk-secret" not in shown and "***" in shown
+    assert _redacted_repr(["s", "ping", {"sleep_s": 0}, {}]) is None
+    session = sessions("triage_pool")
+    with FakeOpenAI() as server:
+        session.lm("openai/fake-model", api_base=server.base_url, api_key="sk-secret")
+    assert "sk-secret" not in str(client.redis.hgetall(names.session_recipes_key(session.id)))
+
+
+def test_producers_cannot_point_lms_at_servers_the_workers_do_not_allow(sessions: Callable[..., Session]) -> None:
+    from routing.errors import InvalidArgument
+
+    session = sessions("triage_pool")
+    with pytest.raises(InvalidArgument, match="FLAGSHIP_LM_API_BASES"):
+        session.lm("openai/x", api_base="http://169.254.169.254/latest/")
+    assert session.ping()["node"] == session.worker

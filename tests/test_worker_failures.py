@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import redis as redis_lib
 from helpers import wait_until
 
 from routing import Client, Session, names
-from routing.errors import SessionWorkerUnavailable
+from routing.errors import InvalidArgument, SessionWorkerUnavailable
 from routing.settings import Settings
 from tasks.stack import Stack, WorkerProcess
 
@@ -125,3 +126,70 @@ def test_sigterm_lets_running_calls_finish_and_loses_no_queued_call(
     with pytest.raises(SessionWorkerUnavailable):
         strict.call("ping", timeout_s=10)
     assert hinted.call("ping", timeout_s=10)["node"] == other
+
+
+def test_a_worker_restarted_under_the_same_name_does_not_pass_for_the_old_one(
+    stack: Stack, client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    workers = {w.node: w for w in pool_workers("kill_pool", 2)}
+    session = sessions("kill_pool")
+    node = session.worker
+    waiting = session.submit("ping", sleep_s=30)
+    wait_until(lambda: client.registry.liveness([node])[node].in_flight >= 1, what="call running")
+    workers[node].kill()
+    reborn = stack.start_worker("kill_pool", node)  # same node name, new run, empty memory
+    try:
+        with pytest.raises(SessionWorkerUnavailable):
+            waiting.result(30)  # not a 30 s sleep nor a visibility-timeout hang
+        with pytest.raises(SessionWorkerUnavailable):
+            session.call("ping", timeout_s=10)
+        rebuilt = session.call("ping", timeout_s=10, rehydrate=True)
+        assert rebuilt["node"] != node
+        fresh = sessions("kill_pool", node=node)
+        assert fresh.call("ping", timeout_s=10)["pid"] == reborn.pid
+    finally:
+        reborn.stop()
+
+
+def test_hint_call_held_by_a_killed_worker_from_the_shared_queue_is_requeued(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    workers = {w.node: w for w in pool_workers("hint_kill_pool", 2)}
+    hinted = sessions("hint_kill_pool")
+    busy = hinted.worker
+    other = next(n for n in workers if n != busy)
+    holders = [sessions("hint_kill_pool", node=busy, affinity="strict_queue").submit("ping", sleep_s=2.0)
+               for _ in range(2)]
+    wait_until(lambda: client.watch.get(busy).saturated, what="bound worker saturated")
+    shared_call = hinted.submit("ping", sleep_s=5.0)
+    assert shared_call.target is None  # went to the shared queue
+    wait_until(lambda: json.loads(client.redis.hget(names.worker_key(other), "holding") or "[]"),
+               what="the other worker reports holding it")
+    workers[other].kill()
+    assert shared_call.result(30)["node"] == busy
+    for holder in holders:
+        holder.result(10)
+
+
+def test_calls_that_fail_before_their_turn_do_not_block_the_session(
+    client: Client, sessions: Callable[..., Session]
+) -> None:
+    session = sessions("triage_pool")
+    queue = names.worker_queue(session.worker)
+    bad_route = client.app.send_task(names.CALL_TASK, args=[session.id, "ping", {}, {"affinity": "bogus"}],
+                                     queue=queue)
+    missing_arg = client.app.send_task(names.CALL_TASK, args=[session.id, "ping", {}], queue=queue)
+    with pytest.raises(InvalidArgument):
+        bad_route.get(timeout=10)
+    with pytest.raises(TypeError):
+        missing_arg.get(timeout=10)
+    assert session.call("ping", timeout_s=10)["node"] == session.worker
+
+
+def test_opening_an_existing_session_again_keeps_its_binding(
+    client: Client, sessions: Callable[..., Session]
+) -> None:
+    first = sessions("triage_pool")
+    for _ in range(3):
+        assert client.session("triage_pool", session_id=first.id).worker == first.worker
+        assert client.attach(first.id).worker == first.worker

@@ -3,7 +3,10 @@
 -- ARGV[1] session id, ARGV[2] pool, ARGV[3] affinity, ARGV[4] now (s), ARGV[5] ttl (ms),
 -- ARGV[6] required capabilities (JSON list), ARGV[7] worker key prefix, ARGV[8] heartbeat key prefix,
 -- ARGV[9] preferred node ('' = any), ARGV[10] excluded node ('' = none), ARGV[11] ttl (s)
--- Returns {'ok', node} or {'none', number of live workers seen}.
+-- A session already bound to a live, capable, not draining worker keeps it (unless a node is
+-- preferred or excluded), so concurrent first calls or attaches never split its state.
+-- Keys of workers are built from ARGV prefixes: fine on one Redis, not on Redis Cluster.
+-- Returns {'ok', node, incarnation} or {'none', number of live workers seen}.
 local required = cjson.decode(ARGV[6])
 local best, best_load, best_inflight
 local live = 0
@@ -17,11 +20,23 @@ local function has_all(caps_json)
   return true
 end
 
+local function usable(node)
+  local wkey = ARGV[7] .. node
+  return redis.call('EXISTS', ARGV[8] .. node) == 1 and redis.call('HGET', wkey, 'draining') ~= '1'
+    and has_all(redis.call('HGET', wkey, 'capabilities'))
+end
+
+local previous = redis.call('HGET', KEYS[2], 'worker')
+if ARGV[9] == '' and ARGV[10] == '' and previous and previous ~= '' and usable(previous) then
+  redis.call('HSET', KEYS[2], 'last_used', ARGV[4])
+  return {'ok', previous, redis.call('HGET', KEYS[2], 'incarnation') or ''}
+end
+
 for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if node ~= ARGV[10] and redis.call('EXISTS', ARGV[8] .. node) == 1 then
     live = live + 1
-    local wkey = ARGV[7] .. node
-    if redis.call('HGET', wkey, 'draining') ~= '1' and has_all(redis.call('HGET', wkey, 'capabilities')) then
+    if usable(node) then
+      local wkey = ARGV[7] .. node
       local load = redis.call('SCARD', wkey .. ':sessions')
       local inflight = tonumber(redis.call('HGET', wkey, 'in_flight') or '0') or 0
       if node == ARGV[9] then
@@ -39,16 +54,16 @@ if best == nil then
   return {'none', live}
 end
 
-local previous = redis.call('HGET', KEYS[2], 'worker')
 if previous and previous ~= '' and previous ~= best then
   redis.call('SREM', ARGV[7] .. previous .. ':sessions', ARGV[1])
 end
 if redis.call('HEXISTS', KEYS[2], 'created') == 0 then
   redis.call('HSET', KEYS[2], 'created', ARGV[4])
 end
+local incarnation = redis.call('HGET', ARGV[7] .. best, 'incarnation') or ''
 redis.call('HSET', KEYS[2], 'id', ARGV[1], 'pool', ARGV[2], 'affinity', ARGV[3],
-  'worker', best, 'last_used', ARGV[4], 'ttl_s', ARGV[11])
+  'worker', best, 'incarnation', incarnation, 'last_used', ARGV[4], 'ttl_s', ARGV[11])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('SADD', ARGV[7] .. best .. ':sessions', ARGV[1])
-return {'ok', best}
+return {'ok', best, incarnation}
