@@ -113,6 +113,24 @@ class Registry:
             "in_flight": in_flight, "last_beat": time.time(), "holding": json.dumps(holding), **(extra or {}),
         })
 
+    def another_run_is_live(self, node: str) -> bool:
+        """Whether a live worker already uses ``node`` (its heartbeat gets renewed while we watch).
+
+        A heartbeat left by a killed run of the same name just runs out; a live
+        duplicate renews it within two intervals. Only a start under a name that
+        still has a heartbeat waits here.
+        """
+        key = names.heartbeat_key(node)
+        last = self.redis.pttl(key)
+        deadline = time.monotonic() + 2 * self.settings.heartbeat_interval_s + 0.5
+        while last > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            current = self.redis.pttl(key)
+            if current > last:
+                return True
+            last = current
+        return False
+
     def drain(self, node: str) -> None:
         """Shutdown began: no new sessions or calls; calls already here still finish."""
         self.redis.hset(names.worker_key(node), "draining", 1)

@@ -18,6 +18,7 @@ from redis import Redis
 
 from routing import names
 from routing.pools import Pool, PoolTable
+from routing.registry import Registry
 from routing.settings import Settings
 from tasks.capabilities import probe_capabilities
 from tasks.refs import RefStore, default_max_refs
@@ -73,6 +74,8 @@ def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
         if queue not in consumed:
             queues.select_add(queue)
     redis = Redis.from_url(conf.broker_url, decode_responses=True)
+    if Registry(redis, settings).another_run_is_live(sender):
+        _refuse(sender, pool, [f"a live worker already runs as {sender}; give each worker a unique --name"])
     _state = WorkerState(node=sender, pool=pool, settings=settings, redis=redis,
                          concurrency=int(instance.concurrency), capabilities=capabilities)
     install_services(_state)

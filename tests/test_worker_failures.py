@@ -193,3 +193,12 @@ def test_opening_an_existing_session_again_keeps_its_binding(
     for _ in range(3):
         assert client.session("triage_pool", session_id=first.id).worker == first.worker
         assert client.attach(first.id).worker == first.worker
+
+
+def test_a_second_live_worker_with_the_same_name_refuses_to_start(stack: Stack, sessions: Callable[..., Session]
+                                                                  ) -> None:
+    session = sessions("triage_pool")
+    duplicate = stack.start_worker("triage_pool", session.worker, wait=False)
+    assert duplicate.proc.wait(30) == 78
+    assert "already runs as" in duplicate.log_tail()
+    assert session.call("ping", timeout_s=10)["node"] == session.worker
