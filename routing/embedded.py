@@ -40,7 +40,7 @@ def _record_path(home: Path) -> Path:
     return home / "server.json"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False  # our own child, now reaped
@@ -69,7 +69,7 @@ def read_record(home: Path) -> ServerRecord | None:
         record = ServerRecord(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    return record if _pid_alive(record.pid) else None
+    return record if pid_alive(record.pid) else None
 
 
 def resolve_url(settings: Settings) -> str:
@@ -145,6 +145,6 @@ def stop_server(home: Path, timeout_s: float = 10.0) -> bool:
             return False
         os.kill(record.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while _pid_alive(record.pid) and time.monotonic() < deadline:
+        while pid_alive(record.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         return True

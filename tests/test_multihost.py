@@ -31,6 +31,7 @@ from conftest import TEST_ENV
 from helpers import wait_until
 
 from routing import Client, names
+from routing.embedded import pid_alive
 from routing.settings import Settings
 
 #: Prefix of every namespace and link this module makes (the run's pid follows it).
@@ -46,16 +47,6 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=check)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_leftovers() -> None:
     """Delete namespaces and links of earlier runs whose test process is gone."""
     pattern = re.compile(rf"^({NS_PREFIX}|{LINK_PREFIX}|fsbr)(\d+)")
@@ -63,7 +54,7 @@ def sweep_leftovers() -> None:
     links = [line.split()[0].split("@")[0] for line in ip("-br", "link", check=False).stdout.splitlines()]
     for name in namespaces + links:
         m = pattern.match(name)
-        if not m or _pid_alive(int(m.group(2))):
+        if not m or pid_alive(int(m.group(2))):
             continue
         if name in namespaces:
             ip("netns", "del", name, check=False)
