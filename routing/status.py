@@ -29,7 +29,6 @@ def snapshot(redis: Redis, settings: Settings, pools: PoolTable) -> dict[str, An
     worker_replies = replies[len(pool_depths):]
     now = time.time()
     return {
-        "redis_url": redis.connection_pool.connection_kwargs.get("host", ""),
         "pools": [
             {
                 "name": pool.name, "affinity": pool.affinity.value, "size": pool.size,

@@ -12,7 +12,7 @@ import time
 
 from routing.embedded import ensure_server, read_record, stop_server
 from routing.pools import PoolTable
-from routing.settings import Settings
+from routing.settings import Settings, redact_url
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def _up(args: argparse.Namespace) -> int:
     from tasks.stack import Stack
 
     stack = Stack()
-    print(f"server: {stack.redis_url}")
+    print(f"server: {redact_url(stack.redis_url)}")
     stopping = False
 
     def _stop(*_: object) -> None:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from routing.embedded import resolve_url
 from routing.pools import PoolTable
-from routing.settings import Settings
+from routing.settings import Settings, redact_url
 from routing.status import snapshot
 
 
@@ -19,13 +19,13 @@ def render_status(as_json: bool = False) -> None:
     url = resolve_url(settings)
     redis = Redis.from_url(url, decode_responses=True)
     data = snapshot(redis, settings, PoolTable.load(settings.pools_config))
-    data["redis_url"] = url
+    data["redis_url"] = redact_url(url)
     redis.close()
     if as_json:
         print(json.dumps(data, indent=2))
         return
     console = Console()
-    pools = Table(title=f"pools @ {url}")
+    pools = Table(title=f"pools @ {data['redis_url']}")
     for col in ("pool", "affinity", "requires", "live workers", "queued (shared)"):
         pools.add_column(col)
     for p in data["pools"]:

@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from fake_openai import FakeOpenAI
 
 from routing import Client, Session
 from tasks.demo.data import HOLDOUT, TICKETS
@@ -116,3 +118,24 @@ def test_flagship_demo_rehydrates_a_strict_session_whose_worker_was_killed(
     assert "rehydrating the session once" in captured.err
     assert report["holdout"]["category"] == "billing" and report["holdout"]["worker"] == rehydrated["to"]
     assert report["history"]["triage_1"]["complete"] is False
+
+
+def test_flagship_demo_on_its_own_stack_with_a_real_http_lm(tmp_path: Path) -> None:
+    """`--stack own` starts an embedded server and 2 workers per pool; the LM is dspy.LM over HTTP."""
+    with FakeOpenAI() as server:
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        env.update({"FLAGSHIP_HOME": str(tmp_path), "FLAGSHIP_LM": "openai/fake-model",
+                    "FLAGSHIP_LM_API_BASE": server.base_url, "FLAGSHIP_LM_API_KEY": "sk-demo"})
+        done = subprocess.run([sys.executable, "-m", "tasks.cli", "demo", "--json", "--stack", "own"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout)
+        requests = list(server.requests)
+    assert report["lm"] == {"model": "openai/fake-model", "offline": False}
+    assert [t["category"] for t in report["triage"]] == [c for _, _, c, _ in TICKETS]
+    assert report["rlm"]["status"] == "ok" and report["rlm"]["llm_calls"] >= 2
+    assert len(requests) >= 6 + report["rlm"]["llm_calls"]
+    assert all(r.headers["authorization"] == "Bearer sk-demo" for r in requests)
+    entries = report["history"]["triage_1"]["entries"]
+    assert entries and all(e["model"] == "openai/fake-model" and e["tokens"] > 0 for e in entries)
+    assert not (tmp_path / "server.json").exists()  # the demo stopped the server it started

@@ -17,6 +17,7 @@ from routing.embedded import read_record, resolve_url, stop_server
 from routing.errors import ServerUnavailable
 from routing.pools import PoolTable
 from routing.registry import Registry
+from routing.settings import redact_url
 from tasks.demo.run import Console, FlagshipRun, Hooks, Options
 from tasks.stack import Stack
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     if own:
         env = {"FLAGSHIP_LM": args.lm} if args.lm else {}
         stack = Stack(settings, env=env, loglevel="warning")
-        say(f"starting {args.per_pool} worker(s) per pool against {stack.redis_url} (logs in {stack.log_dir}) ...")
+        say(f"starting {args.per_pool} worker(s) per pool against {redact_url(stack.redis_url)} "
+            f"(logs in {stack.log_dir}) ...")
         pools = [args.triage_pool, args.rlm_pool, args.analytics_pool]
         serving = stack.start_pools(per_pool=args.per_pool, pools=pools)
         say(f"{len(serving)} worker(s) serving: " + ", ".join(w.node for w in serving))
