@@ -98,7 +98,6 @@ class CallFuture:
         return bool(self.incarnation and view.incarnation and view.incarnation != self.incarnation)
 
 
-
 def gather(futures: list[CallFuture], timeout_s: float | None = None, poll_s: float = 0.01,
            on_done: Callable[[CallFuture], None] | None = None) -> list[Any]:
     """Wait for calls running in parallel, noting when each finished; results in submission order.

@@ -16,6 +16,15 @@ if TYPE_CHECKING:
 
 
 class Session(RefMethods):
+    """A producer's handle on a session: its calls go to the worker holding its state.
+
+    Made by :meth:`Client.session` (open) or :meth:`Client.attach` (existing).
+    ``call``/``submit`` run allow-listed operations with JSON arguments; the
+    DSPy-facing helpers (``lm``, ``predict``, ``rlm``, ``history``, ...) come from
+    :class:`~routing.refs.RefMethods`. Safe to share between threads for
+    submitting; wait on futures from one thread.
+    """
+
     def __init__(self, client: Client, session_id: str, pool: str, affinity: Affinity,
                  worker: str | None, ttl_s: float, rehydrate: bool = False) -> None:
         self.client = client
