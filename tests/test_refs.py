@@ -73,27 +73,32 @@ def test_wrong_refs_and_bad_signatures_are_typed_and_the_worker_keeps_serving(
     assert triage(ticket=TICKETS["outage"])["category"] == "outage"
 
 
-def test_released_refs_and_closed_sessions_free_their_objects(client: Client, sessions: Callable[..., Session]) -> None:
-    session = sessions("triage_pool")
+def test_released_refs_and_closed_sessions_free_their_objects(
+    client: Client, sessions: Callable[..., Session], pool_workers: Callable[..., list[WorkerProcess]]
+) -> None:
+    (worker,) = pool_workers("small_pool", 1)  # its own worker: no other test's refs in the count
+    session = sessions("small_pool")
     node = session.worker
-    baseline = worker_refs(client, node)
+    assert node == worker.node and worker_refs(client, node) == 0
     modules = [session.predict(TRIAGE) for _ in range(3)]
-    wait_until(lambda: worker_refs(client, node) >= baseline + 3, what="refs counted in status")
+    wait_until(lambda: worker_refs(client, node) == 3, what="refs counted in status")
     modules[0].release()
     with pytest.raises(RefNotFound):
         modules[0](ticket="x")
-    wait_until(lambda: worker_refs(client, node) == baseline + 2, what="released ref freed")
+    wait_until(lambda: worker_refs(client, node) == 2, what="released ref freed")
     session.close()
-    wait_until(lambda: worker_refs(client, node) == baseline, what="closed session freed")
+    wait_until(lambda: worker_refs(client, node) == 0, what="closed session freed")
 
 
-def test_expired_sessions_are_swept_from_worker_memory(client: Client, sessions: Callable[..., Session]) -> None:
-    session = sessions("triage_pool", ttl_s=1.0)
+def test_expired_sessions_are_swept_from_worker_memory(
+    client: Client, sessions: Callable[..., Session], pool_workers: Callable[..., list[WorkerProcess]]
+) -> None:
+    pool_workers("small_pool", 1)
+    session = sessions("small_pool", ttl_s=1.0)
     node = session.worker
-    baseline = worker_refs(client, node)
     session.predict(TRIAGE)
-    wait_until(lambda: worker_refs(client, node) == baseline + 1, what="ref counted")
-    wait_until(lambda: worker_refs(client, node) == baseline, timeout_s=15, what="idle session swept")
+    wait_until(lambda: worker_refs(client, node) == 1, what="ref counted")
+    wait_until(lambda: worker_refs(client, node) == 0, timeout_s=15, what="idle session swept")
     assert not client.redis.exists(names.session_key(session.id))
 
 
