@@ -122,7 +122,7 @@ class Stack:
 
     def wait_ready(self, workers: list[WorkerProcess], timeout_s: float = worker_ready_timeout_s,
                    allow_refused: bool = False) -> list[WorkerProcess]:
-        """Block until each worker's heartbeat exists; fail fast if one exits.
+        """Block until each worker process heartbeats; fail fast if one exits.
 
         With ``allow_refused``, a worker that exits because it lacks its pool's
         capability (exit 78) is returned instead of failing the start.
@@ -130,7 +130,7 @@ class Stack:
         deadline = time.monotonic() + timeout_s
         pending, refused = list(workers), []
         while pending:
-            pending = [w for w in pending if not self.redis.exists(names.heartbeat_key(w.node))]
+            pending = [w for w in pending if not self.registered(w)]
             for worker in list(pending):
                 if worker.alive():
                     continue
@@ -145,6 +145,11 @@ class Stack:
             if pending:
                 time.sleep(0.05)
         return refused
+
+    def registered(self, worker: WorkerProcess) -> bool:
+        """This process (not an earlier run under the same name) heartbeats: incarnations start with the pid."""
+        incarnation = self.redis.get(names.heartbeat_key(worker.node))
+        return bool(incarnation) and str(incarnation).startswith(f"{worker.pid}-")
 
     def start_pools(self, per_pool: int | None = None, pools: list[str] | None = None,
                     env: dict[str, str] | None = None) -> list[WorkerProcess]:
