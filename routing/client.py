@@ -115,12 +115,13 @@ class Client:
         node, session.incarnation = self.sessions.bind(session.id, spec, session.affinity, session.ttl_s,
                                                        prefer=prefer, exclude=exclude)
         session.worker = node
-        self.watch.watch(node, Liveness(live=True, in_flight=0, concurrency=spec.concurrency))
+        self.watch.watch(node, Liveness(live=True, in_flight=0, concurrency=spec.concurrency,
+                                        incarnation=session.incarnation))
 
     def _close(self, session: Session) -> None:
         node = self.sessions.close(session.id)
         if node:
-            route = self._route_header(session, node)
+            route = self._route_header(session, node, session.incarnation)
             self.app.send_task(names.CALL_TASK, args=[session.id, "release_session", {}, route],
                                queue=names.worker_queue(node), ignore_result=True)
 
@@ -147,38 +148,55 @@ class Client:
                 raise WorkerBusy(session.id, node, fresh.in_flight, fresh.concurrency)
         return node
 
-    def _route_header(self, session: Session, node: str | None) -> dict[str, Any]:
+    def _route_header(self, session: Session, node: str | None, incarnation: str | None) -> dict[str, Any]:
         """What the worker checks: a strict call runs only on the run of the node holding its state."""
         return {"node": node, "pool": session.pool, "affinity": session.affinity.value, "ttl_s": session.ttl_s,
-                "incarnation": session.incarnation if node else None}
+                "incarnation": incarnation if node else None}
 
-    def _rehydrate(self, session: Session, dead: str | None) -> None:
-        """Rebind ``session`` away from its dead worker and rebuild its refs there, in creation order.
+    def _rehydrate(self, session: Session, dead: str | None, dead_incarnation: str | None) -> None:
+        """Rebind ``session`` away from its dead worker run and rebuild its refs there, in creation order.
 
         Ref ids stay the same, so the producer's handles keep working. Whatever
-        lived only in the dead worker's memory (LM history) is gone.
+        lived only in the dead worker's memory (LM history) is gone. The session
+        points at the new worker only once every ref is rebuilt, so other threads
+        never reach a half-built worker.
         """
         with session.lock:
-            if session.worker != dead:
+            if (session.worker, session.incarnation) != (dead, dead_incarnation):
                 return  # another call of this session already did it
             recipes = self.sessions.recipes(session.id)
-            self._bind(session, exclude=dead)
+            exclude = dead
+            if dead is not None:
+                view = self.registry.liveness([dead])[dead]
+                if view.accepting and view.incarnation != dead_incarnation:
+                    exclude = None  # the node is back as a new, empty run: it may host the session again
+            spec = self.pools.get(session.pool)
+            node, incarnation = self.sessions.bind(session.id, spec, session.affinity, session.ttl_s, exclude=exclude)
             self.redis.hincrby(names.session_key(session.id), "rehydrations", 1)
             for ref_id, op, kwargs in recipes:
-                self._send(session, op, {**kwargs, "ref_id": ref_id}, False).result(rehydrate_call_timeout_s)
+                replay = self._dispatch(session, op, {**kwargs, "ref_id": ref_id}, node, incarnation, False)
+                replay.result(rehydrate_call_timeout_s)
+            session.worker, session.incarnation = node, incarnation
+            self.watch.watch(node, Liveness(live=True, in_flight=0, concurrency=spec.concurrency,
+                                            incarnation=incarnation))
             session.rehydrations += 1
             log.warning("session %s rehydrated on %s (was %s): %d ref(s) rebuilt",
-                        session.id, session.worker, dead, len(recipes))
+                        session.id, node, dead, len(recipes))
 
     def _send(self, session: Session, op: str, kwargs: dict[str, Any], rehydrate: bool = False) -> CallFuture:
         node = self._route(session)
+        return self._dispatch(session, op, kwargs, node, session.incarnation, rehydrate)
+
+    def _dispatch(self, session: Session, op: str, kwargs: dict[str, Any], node: str | None,
+                  incarnation: str | None, rehydrate: bool) -> CallFuture:
+        """Send to ``node``'s direct queue (None: the pool's shared queue), no routing decision."""
         queue = names.worker_queue(node) if node else names.pool_queue(session.pool)
-        args = [session.id, op, kwargs, self._route_header(session, node)]
+        args = [session.id, op, kwargs, self._route_header(session, node, incarnation)]
         try:
             result = self.app.send_task(names.CALL_TASK, args=args, queue=queue, argsrepr=_redacted_repr(args))
         except EncodeError as exc:
             raise InvalidArgument(op, f"arguments must be JSON-serializable ({exc})") from None
-        return CallFuture(session, op, result, node, kwargs, rehydrate)
+        return CallFuture(session, op, result, node, incarnation, kwargs, rehydrate)
 
     def _on_worker_death(self, node: str) -> None:
         try:

@@ -25,13 +25,15 @@ class CallFuture:
     """
 
     def __init__(self, session: Session, op: str, result: AsyncResult, target: str | None,
-                 kwargs: dict[str, Any] | None = None, rehydrate: bool = False) -> None:
+                 incarnation: str | None = None, kwargs: dict[str, Any] | None = None,
+                 rehydrate: bool = False) -> None:
         self.session = session
         self.op = op
         self.kwargs = kwargs or {}
         self.rehydrate = rehydrate
-        self.incarnation = session.incarnation
+        #: The worker (and its run) the call was sent to; None: the pool's shared queue.
         self.target = target
+        self.incarnation = incarnation
         self._result = result
         self._value: Any = None
         self._done = False
@@ -82,7 +84,7 @@ class CallFuture:
     def _retry_rehydrated(self, timeout_s: float | None) -> Any:
         """The worker died with this call: rebuild the session elsewhere and run the call again there."""
         assert self.target is not None
-        self.session.client._rehydrate(self.session, self.target)
+        self.session.client._rehydrate(self.session, self.target, self.incarnation)
         retry = self.session.client._send(self.session, self.op, self.kwargs, rehydrate=False)
         value = retry.result(timeout_s)
         self.node, self._value, self._done, self.completed_at = retry.node, value, True, retry.completed_at

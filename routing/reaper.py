@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import redis as redis_lib
 from redis import Redis
@@ -127,20 +129,38 @@ def reap_dead_workers(redis: Redis, pool: str | None = None) -> dict[str, int]:
         if live:
             continue
         if not (queued or registered):
-            if now - float(reaped_at.get(node, now)) > reap_retention_s:
+            if node not in reaped_at:  # stopped cleanly before we first looked: start its retention now
+                redis.hsetnx(names.REAPED_KEY, node, now)
+            elif now - float(reaped_at[node]) > reap_retention_s:
                 redis.hdel(names.DIRECT_QUEUES_KEY, node)
                 redis.hdel(names.REAPED_KEY, node)
             continue
-        if not redis.set(names.reap_lock_key(node), 1, nx=True, ex=reap_lock_ttl_s):
-            continue
-        try:
+        with reap_lock(redis, node, wait_s=0) as locked:
+            # Re-check under the lock: a new run of the node may have registered meanwhile.
+            if not locked or redis.exists(names.heartbeat_key(node)):
+                continue
             reaped[node] = reap_node(redis, node, node_pool)
-            if not redis.exists(names.heartbeat_key(node)):
-                pipe = redis.pipeline()
-                pipe.delete(names.worker_key(node))
-                pipe.srem(names.pool_workers_key(node_pool), node)
-                pipe.hset(names.REAPED_KEY, node, now)
-                pipe.execute()
-        finally:
-            redis.delete(names.reap_lock_key(node))
+            pipe = redis.pipeline()
+            pipe.delete(names.worker_key(node))
+            pipe.srem(names.pool_workers_key(node_pool), node)
+            pipe.hset(names.REAPED_KEY, node, now)
+            pipe.execute()
     return reaped
+
+
+@contextmanager
+def reap_lock(redis: Redis, node: str, wait_s: float) -> Iterator[bool]:
+    """Hold the node's reap lock (yields False if it could not be had within ``wait_s``).
+
+    Reapers and a new run of the node registering itself take it, so a reap never
+    overlaps a registration.
+    """
+    key, token = names.reap_lock_key(node), uuid.uuid4().hex
+    deadline = time.monotonic() + wait_s
+    while not (locked := bool(redis.set(key, token, nx=True, ex=reap_lock_ttl_s))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield locked
+    finally:
+        if locked and redis.get(key) == token:
+            redis.delete(key)

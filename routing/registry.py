@@ -114,16 +114,15 @@ class Registry:
         })
 
     def another_run_is_live(self, node: str) -> bool:
-        """Whether a live worker already uses ``node`` (its heartbeat gets renewed while we watch).
+        """Whether a live worker already uses ``node``: its heartbeat gets renewed while we watch.
 
-        A heartbeat left by a killed run of the same name just runs out; a live
-        duplicate renews it within two intervals. Only a start under a name that
-        still has a heartbeat waits here.
+        A heartbeat left by a killed run of the same name runs out instead, so the
+        wait is bounded by the heartbeat TTL, and only a start under a name that
+        still has a heartbeat waits at all.
         """
         key = names.heartbeat_key(node)
         last = self.redis.pttl(key)
-        deadline = time.monotonic() + 2 * self.settings.heartbeat_interval_s + 0.5
-        while last > 0 and time.monotonic() < deadline:
+        while last > 0:
             time.sleep(0.05)
             current = self.redis.pttl(key)
             if current > last:
@@ -144,6 +143,7 @@ class Registry:
         pipe = self.redis.pipeline()
         pipe.delete(names.heartbeat_key(node), names.worker_key(node), names.worker_sessions_key(node))
         pipe.srem(names.pool_workers_key(pool), node)
+        pipe.hset(names.REAPED_KEY, node, time.time())  # its queue stays watched for a while, then is forgotten
         pipe.execute()
 
     def liveness(self, nodes: Iterable[str]) -> dict[str, Liveness]:

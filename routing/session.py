@@ -57,12 +57,13 @@ class Session(RefMethods):
         if self.closed:
             raise SessionClosed(self.id)
         rehydrate = self.rehydrate if rehydrate is None else rehydrate
+        incarnation = self.incarnation
         try:
             return self.client._send(self, op, kwargs, rehydrate)
         except SessionWorkerUnavailable as exc:
             if not rehydrate:
                 raise
-            self.client._rehydrate(self, exc.node)
+            self.client._rehydrate(self, exc.node, incarnation)
             return self.client._send(self, op, kwargs, rehydrate)
 
     def call(self, op: str, /, *, timeout_s: float | None = None, rehydrate: bool | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 import dspy
 
@@ -41,10 +42,32 @@ def remember(ctx: CallContext, entry: RefEntry) -> None:
 
 
 def api_base_allowed(api_base: str) -> bool:
-    """Producers may point LMs only at servers the workers' operator allowed (no request forgery)."""
+    """Producers may point LMs only at servers the workers' operator allowed (no request forgery).
+
+    ``FLAGSHIP_LM_API_BASES`` lists allowed bases (``scheme://host[:port][/path]``, a
+    missing port allows any port) or ``*``; the configured ``FLAGSHIP_LM_API_BASE`` is
+    always allowed. Hosts are compared exactly and URLs with credentials are refused.
+    """
     configured = os.environ.get("FLAGSHIP_LM_API_BASE") or ""
-    allowed = [p.strip() for p in os.environ.get("FLAGSHIP_LM_API_BASES", "").split(",") if p.strip()]
-    return api_base == configured or "*" in allowed or any(api_base.startswith(p) for p in allowed)
+    entries = [e.strip() for e in os.environ.get("FLAGSHIP_LM_API_BASES", "").split(",") if e.strip()]
+    if api_base == configured or "*" in entries:
+        return True
+    try:
+        url = urlsplit(api_base)
+        port = url.port
+    except ValueError:
+        return False
+    if url.username or url.password or not url.hostname:
+        return False
+    for entry in entries:
+        allowed = urlsplit(entry)
+        if (url.scheme, url.hostname) != (allowed.scheme, allowed.hostname):
+            continue
+        if allowed.port is not None and allowed.port != port:
+            continue
+        if url.path.startswith(allowed.path.rstrip("/")):
+            return True
+    return False
 
 
 def _check_number(op: str, name: str, value: Any, low: float, high: float) -> None:

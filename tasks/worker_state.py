@@ -16,7 +16,7 @@ from routing import names
 from routing.errors import SessionNotFound
 from routing.heartbeat import Heartbeat
 from routing.pools import Pool
-from routing.reaper import reap_node
+from routing.reaper import reap_lock, reap_lock_ttl_s, reap_node
 from routing.registry import Registry, WorkerInfo
 from routing.sessions import SessionStore
 from routing.settings import Settings
@@ -70,9 +70,10 @@ class WorkerState:
 
     def start(self) -> None:
         """Requeue what a previous run under this name left behind, then register and heartbeat."""
-        reap_node(self.redis, self.node, self.pool.name)
-        self.redis.delete(names.worker_sessions_key(self.node))
-        self.register()
+        with reap_lock(self.redis, self.node, wait_s=reap_lock_ttl_s):
+            reap_node(self.redis, self.node, self.pool.name)
+            self.redis.delete(names.worker_sessions_key(self.node))
+            self.register()
         self.heartbeat.start()
 
     def register(self) -> None:

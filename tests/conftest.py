@@ -43,7 +43,7 @@ TEST_ENV = {
     "FLAGSHIP_LM": "",
     "FLAGSHIP_LM_API_BASE": "",
     # Tests point LMs at their own local OpenAI-protocol server.
-    "FLAGSHIP_LM_API_BASES": "http://127.0.0.1:",
+    "FLAGSHIP_LM_API_BASES": "http://127.0.0.1",
     "GEMINI_API_KEY": "",
 }
 
@@ -100,8 +100,11 @@ def sessions(client: Client) -> Iterator[Callable[..., Session]]:
 
 
 @pytest.fixture
-def pool_workers(stack: Stack) -> Iterator[Callable[..., list[WorkerProcess]]]:
-    """Start fresh workers of a test pool; stopped (or already killed) after the test."""
+def pool_workers(stack: Stack, sessions: Callable[..., Session]) -> Iterator[Callable[..., list[WorkerProcess]]]:
+    """Start fresh workers of a test pool; stopped (or already killed) after the test.
+
+    Depends on ``sessions`` so the test's sessions close while their workers still run.
+    """
     started: list[WorkerProcess] = []
 
     def start(pool: str, count: int = 2, **kwargs: object) -> list[WorkerProcess]:

@@ -17,7 +17,7 @@ from routing.errors import (
     RefSessionMismatch,
     SessionWorkerUnavailable,
 )
-from tasks.stack import WorkerProcess
+from tasks.stack import Stack, WorkerProcess
 
 TRIAGE = "ticket -> category, urgency, action"
 TICKETS = {
@@ -94,7 +94,7 @@ def test_expired_sessions_are_swept_from_worker_memory(
     client: Client, sessions: Callable[..., Session], pool_workers: Callable[..., list[WorkerProcess]]
 ) -> None:
     pool_workers("small_pool", 1)
-    session = sessions("small_pool", ttl_s=1.0)
+    session = sessions("small_pool", ttl_s=3.0)
     node = session.worker
     session.predict(TRIAGE)
     wait_until(lambda: worker_refs(client, node) == 1, what="ref counted")
@@ -182,7 +182,7 @@ def test_a_session_opened_with_rehydrate_survives_its_worker_dying_mid_call(
     session = sessions("kill_pool", rehydrate=True)
     triage = session.predict(TRIAGE)
     dead = session.worker
-    waiting = session.submit("ping", sleep_s=1.0)
+    waiting = session.submit("ping", sleep_s=5.0)
     wait_until(lambda: client.registry.liveness([dead])[dead].in_flight >= 1, what="call running")
     workers[dead].kill()
     result = waiting.result(30)
@@ -208,6 +208,27 @@ def test_producers_cannot_point_lms_at_servers_the_workers_do_not_allow(sessions
     from routing.errors import InvalidArgument
 
     session = sessions("triage_pool")
-    with pytest.raises(InvalidArgument, match="FLAGSHIP_LM_API_BASES"):
-        session.lm("openai/x", api_base="http://169.254.169.254/latest/")
+    for forged in ("http://169.254.169.254/latest/", "http://127.0.0.1:@169.254.169.254/latest/",
+                   "http://127.0.0.1.evil.example/v1", "http://user:pw@127.0.0.1:9/v1"):
+        with pytest.raises(InvalidArgument, match="FLAGSHIP_LM_API_BASES"):
+            session.lm("openai/x", api_base=forged)
     assert session.ping()["node"] == session.worker
+
+
+def test_a_one_worker_pool_rehydrates_onto_the_restarted_worker(
+    stack: Stack, client: Client, sessions: Callable[..., Session], pool_workers: Callable[..., list[WorkerProcess]]
+) -> None:
+    (worker,) = pool_workers("late_pool", 1)
+    session = sessions("late_pool")
+    triage = session.predict(TRIAGE, lm=session.lm(temperature=0.2))
+    before = triage(ticket=TICKETS["outage"])
+    worker.kill()
+    reborn = stack.start_worker("late_pool", worker.node)  # same name, new run, empty memory
+    try:
+        with pytest.raises(SessionWorkerUnavailable):
+            triage(ticket=TICKETS["outage"])
+        after = session.call("call", ref=triage.ref_id, inputs={"ticket": TICKETS["outage"]}, rehydrate=True)
+        assert after["outputs"] == before and after["worker"] == worker.node
+        assert session.ping()["pid"] == reborn.pid and session.rehydrations == 1
+    finally:
+        reborn.stop()

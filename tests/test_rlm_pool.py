@@ -126,7 +126,8 @@ def test_an_infinite_loop_is_killed_within_the_limit_and_the_worker_serves_the_n
         started = time.monotonic()
         with pytest.raises(SandboxTimeout) as raised:
             rlm(context=incident_log(5_000), query=QUERY, timeout_s=60)
-        assert time.monotonic() - started < raised.value.timeout_s + 5
+        # The limit itself is asserted tightly in test_sandbox; this bound covers the LM calls and a fresh sandbox.
+        assert time.monotonic() - started < raised.value.timeout_s + 20
     pid = session.ping()["pid"]
     session.configure(session.lm())  # back to the offline LM
     again = session.call("call", ref=session.rlm().ref_id, inputs={"context": incident_log(5_000), "query": QUERY},
@@ -165,11 +166,11 @@ def test_no_capable_worker_is_an_immediate_typed_error(
     started = time.monotonic()
     with pytest.raises(NoCapableWorker) as raised:
         client.session("rlm_empty_pool")
+    assert time.monotonic() - started < 1.0  # one Redis script, no waiting
     assert raised.value.capabilities == ["deno"]
     triage = sessions("triage_pool")
     with pytest.raises(NoCapableWorker):
         triage.rlm()
-    assert time.monotonic() - started < 1.0
 
 
 def test_a_worker_without_deno_refuses_the_rlm_pool_and_never_consumes_it(stack: Stack) -> None:

@@ -62,7 +62,7 @@ def test_fifty_async_calls_of_one_session_run_in_submission_order_one_at_a_time(
 def test_calls_of_different_sessions_on_one_worker_run_concurrently(sessions) -> None:
     first = sessions("triage_pool")
     second = sessions("triage_pool", node=first.worker)
-    a, b = first.submit("ping", sleep_s=0.5), second.submit("ping", sleep_s=0.5)
+    a, b = first.submit("ping", sleep_s=1.5), second.submit("ping", sleep_s=1.5)
     ra, rb = a.result(10), b.result(10)
     assert ra["node"] == rb["node"] == first.worker
     assert ra["started"] < rb["ended"] and rb["started"] < ra["ended"], "sessions were serialised"
@@ -70,7 +70,7 @@ def test_calls_of_different_sessions_on_one_worker_run_concurrently(sessions) ->
 
 def test_strict_fail_fast_raises_worker_busy_while_the_bound_worker_is_busy(client: Client, sessions) -> None:
     fast = sessions("triage_pool", affinity="strict_fail_fast")
-    holders = saturate(sessions, "triage_pool", fast.worker, hold_s=1.5)
+    holders = saturate(sessions, "triage_pool", fast.worker, hold_s=3.0)
     view = wait_saturated(client, fast.worker)
     with pytest.raises(WorkerBusy) as raised:
         fast.call("ping", timeout_s=10)

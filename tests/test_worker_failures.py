@@ -51,7 +51,7 @@ def test_hint_calls_queued_on_a_killed_worker_move_to_the_shared_queue(
     dead = hinted.worker
     other = next(n for n in workers if n != dead)
     # Two slow calls occupy the worker; the rest wait in its direct queue (or its prefetch).
-    futures = [hinted.submit("ping", sleep_s=0.3) for _ in range(6)]
+    futures = [hinted.submit("ping", sleep_s=1.0) for _ in range(6)]
     wait_until(lambda: client.registry.liveness([dead])[dead].in_flight >= 1, what="calls received")
     workers[dead].kill()
     results = [f.result(30) for f in futures[2:]]
@@ -144,7 +144,8 @@ def test_a_worker_restarted_under_the_same_name_does_not_pass_for_the_old_one(
         with pytest.raises(SessionWorkerUnavailable):
             session.call("ping", timeout_s=10)
         rebuilt = session.call("ping", timeout_s=10, rehydrate=True)
-        assert rebuilt["node"] != node
+        assert session.rehydrations == 1 and rebuilt["node"] == session.worker
+        assert rebuilt["pid"] in {reborn.pid} | {w.pid for w in workers.values() if w.alive()}
         fresh = sessions("kill_pool", node=node)
         assert fresh.call("ping", timeout_s=10)["pid"] == reborn.pid
     finally:
@@ -195,10 +196,13 @@ def test_opening_an_existing_session_again_keeps_its_binding(
         assert client.attach(first.id).worker == first.worker
 
 
-def test_a_second_live_worker_with_the_same_name_refuses_to_start(stack: Stack, sessions: Callable[..., Session]
-                                                                  ) -> None:
-    session = sessions("triage_pool")
-    duplicate = stack.start_worker("triage_pool", session.worker, wait=False)
+def test_a_second_live_worker_with_the_same_name_refuses_to_start(
+    stack: Stack, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    (original,) = pool_workers("small_pool", 1)
+    session = sessions("small_pool")
+    assert session.worker == original.node
+    duplicate = stack.start_worker("small_pool", session.worker, wait=False)
     assert duplicate.proc.wait(30) == 78
     assert "already runs as" in duplicate.log_tail()
     assert session.call("ping", timeout_s=10)["node"] == session.worker

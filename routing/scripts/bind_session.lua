@@ -28,8 +28,12 @@ end
 
 local previous = redis.call('HGET', KEYS[2], 'worker')
 if ARGV[9] == '' and ARGV[10] == '' and previous and previous ~= '' and usable(previous) then
-  redis.call('HSET', KEYS[2], 'last_used', ARGV[4])
-  return {'ok', previous, redis.call('HGET', KEYS[2], 'incarnation') or ''}
+  -- Kept only while the same run of the worker is there (a restart under the name lost the state).
+  local held = redis.call('HGET', KEYS[2], 'incarnation') or ''
+  if held == '' or held == (redis.call('HGET', ARGV[7] .. previous, 'incarnation') or '') then
+    redis.call('HSET', KEYS[2], 'last_used', ARGV[4])
+    return {'ok', previous, held}
+  end
 end
 
 for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
