@@ -19,7 +19,7 @@ from routing import names
 from routing.embedded import ensure_server
 from routing.pools import PoolTable
 from routing.settings import Settings
-from tasks.worker_hooks import EXIT_MISSING_CAPABILITY
+from tasks.worker_hooks import EXIT_REFUSED
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ class Stack:
                    allow_refused: bool = False) -> list[WorkerProcess]:
         """Block until each worker process heartbeats; fail fast if one exits.
 
-        With ``allow_refused``, a worker that exits because it lacks its pool's
-        capability (exit 78) is returned instead of failing the start.
+        With ``allow_refused``, a worker that refuses its pool (exit 78: missing
+        capability, say) is returned instead of failing the start.
         """
         deadline = time.monotonic() + timeout_s
         pending, refused = list(workers), []
@@ -134,7 +134,7 @@ class Stack:
             for worker in list(pending):
                 if worker.alive():
                     continue
-                if allow_refused and worker.proc.returncode == EXIT_MISSING_CAPABILITY:
+                if allow_refused and worker.proc.returncode == EXIT_REFUSED:
                     pending.remove(worker)
                     refused.append(worker)
                     continue

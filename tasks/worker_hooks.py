@@ -26,8 +26,9 @@ from tasks.worker_state import WorkerState
 
 log = logging.getLogger(__name__)
 
-#: Exit status of a worker that cannot serve its pool (EX_CONFIG).
-EXIT_MISSING_CAPABILITY = 78
+#: Exit status of a worker that refuses to serve its pool: missing capability, wrong pool type,
+#: duplicate node name (EX_CONFIG).
+EXIT_REFUSED = 78
 
 _state: WorkerState | None = None
 _node: str | None = None
@@ -67,15 +68,15 @@ def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
     if not pool_module.endswith((".thread", ".solo")):
         _refuse(sender, pool, [f"stateful workers need `-P threads` or `-P solo`, not {pool_module} "
                                "(prefork children would not share the ref store)"])
+    redis = Redis.from_url(conf.broker_url, decode_responses=True)
+    if Registry(redis, settings).another_run_is_live(sender):
+        _refuse(sender, pool, [f"a live worker already runs as {sender}; give each worker a unique --name"])
     capabilities, failures = probe_capabilities(pool.requires)
     if failures:
         _refuse(sender, pool, failures)
     for queue in (names.pool_queue(pool.name), names.worker_queue(sender)):
         if queue not in consumed:
             queues.select_add(queue)
-    redis = Redis.from_url(conf.broker_url, decode_responses=True)
-    if Registry(redis, settings).another_run_is_live(sender):
-        _refuse(sender, pool, [f"a live worker already runs as {sender}; give each worker a unique --name"])
     _state = WorkerState(node=sender, pool=pool, settings=settings, redis=redis,
                          concurrency=int(instance.concurrency), capabilities=capabilities)
     install_services(_state)
@@ -97,7 +98,7 @@ def _refuse(node: str, pool: Pool, reasons: list[str]) -> None:
     message = f"worker {node} refuses to serve {pool.name}: " + "; ".join(reasons)
     log.critical(message)
     print(message, file=sys.stderr, flush=True)
-    os._exit(EXIT_MISSING_CAPABILITY)
+    os._exit(EXIT_REFUSED)
 
 
 @signals.worker_ready.connect
