@@ -112,11 +112,15 @@ class Client:
 
     def _bind(self, session: Session, prefer: str | None = None, exclude: str | None = None) -> None:
         spec = self.pools.get(session.pool)
-        node, session.incarnation = self.sessions.bind(session.id, spec, session.affinity, session.ttl_s,
-                                                       prefer=prefer, exclude=exclude)
-        session.worker = node
-        self.watch.watch(node, Liveness(live=True, in_flight=0, concurrency=spec.concurrency,
-                                        incarnation=session.incarnation))
+        node, incarnation = self.sessions.bind(session.id, spec, session.affinity, session.ttl_s,
+                                               prefer=prefer, exclude=exclude)
+        self._adopt(session, node, incarnation)
+
+    def _adopt(self, session: Session, node: str, incarnation: str) -> None:
+        """Point the handle at its (new) worker run and start watching it."""
+        session.worker, session.incarnation = node, incarnation
+        self.watch.watch(node, Liveness(live=True, in_flight=0, concurrency=self.pools.get(session.pool).concurrency,
+                                        incarnation=incarnation))
 
     def _close(self, session: Session) -> None:
         node = self.sessions.close(session.id)
@@ -176,9 +180,7 @@ class Client:
             for ref_id, op, kwargs in recipes:
                 replay = self._dispatch(session, op, {**kwargs, "ref_id": ref_id}, node, incarnation, False)
                 replay.result(rehydrate_call_timeout_s)
-            session.worker, session.incarnation = node, incarnation
-            self.watch.watch(node, Liveness(live=True, in_flight=0, concurrency=spec.concurrency,
-                                            incarnation=incarnation))
+            self._adopt(session, node, incarnation)
             session.rehydrations += 1
             log.warning("session %s rehydrated on %s (was %s): %d ref(s) rebuilt",
                         session.id, node, dead, len(recipes))

@@ -95,9 +95,7 @@ class CallFuture:
         if self.target is None or not self.session.affinity.strict:
             return False
         view = self.session.client.watch.get(self.target)
-        if view is None or not view.live:
-            return True
-        return bool(self.incarnation and view.incarnation and view.incarnation != self.incarnation)
+        return view is None or not view.live or not view.same_run(self.incarnation)
 
 
 def gather(futures: list[CallFuture], timeout_s: float | None = None, poll_s: float = 0.01,

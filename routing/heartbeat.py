@@ -91,6 +91,6 @@ class Heartbeat(threading.Thread):
             source.register()
         if time.monotonic() >= self._next_housekeeping:
             self._next_housekeeping = time.monotonic() + housekeeping_interval_s
-            self.registry.prune_sessions(source.node)
+            self.sessions.prune_worker(source.node)
             reap_dead_workers(self.registry.redis, source.pool_name)
             source.housekeeping()

@@ -80,6 +80,10 @@ class Liveness:
         """New calls may be sent to it."""
         return self.live and not self.draining
 
+    def same_run(self, incarnation: str | None) -> bool:
+        """Whether this is the run ``incarnation`` names (unknown on either side counts as the same)."""
+        return not (incarnation and self.incarnation and self.incarnation != incarnation)
+
 
 class Registry:
     def __init__(self, redis: Redis, settings: Settings) -> None:
@@ -175,21 +179,6 @@ class Registry:
             if data:
                 infos.append(WorkerInfo.from_hash(data, live=bool(live), sessions=int(sessions)))
         return infos
-
-    def prune_sessions(self, node: str) -> int:
-        """Drop expired sessions from the worker's bound set; returns how many remain."""
-        key = names.worker_sessions_key(node)
-        ids = list(self.redis.smembers(key))
-        if not ids:
-            return 0
-        pipe = self.redis.pipeline(transaction=False)
-        for session_id in ids:
-            pipe.exists(names.session_key(session_id))
-        gone = [sid for sid, alive in zip(ids, pipe.execute()) if not alive]
-        if gone:
-            self.redis.srem(key, *gone)
-            self.redis.srem(names.SESSIONS_KEY, *gone)
-        return len(ids) - len(gone)
 
     @property
     def _ttl_ms(self) -> int:

@@ -89,9 +89,7 @@ class Session(RefMethods):
 
     def holds_state_on(self, view: Liveness) -> bool:
         """Whether the worker described by ``view`` can take this session's calls (strict sessions)."""
-        if not view.accepting:
-            return False
-        return not (self.incarnation and view.incarnation and view.incarnation != self.incarnation)
+        return view.accepting and view.same_run(self.incarnation)
 
     def _ran_on(self, node: str | None) -> None:
         if node and node != self.worker and self.affinity is Affinity.HINT:

@@ -92,6 +92,23 @@ class SessionStore:
     def exists(self, session_id: str) -> bool:
         return bool(self.redis.hexists(names.session_key(session_id), "pool"))
 
+    def alive(self, ids: list[str]) -> list[bool]:
+        """Which of ``ids`` still have a record (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for session_id in ids:
+            pipe.exists(names.session_key(session_id))
+        return [bool(found) for found in pipe.execute()]
+
+    def prune_worker(self, node: str) -> int:
+        """Drop expired sessions from a worker's bound set (its load); returns how many remain."""
+        key = names.worker_sessions_key(node)
+        ids = list(self.redis.smembers(key))
+        gone = [sid for sid, alive in zip(ids, self.alive(ids)) if not alive]
+        if gone:
+            self.redis.srem(key, *gone)
+            self.redis.srem(names.SESSIONS_KEY, *gone)
+        return len(ids) - len(gone)
+
     def rebind(self, session_id: str, node: str, incarnation: str) -> str | None:
         """Point the session at ``node``; returns the previous node (None if the session is gone)."""
         previous = self.scripts.rebind_session(

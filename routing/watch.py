@@ -69,7 +69,7 @@ class WorkerWatch:
         """A live run of the node is gone: no heartbeat, or a new run under the same name."""
         if before is None or not before.live:
             return False
-        return not now.live or bool(before.incarnation and now.incarnation != before.incarnation)
+        return not now.live or not now.same_run(before.incarnation)
 
     def close(self) -> None:
         self._stop.set()

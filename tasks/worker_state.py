@@ -170,13 +170,8 @@ class WorkerState:
             sessions = getattr(service, "sessions", None)
             if sessions is not None:
                 held |= set(sessions())
-        if not held:
-            return
-        pipe = self.redis.pipeline(transaction=False)
         ordered = sorted(held)
-        for session_id in ordered:
-            pipe.exists(names.session_key(session_id))
-        for session_id, alive in zip(ordered, pipe.execute()):
+        for session_id, alive in zip(ordered, self.sessions.alive(ordered)):
             if not alive:
                 self.forget_session(session_id)
 
