@@ -22,7 +22,7 @@ from dspy.utils import exceptions as dspy_errors
 from routing.errors import LMAuthError, LMBadRequest, LMError, LMUnavailable
 from tasks.offline_lm import OFFLINE_MODEL, OfflineLM
 
-__all__ = ["LMSettings", "ProviderLM", "build_lm", "translate_lm_error", "is_transient", "history_entries"]
+__all__ = ["LMSettings", "ProviderLM", "build_lm", "clip", "translate_lm_error", "is_transient", "history_entries"]
 
 #: Model used when only ``GEMINI_API_KEY`` is set.
 DEFAULT_GEMINI_MODEL = "gemini/gemini-flash-lite-latest"
@@ -228,7 +228,8 @@ def build_lm(model: str | None = None, temperature: float | None = None, max_tok
 # -- history --------------------------------------------------------------------
 
 
-def _clip(text: Any, limit: int) -> str:
+def clip(text: Any, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
     text = text if isinstance(text, str) else str(text)
     return text if len(text) <= limit else f"{text[:limit]}... [{len(text) - limit} more chars]"
 
@@ -257,10 +258,10 @@ def _entry(entry: Mapping[str, Any], index: int, limit: int) -> dict[str, Any]:
         "timestamp": timestamp.isoformat() if hasattr(timestamp, "isoformat") else str(timestamp or ""),
         "offline": bool(entry.get("offline")) or str(entry.get("model") or "").startswith("offline/"),
         "messages": None if not messages else [
-            {"role": str(m.get("role", "")), "content": _clip(_content_text(m.get("content")), limit)}
+            {"role": str(m.get("role", "")), "content": clip(_content_text(m.get("content")), limit)}
             for m in messages if isinstance(m, Mapping)],
-        "prompt_preview": None if entry.get("prompt") is None else _clip(entry["prompt"], limit),
-        "outputs": [_clip(o.get("text") if isinstance(o, Mapping) else o, limit) for o in outputs],
+        "prompt_preview": None if entry.get("prompt") is None else clip(entry["prompt"], limit),
+        "outputs": [clip(o.get("text") if isinstance(o, Mapping) else o, limit) for o in outputs],
         "usage": {key: _int_or_none(usage.get(key)) for key in ("prompt_tokens", "completion_tokens", "total_tokens")},
         "cost": float(cost) if isinstance(cost, (int, float)) and math.isfinite(cost) else None,
     }

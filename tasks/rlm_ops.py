@@ -25,6 +25,7 @@ from tasks.dspy_ops import (
     session_lm,
     store,
 )
+from tasks.lm_provider import clip
 from tasks.offline_lm import OfflineLM
 from tasks.operations import CallContext, operation
 from tasks.refs import RefEntry
@@ -77,8 +78,7 @@ def create_rlm(ctx: CallContext, signature: Any = "context, query -> output", ma
 
 
 def _clip(text: Any) -> str:
-    text = str(text)
-    return text if len(text) <= trajectory_chars else text[:trajectory_chars] + f"... [{len(text)} chars]"
+    return clip(text, trajectory_chars)
 
 
 def invoke_rlm(ctx: CallContext, entry: RefEntry, inputs: dict[str, Any]) -> dict[str, Any]:

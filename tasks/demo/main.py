@@ -78,16 +78,15 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
         say(f"{len(serving)} worker(s) serving: " + ", ".join(w.node for w in serving))
     PoolTable.load(settings.pools_config)  # fail on a bad pool config before opening sessions
     client = Client(stack.redis_url if stack else resolve_url(settings), settings)
+    options = Options(args.lm, args.triage_pool, args.rlm_pool, args.analytics_pool, args.timeout)
     try:
         if args.json:
-            report = FlagshipRun(client, Options(args.lm, args.triage_pool, args.rlm_pool, args.analytics_pool,
-                                                 args.timeout), Console(say=say), hooks or Hooks()).run()
+            report = FlagshipRun(client, options, Console(say=say), hooks or Hooks()).run()
         else:
             with Progress(console=out, transient=True) as progress:
                 task = progress.add_task("triage", total=5)
                 console = Console(say=say, progress=lambda done, total: progress.update(task, completed=done))
-                report = FlagshipRun(client, Options(args.lm, args.triage_pool, args.rlm_pool, args.analytics_pool,
-                                                     args.timeout), console, hooks or Hooks()).run()
+                report = FlagshipRun(client, options, console, hooks or Hooks()).run()
     finally:
         client.close()
         if stack is not None:
