@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from tasks.demo.main import main
+from tasks.local.demo.main import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -5,10 +5,10 @@ This package imports neither ``dspy`` nor ``tasks``: producers need only it.
 
 from __future__ import annotations
 
-from routing.client import Client
-from routing.future import CallFuture, gather
 from routing.pools import Affinity, Pool, PoolTable
-from routing.session import Session
+from routing.producer.client import Client
+from routing.producer.future import CallFuture, gather
+from routing.producer.session import Session
 from routing.settings import Settings
 
 __all__ = ["Affinity", "CallFuture", "Client", "Pool", "PoolTable", "Session", "Settings", "gather"]

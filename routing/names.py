@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 #: Prefix of every Redis key the system owns (Celery's own keys are left as Celery names them).
 PREFIX = "flagship"
 
@@ -30,6 +32,11 @@ REAPED_KEY = PREFIX + ":reaped"
 REAP_LOCK_KEY = PREFIX + ":reap:{node}"
 #: List of recipes of a session's refs, in creation order.
 SESSION_RECIPES_KEY = PREFIX + ":session:{session_id}:recipes"
+
+
+def qualify_node(name: str) -> str:
+    """A worker's Celery node name: ``name@this-host`` unless ``name`` already names a host."""
+    return name if "@" in name else f"{name}@{socket.gethostname()}"
 
 
 def pool_queue(pool: str) -> str:

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+N = TypeVar("N", int, float)
 
-def _float(env: dict[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    return float(raw) if raw not in (None, "") else default
+
+def env_number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:
+    """``env[name]`` as a finite number >= 0 of ``kind`` (int or float), ``default`` when unset or empty."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f"{name}={raw!r} must be a finite number >= 0")
+    return value
 
 
 def redact_url(url: str) -> str:
@@ -51,14 +65,14 @@ class Settings:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ) if env is None else env
-        ttl = _float(env, "FLAGSHIP_HEARTBEAT_TTL_S", cls.heartbeat_ttl_s)
+        ttl = env_number(env, "FLAGSHIP_HEARTBEAT_TTL_S", cls.heartbeat_ttl_s, float)
         return cls(
             redis_url=env.get("REDIS_URL") or None,
             home=flagship_home(env),
             heartbeat_ttl_s=ttl,
-            heartbeat_interval_s=_float(env, "FLAGSHIP_HEARTBEAT_INTERVAL_S", min(ttl / 4, 1.0)),
-            watch_interval_s=_float(env, "FLAGSHIP_WATCH_INTERVAL_S", cls.watch_interval_s),
-            session_ttl_s=_float(env, "FLAGSHIP_SESSION_TTL_S", cls.session_ttl_s),
-            visibility_timeout_s=_float(env, "FLAGSHIP_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s),
+            heartbeat_interval_s=env_number(env, "FLAGSHIP_HEARTBEAT_INTERVAL_S", min(ttl / 4, 1.0), float),
+            watch_interval_s=env_number(env, "FLAGSHIP_WATCH_INTERVAL_S", cls.watch_interval_s, float),
+            session_ttl_s=env_number(env, "FLAGSHIP_SESSION_TTL_S", cls.session_ttl_s, float),
+            visibility_timeout_s=env_number(env, "FLAGSHIP_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, float),
             pools_config=env.get("FLAGSHIP_POOLS") or None,
         )

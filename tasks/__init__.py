@@ -1,1 +1,10 @@
-"""Worker side: the Celery app, worker hooks, stateful DSPy operations and the CLI."""
+"""The worker side and local tooling; may import ``routing``, never the other way round.
+
+Rooms, each importing only the ones below it:
+
+- ``app``, ``cli``: the Celery app (``celery -A tasks.app``) and the ``flagship`` command;
+- ``local``: process manager, status view, benchmarks, the demo;
+- ``ops``: the allow-listed operations (sessions, DSPy modules, RLM, refs, analytics);
+- ``worker``: start-up hooks, per-worker state, turns, the allow-list, the ref store;
+- ``lm`` and ``sandbox``: LM providers and the offline LM; Deno + Pyodide sandboxes.
+"""

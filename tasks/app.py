@@ -23,17 +23,18 @@ app = Celery("flagship")
 # Evaluated lazily, when Celery first reads its configuration (not at import).
 app.add_defaults(_config)
 
-from tasks import analytics_ops, dspy_ops, ref_ops, rlm_ops, worker_hooks  # noqa: E402, F401  (signals and the operation allow-list)
+from tasks.ops import analytics, modules, refs, rlm, session  # noqa: E402, F401  (the operation allow-list)
+from tasks.worker import hooks  # noqa: E402  (Celery signals: registration, heartbeat, in-flight counts)
 
 
 @app.task(name=names.CALL_TASK, bind=True, throws=(FlagshipError,))
 def call(self: Any, session_id: str, op: str, kwargs: dict[str, Any], route: dict[str, Any]) -> dict[str, Any]:
-    from tasks.calls import execute_call
+    from tasks.worker.calls import execute_call
 
-    return execute_call(worker_hooks.current_worker(), self.request.id, session_id, op, kwargs, route)
+    return execute_call(hooks.current_worker(), self.request.id, session_id, op, kwargs, route)
 
 
 @app.task(name=names.NOOP_TASK)
 def noop() -> dict[str, Any]:
     """Plain Celery baseline for benchmarks: same payload as ``ping``, no routing."""
-    return {"node": worker_hooks.node_name(), "pid": os.getpid()}
+    return {"node": hooks.current_node(), "pid": os.getpid()}

@@ -22,10 +22,9 @@ def _worker(args: argparse.Namespace) -> int:
     os.environ["REDIS_URL"] = ensure_server(settings)
     os.environ["FLAGSHIP_POOL"] = pool.name
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    from routing.names import pool_queue, worker_queue
-    from tasks.stack import node_name
+    from routing.names import pool_queue, qualify_node, worker_queue
 
-    node = node_name(args.name or f"{pool.name.removesuffix('_pool')}-{os.getpid()}")
+    node = qualify_node(args.name or f"{pool.name.removesuffix('_pool')}-{os.getpid()}")
     argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "threads",
             "-c", str(args.concurrency or pool.concurrency), "-n", node,
             "-Q", f"{pool_queue(pool.name)},{worker_queue(node)}",
@@ -47,7 +46,7 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from tasks.status_view import render_status
+    from tasks.local.status_view import render_status
 
     while True:
         render_status(as_json=args.json)
@@ -58,7 +57,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     """Server plus every pool's workers in the foreground until Ctrl-C."""
-    from tasks.stack import Stack
+    from tasks.local.stack import Stack
 
     stack = Stack()
     print(f"server: {redact_url(stack.redis_url)}")
@@ -88,14 +87,14 @@ def _up(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "routing":
-        from tasks.bench_routing import main as bench_main
+        from tasks.local.bench import main as bench_main
     else:
         from tasks.sandbox.bench import main as bench_main  # type: ignore[no-redef]
     return int(bench_main(args.bench_args) or 0)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from tasks.demo.main import main as demo_main
+    from tasks.local.demo.main import main as demo_main
 
     return int(demo_main(args.demo_args) or 0)
 

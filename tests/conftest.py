@@ -15,8 +15,8 @@ import pytest
 
 from routing import Client, Session, Settings
 from routing.embedded import stop_server
+from tasks.local.stack import Stack, WorkerProcess
 from tasks.sandbox.setup import deno_dir
-from tasks.stack import Stack, WorkerProcess
 
 #: Extra pools, so destructive tests never disturb the shared workers.
 TEST_POOLS = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tasks.offline_lm import reply_for
+from tasks.lm.offline import reply_for
 
 __all__ = ["FakeOpenAI", "RecordedRequest", "Failure"]
 

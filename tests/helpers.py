@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tasks.stack import Stack, WorkerProcess
+from tasks.local.stack import Stack, WorkerProcess
 
 
 def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0, interval_s: float = 0.02,

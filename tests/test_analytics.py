@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from routing.errors import InvalidAnalyticsInput
-from tasks.analytics import score_predictions
+from tasks.ops.scoring import score_predictions
 
 GOLD = [
     {"ticket_id": "t1", "category": "outage", "urgency": "high"},

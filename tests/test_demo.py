@@ -15,10 +15,10 @@ import pytest
 from fake_openai import FakeOpenAI
 
 from routing import Client, Session
-from tasks.demo.data import HOLDOUT, TICKETS
-from tasks.demo.main import main as demo_main
-from tasks.demo.run import SKIP_MESSAGE, Hooks
-from tasks.stack import Stack, WorkerProcess
+from tasks.local.demo.data import HOLDOUT, TICKETS
+from tasks.local.demo.main import main as demo_main
+from tasks.local.demo.run import SKIP_MESSAGE, Hooks
+from tasks.local.stack import Stack, WorkerProcess
 
 pytestmark = pytest.mark.sandbox
 

@@ -71,7 +71,7 @@ def check_flagship_argv(argv: list[str]) -> Any:
     """``argv`` (after ``flagship``) parses with the real CLI parser; worker pools exist."""
     try:
         if argv[:1] == ["demo"]:  # the CLI hands `demo`'s options to the demo's own parser
-            from tasks.demo.main import parser as demo_parser
+            from tasks.local.demo.main import parser as demo_parser
 
             args = demo_parser().parse_args(argv[1:])
             args.command = "demo"

@@ -29,7 +29,7 @@ import pytest
 from helpers import wait_until
 
 from routing import Session
-from tasks.stack import Stack
+from tasks.local.stack import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FLOWER = ROOT / "deploy" / "run_flower.py"

@@ -12,7 +12,8 @@ from dspy.utils import exceptions as dspy_errors
 from fake_openai import FakeOpenAI
 
 from routing.errors import LMAuthError, LMBadRequest, LMUnavailable
-from tasks.lm_provider import (
+from tasks.lm.offline import OfflineLM
+from tasks.lm.provider import (
     DEFAULT_GEMINI_MODEL,
     NO_KEY,
     LMSettings,
@@ -21,7 +22,6 @@ from tasks.lm_provider import (
     history_entries,
     translate_lm_error,
 )
-from tasks.offline_lm import OfflineLM
 
 TICKET = "Checkout is down: every request returns 502 for all customers."
 

@@ -14,8 +14,8 @@ from helpers import wait_until
 
 from routing import Client, Session
 from routing.errors import NoCapableWorker, SandboxTimeout
-from tasks.offline_lm import reply_for
-from tasks.stack import Stack, WorkerProcess
+from tasks.lm.offline import reply_for
+from tasks.local.stack import Stack, WorkerProcess
 
 pytestmark = pytest.mark.sandbox
 

@@ -10,7 +10,7 @@ from helpers import wait_until, worker_by_node
 from routing import Client, Session
 from routing.errors import WorkerBusy
 from routing.registry import Liveness
-from tasks.stack import Stack
+from tasks.local.stack import Stack
 
 
 def saturate(sessions: Callable[..., Session], pool: str, node: str, hold_s: float, concurrency: int = 2) -> list:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from routing import Session
-from tasks.stack import Stack
+from tasks.local.stack import Stack
 
 
 def status(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ from helpers import wait_until
 from routing import Client, Session, names
 from routing.errors import InvalidArgument, SessionWorkerUnavailable
 from routing.settings import Settings
-from tasks.stack import Stack, WorkerProcess
+from tasks.local.stack import Stack, WorkerProcess
 
 StartWorkers = Callable[..., list[WorkerProcess]]
 

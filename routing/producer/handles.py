@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
-    from routing.future import CallFuture
-    from routing.session import Session
+    from routing.producer.future import CallFuture
+    from routing.producer.session import Session
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class ModuleRef:
 
 
 class RefMethods:
-    """The DSPy-facing part of :class:`~routing.session.Session`."""
+    """The DSPy-facing part of :class:`~routing.producer.session.Session`."""
 
     def call(self, op: str, /, *, timeout_s: float | None = None, **kwargs: Any) -> Any:  # pragma: no cover
         raise NotImplementedError

@@ -18,8 +18,8 @@ from routing.errors import ServerUnavailable
 from routing.pools import PoolTable
 from routing.registry import Registry
 from routing.settings import redact_url
-from tasks.demo.run import Console, FlagshipRun, Hooks, Options
-from tasks.stack import Stack
+from tasks.local.demo.run import Console, FlagshipRun, Hooks, Options
+from tasks.local.stack import Stack
 
 
 def _live_workers(settings: Settings, pool: str) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.analytics import score_predictions
-from tasks.operations import CallContext, operation
+from tasks.ops.scoring import score_predictions
+from tasks.worker.allowlist import CallContext, operation
 
 
 @operation("score")

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from routing import Client, Pool, PoolTable, Settings, names
-from tasks.stack import Stack
+from tasks.local.stack import Stack
 
 BENCH_POOL = Pool("bench_pool", size=2, concurrency=2)
 

@@ -9,8 +9,6 @@ consumer starts (never with ``add_consumer`` later: celery #987).
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from typing import Any
 
 from celery import signals
@@ -19,16 +17,14 @@ from redis import Redis
 from routing import names
 from routing.pools import Pool, PoolTable
 from routing.registry import Registry
-from routing.settings import Settings
-from tasks.capabilities import probe_capabilities
-from tasks.refs import RefStore, default_max_refs
-from tasks.worker_state import WorkerState
+from tasks.sandbox.pool import SandboxPool
+from tasks.worker.capabilities import probe_capabilities
+from tasks.worker.ref_store import RefStore
+from tasks.worker.refusal import refuse
+from tasks.worker.settings import WorkerSettings
+from tasks.worker.state import WorkerState
 
 log = logging.getLogger(__name__)
-
-#: Exit status of a worker that refuses to serve its pool: missing capability, wrong pool type,
-#: duplicate node name (EX_CONFIG).
-EXIT_REFUSED = 78
 
 _state: WorkerState | None = None
 _node: str | None = None
@@ -40,14 +36,14 @@ def current_worker() -> WorkerState:
     return _state
 
 
-def node_name() -> str | None:
+def current_node() -> str | None:
+    """This process's Celery node name (set at start-up, flagship pool or not)."""
     return _node
 
 
-def _pool_for(queues: set[str], pools: PoolTable) -> Pool | None:
-    name = os.environ.get("FLAGSHIP_POOL")
-    if name:
-        return pools.get(name)
+def _pool_for(queues: set[str], pools: PoolTable, configured: str | None) -> Pool | None:
+    if configured:
+        return pools.get(configured)
     matches = [p for p in pools if names.pool_queue(p.name) in queues]
     return matches[0] if len(matches) == 1 else None
 
@@ -56,24 +52,24 @@ def _pool_for(queues: set[str], pools: PoolTable) -> Pool | None:
 def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
     global _state, _node
     _node = sender
-    settings = Settings.from_env()
-    pools = PoolTable.load(settings.pools_config)
+    settings = WorkerSettings.from_env()
+    pools = PoolTable.load(settings.routing.pools_config)
     queues = instance.app.amqp.queues
     consumed = set(queues.consume_from or queues)
-    pool = _pool_for(consumed, pools)
+    pool = _pool_for(consumed, pools, settings.pool)
     if pool is None:
         log.warning("no flagship pool for queues %s: serving plain Celery tasks only", sorted(consumed))
         return
     pool_module = getattr(instance.pool_cls, "__module__", "")
     if not pool_module.endswith((".thread", ".solo")):
-        _refuse(sender, pool, [f"stateful workers need `-P threads` or `-P solo`, not {pool_module} "
-                               "(prefork children would not share the ref store)"])
+        refuse(sender, pool.name, [f"stateful workers need `-P threads` or `-P solo`, not {pool_module} "
+                                   "(prefork children would not share the ref store)"])
     redis = Redis.from_url(conf.broker_url, decode_responses=True)
-    if Registry(redis, settings).another_run_is_live(sender):
-        _refuse(sender, pool, [f"a live worker already runs as {sender}; give each worker a unique --name"])
+    if Registry(redis, settings.routing).another_run_is_live(sender):
+        refuse(sender, pool.name, [f"a live worker already runs as {sender}; give each worker a unique --name"])
     capabilities, failures = probe_capabilities(pool.requires)
     if failures:
-        _refuse(sender, pool, failures)
+        refuse(sender, pool.name, failures)
     for queue in (names.pool_queue(pool.name), names.worker_queue(sender)):
         if queue not in consumed:
             queues.select_add(queue)
@@ -83,22 +79,16 @@ def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
 
 
 def install_services(state: WorkerState) -> None:
-    """Per-worker objects the operations use: the ref store (and the sandbox pool on RLM workers)."""
-    refs = RefStore(state.node, int(os.environ.get("FLAGSHIP_MAX_REFS", default_max_refs)))
+    """Per-worker objects the operations use: the ref store, and pre-started sandboxes on Deno workers."""
+    refs = RefStore(state.node, state.settings.max_refs)
     state.services["refs"] = refs
     state.gauges["refs"] = refs.__len__
     if "deno" in state.capabilities:
-        from tasks.rlm_ops import install_sandbox_pool
-
-        install_sandbox_pool(state)
-
-
-def _refuse(node: str, pool: Pool, reasons: list[str]) -> None:
-    """One clear line, then exit before consuming anything from the pool's queues."""
-    message = f"worker {node} refuses to serve {pool.name}: " + "; ".join(reasons)
-    log.critical(message)
-    print(message, file=sys.stderr, flush=True)
-    os._exit(EXIT_REFUSED)
+        sandbox = state.settings.sandbox
+        state.services["sandboxes"] = SandboxPool(
+            size=sandbox.pool_size or state.concurrency,  # default: one ready sandbox per thread
+            execute_timeout_s=sandbox.execute_timeout_s, heap_mb=sandbox.heap_mb,
+        )
 
 
 @signals.worker_ready.connect
@@ -128,7 +118,7 @@ def _received(request: Any, **_: Any) -> None:
     if request.name == names.CALL_TASK and request.args:
         _state.turns.arrive(str(request.args[0]), request.id)
     tag = getattr(request.message, "delivery_tag", None)
-    _state.call_arrived(request.id, None if tag is None else str(tag))
+    _state.calls.arrived(request.id, None if tag is None else str(tag))
 
 
 def _finished(task_id: str, task_name: str, args: Any) -> None:
@@ -137,7 +127,7 @@ def _finished(task_id: str, task_name: str, args: Any) -> None:
     if task_name == names.CALL_TASK and args:
         # Normally the call already left its turn; this covers calls that failed before taking it.
         _state.turns.leave(str(args[0]), task_id)
-    _state.call_finished(task_id)
+    _state.calls.finished(task_id)
 
 
 @signals.task_postrun.connect

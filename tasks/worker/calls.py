@@ -8,8 +8,8 @@ from typing import Any
 
 from routing.errors import FlagshipError, InvalidArgument, OperationFailed, SessionWorkerUnavailable
 from routing.pools import Affinity
-from tasks.operations import SESSIONLESS, CallContext, dispatch
-from tasks.worker_state import WorkerState
+from tasks.worker.allowlist import SESSIONLESS, CallContext, dispatch
+from tasks.worker.state import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def execute_call(
             # A strict call moved off a dead worker, or sent to an earlier run of this node: its state is gone.
             raise SessionWorkerUnavailable(session_id, where.node)
         if op not in SESSIONLESS:
-            worker.ensure_session(session_id, where.ttl_s or worker.settings.session_ttl_s)
+            worker.book.ensure(session_id, where.ttl_s or worker.book.default_ttl_s)
         try:
             value = dispatch(CallContext(session_id, worker), op, kwargs)
         except FlagshipError:

@@ -14,14 +14,14 @@ from routing import names
 from routing.celery_config import celery_config
 from routing.embedded import resolve_url
 from routing.errors import InvalidArgument, SessionWorkerUnavailable, WorkerBusy
-from routing.future import CallFuture
 from routing.pools import Affinity, PoolTable
+from routing.producer.future import CallFuture
+from routing.producer.session import Session
+from routing.producer.watch import WorkerWatch
 from routing.reaper import reap_dead_workers
 from routing.registry import Liveness, Registry
-from routing.session import Session
 from routing.sessions import SessionStore
 from routing.settings import Settings
-from routing.watch import WorkerWatch
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Client:
     """Opens sessions and sends their calls; one per producer process is enough.
 
     The routing decision reads a cached view of the bound workers (see
-    :class:`~routing.watch.WorkerWatch`), so a strict call costs the same Redis
+    :class:`~routing.producer.watch.WorkerWatch`), so a strict call costs the same Redis
     work as a plain Celery ``send_task``. ``strict_fail_fast`` is the exception:
     it reads the worker's in-flight count fresh, one round trip, by definition.
     """

@@ -5,11 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from routing import names
-from tasks import recipes
-from tasks.dspy_ops import handle, store
-from tasks.lm_provider import history_entries
-from tasks.operations import CallContext, operation
+from routing import names, recipes
+from tasks.lm.provider import history_entries
+from tasks.ops.modules import handle, store
+from tasks.worker.allowlist import CallContext, operation
 
 #: Most history entries one call returns.
 max_history_entries = 100

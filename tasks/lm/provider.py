@@ -15,12 +15,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import dspy
 from dspy.utils import exceptions as dspy_errors
 
 from routing.errors import LMAuthError, LMBadRequest, LMError, LMUnavailable
-from tasks.offline_lm import OFFLINE_MODEL, OfflineLM
+from tasks.lm.offline import OFFLINE_MODEL, OfflineLM
 
 __all__ = ["LMSettings", "ProviderLM", "build_lm", "clip", "translate_lm_error", "is_transient", "history_entries"]
 
@@ -56,6 +57,9 @@ class LMSettings:
     cache: bool = False
     #: Characters of each message kept by ``history_entries``.
     history_chars: int = 400
+    #: Servers producers may point an LM at (``FLAGSHIP_LM_API_BASES``): ``scheme://host[:port][/path]``
+    #: prefixes, or ``*``; the configured ``FLAGSHIP_LM_API_BASE`` is always allowed.
+    allowed_api_bases: tuple[str, ...] = ()
 
     @property
     def offline(self) -> bool:
@@ -83,7 +87,35 @@ class LMSettings:
             max_tokens=_number(env, "FLAGSHIP_LM_MAX_TOKENS", cls.max_tokens, int),
             cache=(env.get("FLAGSHIP_LM_CACHE") or "").strip().lower() in ("1", "true", "yes", "on"),
             history_chars=_number(env, "FLAGSHIP_LM_HISTORY_CHARS", cls.history_chars, int),
+            allowed_api_bases=tuple(
+                e.strip() for e in [env.get("FLAGSHIP_LM_API_BASE") or "",
+                                    *(env.get("FLAGSHIP_LM_API_BASES") or "").split(",")] if e.strip()),
         )
+
+    def api_base_allowed(self, api_base: str) -> bool:
+        """Producers may point LMs only at servers the workers' operator allowed (no request forgery).
+
+        A missing port in an allowed base allows any port; hosts are compared
+        exactly and URLs with credentials are refused.
+        """
+        if api_base in self.allowed_api_bases or "*" in self.allowed_api_bases:
+            return True
+        try:
+            url = urlsplit(api_base)
+            port = url.port
+        except ValueError:
+            return False
+        if url.username or url.password or not url.hostname:
+            return False
+        for entry in self.allowed_api_bases:
+            allowed = urlsplit(entry)
+            if (url.scheme, url.hostname) != (allowed.scheme, allowed.hostname):
+                continue
+            if allowed.port is not None and allowed.port != port:
+                continue
+            if url.path.startswith(allowed.path.rstrip("/")):
+                return True
+        return False
 
 
 def _number(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:

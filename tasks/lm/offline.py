@@ -20,8 +20,15 @@ from typing import Any
 import dspy
 from dspy.lm15 import Message, Response, TextPart, Usage
 
-from tasks.offline_format import LABEL, OFFLINE_MODEL, field_types, fit, is_text, render_chat, sections
-from tasks.offline_rules import rlm_action, rlm_analysis_code, rlm_extract, submit_fields, triage_ticket, triage_values
+from tasks.lm.offline_format import LABEL, OFFLINE_MODEL, field_types, fit, is_text, render_chat, sections
+from tasks.lm.offline_rules import (
+    rlm_action,
+    rlm_analysis_code,
+    rlm_extract,
+    submit_fields,
+    triage_ticket,
+    triage_values,
+)
 
 __all__ = ["OFFLINE_MODEL", "LABEL", "OfflineLM", "reply_for", "triage_ticket", "rlm_analysis_code"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tasks.offline_format import LABEL, fit, is_text
+from tasks.lm.offline_format import LABEL, fit, is_text
 
 # -- triage rules ------------------------------------------------------------
 

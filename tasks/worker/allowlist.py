@@ -7,14 +7,12 @@ checked against its signature before it runs.
 from __future__ import annotations
 
 import inspect
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from routing.errors import InvalidArgument, UnknownOperation
-from tasks.worker_state import WorkerState
+from tasks.worker.state import WorkerState
 
 Operation = Callable[..., Any]
 
@@ -60,24 +58,12 @@ def dispatch(ctx: CallContext, op: str, kwargs: dict[str, Any]) -> Any:
     return fn(ctx, **kwargs)
 
 
-@operation("ping")
-def ping(ctx: CallContext, sleep_s: float = 0.0) -> dict[str, Any]:
-    """Where the call ran and the how-manyth ping of the session it was on this worker.
-
-    ``sleep_s`` holds the worker busy (for tests and benchmarks); ``started`` and
-    ``ended`` are the worker's monotonic clock.
-    """
-    if not isinstance(sleep_s, (int, float)) or isinstance(sleep_s, bool) or not 0 <= sleep_s <= 60:
-        raise InvalidArgument("ping", "sleep_s must be a number between 0 and 60")
-    started = time.monotonic()
-    seq = ctx.worker.next_seq(ctx.session_id)
-    if sleep_s:
-        time.sleep(sleep_s)
-    return {"node": ctx.node, "pid": os.getpid(), "session_id": ctx.session_id, "seq": seq,
-            "started": started, "ended": time.monotonic()}
-
-
-@operation("release_session")
-def release_session(ctx: CallContext) -> dict[str, Any]:
-    """Free everything the session holds on this worker (sent when a session closes)."""
-    return {"released": ctx.worker.forget_session(ctx.session_id)}
+def check_number(op: str, name: str, value: Any, low: float, high: float, *, integer: bool = False,
+                 optional: bool = True) -> None:
+    """Refuse a non-number (bools included), a float where an integer is due, or a value outside [low, high]."""
+    if value is None and optional:
+        return
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise InvalidArgument(op, f"{name} must be {kind} between {low} and {high}")

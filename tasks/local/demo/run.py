@@ -10,8 +10,16 @@ from typing import Any
 
 from routing import Client, Session, gather
 from routing.errors import FlagshipError, NoCapableWorker, SessionWorkerUnavailable
-from routing.refs import ModuleRef
-from tasks.demo.data import HOLDOUT, RLM_QUERY, RLM_SIGNATURE, TICKETS, TRIAGE_SIGNATURE, build_context, gold_labels
+from routing.producer.handles import ModuleRef
+from tasks.local.demo.data import (
+    HOLDOUT,
+    RLM_QUERY,
+    RLM_SIGNATURE,
+    TICKETS,
+    TRIAGE_SIGNATURE,
+    build_context,
+    gold_labels,
+)
 
 SKIP_MESSAGE = ("Deno not found on any rlm_pool worker; skipping RLM step "
                 "(install Deno with `pip install deno` and run `python -m tasks.sandbox.setup`, then restart the "

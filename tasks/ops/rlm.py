@@ -8,14 +8,15 @@ size and a preview (DSPy's RLM design), never the whole text in a prompt.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import dspy
 
-from routing.errors import InvalidArgument, NoCapableWorker
-from tasks.dspy_ops import (
+from routing.errors import NoCapableWorker
+from tasks.lm.offline import OfflineLM
+from tasks.lm.provider import clip
+from tasks.ops.modules import (
     MODULE_INVOKERS,
     check_inputs,
     handle,
@@ -25,32 +26,12 @@ from tasks.dspy_ops import (
     session_lm,
     store,
 )
-from tasks.lm_provider import clip
-from tasks.offline_lm import OfflineLM
-from tasks.operations import CallContext, operation
-from tasks.refs import RefEntry
-from tasks.signatures import build_signature
-from tasks.worker_state import WorkerState
+from tasks.ops.signatures import build_signature
+from tasks.worker.allowlist import CallContext, check_number, operation
+from tasks.worker.ref_store import RefEntry
 
 #: Characters of each code cell and output kept in the trajectory summary.
 trajectory_chars = 2000
-
-
-def install_sandbox_pool(state: WorkerState) -> None:
-    """Pre-start sandboxes (default: one per thread) so an RLM call never waits for Pyodide."""
-    from tasks.sandbox.pool import SandboxPool
-
-    state.services["sandboxes"] = SandboxPool(
-        size=int(os.environ.get("FLAGSHIP_SANDBOX_POOL_SIZE", state.concurrency)),
-        execute_timeout_s=float(os.environ.get("FLAGSHIP_SANDBOX_TIMEOUT_S", 30.0)),
-        heap_mb=int(os.environ.get("FLAGSHIP_SANDBOX_HEAP_MB", 512)),
-    )
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidArgument("rlm", f"{name} must be an integer between {low} and {high}")
-    return value
 
 
 @operation("rlm")
@@ -60,9 +41,9 @@ def create_rlm(ctx: CallContext, signature: Any = "context, query -> output", ma
     sandboxes = ctx.worker.services.get("sandboxes")
     if sandboxes is None:
         raise NoCapableWorker(ctx.worker.pool.name, ["deno"])
-    _check_int("max_iters", max_iters, 1, 50)
-    _check_int("max_llm_calls", max_llm_calls, 1, 500)
-    _check_int("max_output_chars", max_output_chars, 100, 1_000_000)
+    check_number("rlm", "max_iters", max_iters, 1, 50, integer=True, optional=False)
+    check_number("rlm", "max_llm_calls", max_llm_calls, 1, 500, integer=True, optional=False)
+    check_number("rlm", "max_output_chars", max_output_chars, 100, 1_000_000, integer=True, optional=False)
     sig = build_signature(signature)
     refs = store(ctx)
     if lm is not None:

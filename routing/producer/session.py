@@ -6,13 +6,13 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from routing.errors import SessionClosed, SessionWorkerUnavailable
-from routing.future import CallFuture
 from routing.pools import Affinity
-from routing.refs import RefMethods
+from routing.producer.future import CallFuture
+from routing.producer.handles import RefMethods
 from routing.registry import Liveness
 
 if TYPE_CHECKING:
-    from routing.client import Client
+    from routing.producer.client import Client
 
 
 class Session(RefMethods):
@@ -21,7 +21,7 @@ class Session(RefMethods):
     Made by :meth:`Client.session` (open) or :meth:`Client.attach` (existing).
     ``call``/``submit`` run allow-listed operations with JSON arguments; the
     DSPy-facing helpers (``lm``, ``predict``, ``rlm``, ``history``, ...) come from
-    :class:`~routing.refs.RefMethods`. Safe to share between threads for
+    :class:`~routing.producer.handles.RefMethods`. Safe to share between threads for
     submitting; wait on futures from one thread.
     """
 

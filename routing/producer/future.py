@@ -12,7 +12,7 @@ from celery.result import AsyncResult
 from routing.errors import CallTimeout, SessionWorkerUnavailable
 
 if TYPE_CHECKING:
-    from routing.session import Session
+    from routing.producer.session import Session
 
 
 class CallFuture:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from routing import names
 from routing.embedded import ensure_server
 from routing.pools import PoolTable
 from routing.settings import Settings
-from tasks.worker_hooks import EXIT_REFUSED
+from tasks.worker.refusal import EXIT_REFUSED
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +28,6 @@ worker_ready_timeout_s = 90.0
 
 class WorkerStartFailed(RuntimeError):
     """A worker process exited or did not register in time (not a producer-facing error)."""
-
-
-def node_name(name: str) -> str:
-    return name if "@" in name else f"{name}@{socket.gethostname()}"
 
 
 @dataclass
@@ -106,7 +101,7 @@ class Stack:
         wait: bool = True,
     ) -> WorkerProcess:
         spec = self.pools.get(pool)
-        node = node_name(name or f"{pool.removesuffix('_pool')}-{uuid.uuid4().hex[:6]}")
+        node = names.qualify_node(name or f"{pool.removesuffix('_pool')}-{uuid.uuid4().hex[:6]}")
         assert self.log_dir is not None
         log_path = self.log_dir / f"{node.split('@')[0]}.log"
         cmd = [sys.executable, "-m", "tasks.cli", "worker", "--pool", spec.name, "--name", node,

@@ -8,19 +8,17 @@ one session's prompts never land in another session's LM history.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
-from urllib.parse import urlsplit
 
 import dspy
 
+from routing import recipes
 from routing.errors import InvalidArgument, LMError, RefError
-from tasks import recipes
-from tasks.lm_provider import build_lm, translate_lm_error
-from tasks.offline_lm import OfflineLM
-from tasks.operations import CallContext, operation
-from tasks.refs import RefEntry, RefStore
-from tasks.signatures import build_signature
+from tasks.lm.offline import OfflineLM
+from tasks.lm.provider import build_lm, translate_lm_error
+from tasks.ops.signatures import build_signature
+from tasks.worker.allowlist import CallContext, check_number, operation
+from tasks.worker.ref_store import RefEntry, RefStore
 
 #: Module kinds a producer may create, and the DSPy class of each.
 MODULE_KINDS: dict[str, Any] = {"predict": dspy.Predict, "chain_of_thought": dspy.ChainOfThought}
@@ -38,42 +36,7 @@ def handle(ctx: CallContext, entry: RefEntry, **extra: Any) -> dict[str, Any]:
 
 def remember(ctx: CallContext, entry: RefEntry) -> None:
     recipes.record(ctx.worker.redis, ctx.session_id, entry.ref_id, entry.recipe["op"], entry.recipe["kwargs"],
-                   ctx.worker.session_ttl(ctx.session_id))
-
-
-def api_base_allowed(api_base: str) -> bool:
-    """Producers may point LMs only at servers the workers' operator allowed (no request forgery).
-
-    ``FLAGSHIP_LM_API_BASES`` lists allowed bases (``scheme://host[:port][/path]``, a
-    missing port allows any port) or ``*``; the configured ``FLAGSHIP_LM_API_BASE`` is
-    always allowed. Hosts are compared exactly and URLs with credentials are refused.
-    """
-    configured = os.environ.get("FLAGSHIP_LM_API_BASE") or ""
-    entries = [e.strip() for e in os.environ.get("FLAGSHIP_LM_API_BASES", "").split(",") if e.strip()]
-    if api_base == configured or "*" in entries:
-        return True
-    try:
-        url = urlsplit(api_base)
-        port = url.port
-    except ValueError:
-        return False
-    if url.username or url.password or not url.hostname:
-        return False
-    for entry in entries:
-        allowed = urlsplit(entry)
-        if (url.scheme, url.hostname) != (allowed.scheme, allowed.hostname):
-            continue
-        if allowed.port is not None and allowed.port != port:
-            continue
-        if url.path.startswith(allowed.path.rstrip("/")):
-            return True
-    return False
-
-
-def _check_number(op: str, name: str, value: Any, low: float, high: float) -> None:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if value is not None and (not number or not low <= value <= high):
-        raise InvalidArgument(op, f"{name} must be a number between {low} and {high}")
+                   ctx.worker.book.ttl(ctx.session_id))
 
 
 @operation("lm")
@@ -81,15 +44,15 @@ def create_lm(ctx: CallContext, model: str | None = None, temperature: float | N
               max_tokens: int | None = None, api_base: str | None = None, api_key: str | None = None,
               default: bool = False, ref_id: str | None = None) -> dict[str, Any]:
     """An LM for this session; ``default=True`` (or being the first) makes it the session default."""
-    _check_number("lm", "temperature", temperature, 0.0, 2.0)
-    _check_number("lm", "max_tokens", max_tokens, 1, 1_000_000)
+    check_number("lm", "temperature", temperature, 0.0, 2.0)
+    check_number("lm", "max_tokens", max_tokens, 1, 1_000_000)
     for name, value in (("model", model), ("api_base", api_base), ("api_key", api_key)):
         if value is not None and not isinstance(value, str):
             raise InvalidArgument("lm", f"{name} must be a string")
-    if api_base is not None and not api_base_allowed(api_base):
+    if api_base is not None and not ctx.settings.lm.api_base_allowed(api_base):
         raise InvalidArgument("lm", f"api_base {api_base!r} is not allowed on this worker; "
                                     "list it in FLAGSHIP_LM_API_BASES (comma-separated prefixes, or *)")
-    lm = build_lm(model, temperature, max_tokens, api_base=api_base, api_key=api_key)
+    lm = build_lm(model, temperature, max_tokens, api_base=api_base, api_key=api_key, settings=ctx.settings.lm)
     kwargs = {"model": model, "temperature": temperature, "max_tokens": max_tokens, "api_base": api_base,
               "default": bool(default)}
     refs = store(ctx)

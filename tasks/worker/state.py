@@ -1,0 +1,136 @@
+"""One worker node's runtime, handed explicitly to every operation (like arq's ``ctx``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+
+from routing import names
+from routing.heartbeat import Heartbeat
+from routing.pools import Pool
+from routing.reaper import reap_lock, reap_lock_ttl_s, reap_node
+from routing.registry import Registry, WorkerInfo
+from routing.sessions import SessionStore
+from tasks.worker.in_flight import InFlight
+from tasks.worker.session_book import SessionBook
+from tasks.worker.settings import WorkerSettings
+from tasks.worker.turns import SessionTurns
+
+
+@dataclass
+class WorkerState:
+    """One worker node: its lifecycle (register, heartbeat, drain, stop) and the parts operations use.
+
+    The parts: ``turns`` (one call of a session at a time), ``calls`` (in-flight
+    accounting), ``book`` (sessions served here) and ``services`` (ref store,
+    sandbox pool). Implements :class:`routing.heartbeat.BeatSource`.
+    """
+
+    node: str
+    pool: Pool
+    settings: WorkerSettings
+    redis: Redis
+    concurrency: int
+    capabilities: tuple[str, ...] = ()
+    turns: SessionTurns = field(default_factory=SessionTurns)
+    #: Objects operations keep per worker (ref store, sandbox pool, ...), by name.
+    services: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    #: Counters published with every heartbeat (e.g. ``refs``), by name.
+    gauges: dict[str, Callable[[], int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.registry = Registry(self.redis, self.settings.routing)
+        self.sessions = SessionStore(self.redis)
+        self.book = SessionBook(self.sessions, self.settings.routing.session_ttl_s)
+        #: Differs between runs of a node under the same name; strict calls check it.
+        self.incarnation = f"{os.getpid()}-{int(self.started * 1000)}"
+        self.heartbeat = Heartbeat(self.registry, self.sessions, self, self.settings.routing.heartbeat_interval_s)
+        self.calls = InFlight(self.concurrency, self.heartbeat.nudge)
+
+    @property
+    def queue(self) -> str:
+        return names.worker_queue(self.node)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Requeue what a previous run under this name left behind, then register and heartbeat."""
+        with reap_lock(self.redis, self.node, wait_s=reap_lock_ttl_s):
+            reap_node(self.redis, self.node, self.pool.name)
+            self.redis.delete(names.worker_sessions_key(self.node))
+            self.register()
+        self.heartbeat.start()
+
+    def register(self) -> None:
+        self.registry.register(WorkerInfo(
+            node=self.node, pool=self.pool.name, host=socket.gethostname(), pid=os.getpid(),
+            queue=self.queue, capabilities=self.capabilities, concurrency=self.concurrency,
+            started=self.started, incarnation=self.incarnation,
+        ))
+
+    def drain(self) -> None:
+        """Warm shutdown began: producers stop sending here; the heartbeat goes on until ``stop``."""
+        self.registry.drain(self.node)
+        self.heartbeat.nudge()
+
+    def stop(self) -> None:
+        """Calls finished (or went back to the queue): stop heartbeating, deregister, free services."""
+        self.heartbeat.stop()
+        self.registry.deregister(self.node, self.pool.name)
+        for service in self.services.values():
+            shutdown = getattr(service, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+
+    # -- sessions -------------------------------------------------------------
+
+    def forget_session(self, session_id: str) -> int:
+        """Free everything this worker holds for a session; returns how many objects went."""
+        self.book.forget(session_id)
+        freed = 0
+        for service in self.services.values():
+            release = getattr(service, "release_session", None)
+            if release is not None:
+                freed += int(release(session_id) or 0)
+        return freed
+
+    def sweep_sessions(self) -> None:
+        """Free the objects and bookkeeping of sessions whose records expired or were closed."""
+        held = self.book.sessions()
+        for service in self.services.values():
+            sessions = getattr(service, "sessions", None)
+            if sessions is not None:
+                held |= set(sessions())
+        ordered = sorted(held)
+        for session_id, alive in zip(ordered, self.sessions.alive(ordered)):
+            if not alive:
+                self.forget_session(session_id)
+
+    # -- what the heartbeat publishes (BeatSource) -----------------------------
+
+    @property
+    def pool_name(self) -> str:
+        return self.pool.name
+
+    @property
+    def in_flight(self) -> int:
+        return self.calls.count
+
+    def held_tags(self) -> list[str]:
+        return self.calls.delivery_tags()
+
+    def take_touched(self) -> dict[str, float]:
+        return self.book.take_touched()
+
+    def gauge_values(self) -> dict[str, int]:
+        return {name: gauge() for name, gauge in self.gauges.items()}
+
+    def housekeeping(self) -> None:
+        self.sweep_sessions()
