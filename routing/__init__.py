@@ -1,6 +1,8 @@
 """Pools, sessions and affinity routing for stateful workers on Celery + Redis.
 
-This package imports neither ``dspy`` nor ``tasks``: producers need only it.
+Shared contracts (names, errors, settings, the pool table, the registry, session
+records, recipes, heartbeat and reaper) and the producer side (``routing.producer``).
+Imports neither ``dspy`` nor ``tasks``: producers need only this package.
 """
 
 from __future__ import annotations

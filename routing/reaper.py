@@ -26,6 +26,7 @@ import redis as redis_lib
 from redis import Redis
 
 from routing import names
+from routing.registry import remove_worker
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,7 @@ def reap_dead_workers(redis: Redis, pool: str | None = None) -> dict[str, int]:
                 continue
             reaped[node] = reap_node(redis, node, node_pool)
             pipe = redis.pipeline()
-            pipe.delete(names.worker_key(node))
-            pipe.srem(names.pool_workers_key(node_pool), node)
-            pipe.hset(names.REAPED_KEY, node, now)
+            remove_worker(pipe, node, node_pool, now)
             pipe.execute()
     return reaped
 

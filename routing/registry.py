@@ -85,6 +85,17 @@ class Liveness:
         return not (incarnation and self.incarnation and self.incarnation != incarnation)
 
 
+def remove_worker(pipe: Redis, node: str, pool: str, when: float) -> None:
+    """The deregister steps (clean shutdown or reaping): the node stops being live and bindable.
+
+    Its direct queue stays known, marked reaped at ``when``: producers with a stale
+    view may still send to it, so it is watched for a while, then forgotten.
+    """
+    pipe.delete(names.heartbeat_key(node), names.worker_key(node), names.worker_sessions_key(node))
+    pipe.srem(names.pool_workers_key(pool), node)
+    pipe.hset(names.REAPED_KEY, node, when)
+
+
 class Registry:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
@@ -145,9 +156,7 @@ class Registry:
         and hint ones move on with their next call.
         """
         pipe = self.redis.pipeline()
-        pipe.delete(names.heartbeat_key(node), names.worker_key(node), names.worker_sessions_key(node))
-        pipe.srem(names.pool_workers_key(pool), node)
-        pipe.hset(names.REAPED_KEY, node, time.time())  # its queue stays watched for a while, then is forgotten
+        remove_worker(pipe, node, pool, time.time())
         pipe.execute()
 
     def liveness(self, nodes: Iterable[str]) -> dict[str, Liveness]:

@@ -6,7 +6,6 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from redis import Redis
 
@@ -125,12 +124,6 @@ class SessionStore:
         if node is None:
             return None
         return node or ""
-
-    def recipes(self, session_id: str) -> list[tuple[str, str, dict[str, Any]]]:
-        """(ref id, op, kwargs) of every recorded ref, in creation order."""
-        raw = self.redis.hgetall(names.session_recipes_key(session_id))
-        items = sorted(((ref_id, json.loads(v)) for ref_id, v in raw.items()), key=lambda item: item[1]["seq"])
-        return [(ref_id, r["op"], r["kwargs"]) for ref_id, r in items]
 
     def touch(self, ttls: dict[str, float], pipeline: Redis | None = None) -> None:
         """Renew the inactivity TTL of sessions that just ran calls (batched by workers)."""

@@ -25,12 +25,12 @@ app.add_defaults(_config)
 
 from tasks.ops import analytics, modules, refs, rlm, session  # noqa: E402, F401  (the operation allow-list)
 from tasks.worker import hooks  # noqa: E402  (Celery signals: registration, heartbeat, in-flight counts)
+from tasks.worker.calls import execute_call  # noqa: E402
 
 
 @app.task(name=names.CALL_TASK, bind=True, throws=(FlagshipError,))
-def call(self: Any, session_id: str, op: str, kwargs: dict[str, Any], route: dict[str, Any]) -> dict[str, Any]:
-    from tasks.worker.calls import execute_call
-
+def run_call(self: Any, session_id: str, op: str, kwargs: dict[str, Any], route: dict[str, Any]) -> dict[str, Any]:
+    """One call of a session: the allow-listed operation ``op(**kwargs)``, on the worker holding its state."""
     return execute_call(hooks.current_worker(), self.request.id, session_id, op, kwargs, route)
 
 

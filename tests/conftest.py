@@ -16,7 +16,7 @@ import pytest
 from routing import Client, Session, Settings
 from routing.embedded import stop_server
 from tasks.local.stack import Stack, WorkerProcess
-from tasks.sandbox.setup import deno_dir
+from tasks.sandbox.paths import deno_dir
 
 #: Extra pools, so destructive tests never disturb the shared workers.
 TEST_POOLS = {

@@ -12,6 +12,7 @@ from dspy.utils import exceptions as dspy_errors
 from fake_openai import FakeOpenAI
 
 from routing.errors import LMAuthError, LMBadRequest, LMUnavailable
+from tasks.lm.history import history_entries
 from tasks.lm.offline import OfflineLM
 from tasks.lm.provider import (
     DEFAULT_GEMINI_MODEL,
@@ -19,7 +20,6 @@ from tasks.lm.provider import (
     LMSettings,
     ProviderLM,
     build_lm,
-    history_entries,
     translate_lm_error,
 )
 
@@ -199,8 +199,16 @@ def test_translate_lm_error(exc: Exception, expected: type) -> None:
         assert typed.model == "m" and typed.message
 
 
-def test_context_window_errors_pass_through_the_wrapper() -> None:
-    lm = ProviderLM("openai/x", retries=0, api_base="http://127.0.0.1:9/v1", api_key="k")
+def test_context_window_errors_pass_through_the_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = ProviderLM("openai/x", retries=2, api_base="http://127.0.0.1:9/v1", api_key="k")
     exc = dspy_errors.ContextWindowExceededError(model="openai/x")
+    calls: list[object] = []
+
+    def too_long(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise exc
+
+    monkeypatch.setattr(dspy.LM, "__call__", too_long)
     with pytest.raises(dspy_errors.ContextWindowExceededError):
-        lm._delay_or_raise(exc, 0)
+        lm("hello")
+    assert len(calls) == 1  # not retried

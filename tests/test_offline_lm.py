@@ -13,8 +13,8 @@ import dspy
 import pytest
 from dspy.primitives.code_interpreter import CodeExecutionError, FinalOutput
 
+from tasks.lm.history import history_entries
 from tasks.lm.offline import LABEL, OFFLINE_MODEL, OfflineLM, rlm_analysis_code, triage_ticket
-from tasks.lm.provider import history_entries
 
 TICKETS = [
     ("Checkout is down: every request returns 502 for all customers since 09:40.", "outage", "high"),

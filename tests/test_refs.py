@@ -33,13 +33,13 @@ def worker_refs(client: Client, node: str) -> int:
 
 def test_a_predictor_is_created_once_and_reused_on_the_same_worker(sessions: Callable[..., Session]) -> None:
     session = sessions("triage_pool")
-    pid = session.ping()["pid"]
+    pid = session.call("ping")["pid"]
     lm = session.lm(temperature=0.2)
     triage = session.predict(TRIAGE, lm=lm)
     answers = [triage(ticket=text) for text in TICKETS.values()]
     assert [a["category"] for a in answers] == list(TICKETS)
     assert {r.ref_id for r in session.refs()} == {lm.ref_id, triage.ref_id}
-    assert triage.handle.worker == session.worker and session.ping()["pid"] == pid
+    assert triage.handle.worker == session.worker and session.call("ping")["pid"] == pid
     assert lm.offline and "[offline]" in answers[0]["action"]
 
 
@@ -139,7 +139,7 @@ def test_real_dspy_lm_over_http_retries_rate_limits_and_types_auth_errors(sessio
         with pytest.raises(LMAuthError):
             triage(ticket=TICKETS["billing"])
         assert len(server.requests) == before + 1
-    assert session.ping()["node"] == session.worker
+    assert session.call("ping")["node"] == session.worker
 
 
 def test_refs_past_the_worker_cap_are_evicted_with_a_clear_error(
@@ -193,7 +193,7 @@ def test_a_session_opened_with_rehydrate_survives_its_worker_dying_mid_call(
 def test_api_keys_are_masked_in_what_celery_shows_and_never_stored_in_recipes(
     client: Client, sessions: Callable[..., Session]
 ) -> None:
-    from routing.producer.client import _redacted_repr
+    from routing.producer.router import redacted_argsrepr as _redacted_repr
 
     shown = _redacted_repr(["s", "lm", {"model": "m", "api_key": "sk-secret"}, {}])
     assert shown is not None and "sk-secret" not in shown and "***" in shown
@@ -212,7 +212,7 @@ def test_producers_cannot_point_lms_at_servers_the_workers_do_not_allow(sessions
                    "http://127.0.0.1.evil.example/v1", "http://user:pw@127.0.0.1:9/v1"):
         with pytest.raises(InvalidArgument, match="FLAGSHIP_LM_API_BASES"):
             session.lm("openai/x", api_base=forged)
-    assert session.ping()["node"] == session.worker
+    assert session.call("ping")["node"] == session.worker
 
 
 def test_a_one_worker_pool_rehydrates_onto_the_restarted_worker(
@@ -229,6 +229,6 @@ def test_a_one_worker_pool_rehydrates_onto_the_restarted_worker(
             triage(ticket=TICKETS["outage"])
         after = session.call("call", ref=triage.ref_id, inputs={"ticket": TICKETS["outage"]}, rehydrate=True)
         assert after["outputs"] == before and after["worker"] == worker.node
-        assert session.ping()["pid"] == reborn.pid and session.rehydrations == 1
+        assert session.call("ping")["pid"] == reborn.pid and session.rehydrations == 1
     finally:
         reborn.stop()

@@ -128,11 +128,11 @@ def test_an_infinite_loop_is_killed_within_the_limit_and_the_worker_serves_the_n
             rlm(context=incident_log(5_000), query=QUERY, timeout_s=60)
         # The limit itself is asserted tightly in test_sandbox; this bound covers the LM calls and a fresh sandbox.
         assert time.monotonic() - started < raised.value.timeout_s + 20
-    pid = session.ping()["pid"]
+    pid = session.call("ping")["pid"]
     session.configure(session.lm())  # back to the offline LM
     again = session.call("call", ref=session.rlm().ref_id, inputs={"context": incident_log(5_000), "query": QUERY},
                          timeout_s=60)
-    assert "COUNT" in again["trajectory"]["steps"][0]["output"] and session.ping()["pid"] == pid
+    assert "COUNT" in again["trajectory"]["steps"][0]["output"] and session.call("ping")["pid"] == pid
 
 
 def test_sandbox_denies_files_env_and_network_to_model_written_code(

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import dspy
 import pytest
@@ -32,6 +33,17 @@ EXECUTE_TIMEOUT_S = 2.0
 #: A value only the test process's environment holds.
 CANARY = "flagship-canary-7c1e"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(interpreter: SandboxInterpreter, code: str, variables: dict[str, Any] | None = None) -> Any:
+    """``interpreter.execute``, with a failing snippet raised as ``CodeFailed``."""
+    try:
+        return interpreter.execute(code, variables)
+    except SyntaxError as exc:
+        raise CodeFailed("SyntaxError", str(exc)) from exc
+    except CodeExecutionError as exc:
+        error_type, _, message = str(exc).partition(": ")
+        raise CodeFailed(error_type, message) from exc
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.05) -> bool:
@@ -132,9 +144,9 @@ def test_os_environ_in_the_sandbox_is_not_the_host_environment(interp: SandboxIn
 
 def test_run_raises_code_failed_for_a_failing_snippet(interp: SandboxInterpreter) -> None:
     with pytest.raises(CodeFailed) as caught:
-        interp.run("1 / 0")
+        run(interp, "1 / 0")
     assert caught.value.error_type == "ZeroDivisionError"
-    assert interp.run("print('still here')").strip() == "still here"
+    assert run(interp, "print('still here')").strip() == "still here"
 
 
 def test_infinite_loop_is_killed_within_the_limit_and_the_pool_serves_a_fresh_interpreter(

@@ -1,18 +1,13 @@
-"""The producer's handle on one submitted call."""
+"""The producer's handle on one submitted call, and ``gather`` for many."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import AsyncResult
+from typing import Any
 
 from routing.errors import CallTimeout, SessionWorkerUnavailable
-
-if TYPE_CHECKING:
-    from routing.producer.session import Session
+from routing.producer.router import Binding, Router, Sent
 
 
 class CallFuture:
@@ -20,21 +15,19 @@ class CallFuture:
 
     A strict call whose worker dies after it was queued becomes
     ``SessionWorkerUnavailable`` as soon as the producer's watch sees the death,
-    not after a timeout. Wait on futures from one thread (Celery's result consumer
-    is not thread-safe); submit many, then wait on each.
+    not after a timeout (or, with ``rehydrate``, runs again on the rebuilt
+    session). Wait on futures from one thread (Celery's result consumer is not
+    thread-safe); submit many, then wait on each.
     """
 
-    def __init__(self, session: Session, op: str, result: AsyncResult, target: str | None,
-                 incarnation: str | None = None, kwargs: dict[str, Any] | None = None,
+    def __init__(self, router: Router, binding: Binding, op: str, kwargs: dict[str, Any], sent: Sent,
                  rehydrate: bool = False) -> None:
-        self.session = session
+        self.router = router
+        self.binding = binding
         self.op = op
-        self.kwargs = kwargs or {}
+        self.kwargs = kwargs
         self.rehydrate = rehydrate
-        #: The worker (and its run) the call was sent to; None: the pool's shared queue.
-        self.target = target
-        self.incarnation = incarnation
-        self._result = result
+        self.sent = sent
         self._value: Any = None
         self._done = False
         #: The worker that ran the call, once known.
@@ -45,57 +38,47 @@ class CallFuture:
 
     @property
     def id(self) -> str:
-        return str(self._result.id)
+        return str(self.sent.result.id)
+
+    @property
+    def target(self) -> str | None:
+        """The worker the call was sent to; None: the pool's shared queue."""
+        return self.sent.target
 
     def done(self) -> bool:
-        return self._done or self._result.ready()
+        return self._done or self.sent.result.ready()
+
+    def worker_gone(self) -> bool:
+        """The strict worker run this call waits on is gone (per the producer's watch; no round trip)."""
+        return self.router.worker_gone(self.binding, self.sent)
 
     def result(self, timeout_s: float | None = None) -> Any:
         if self._done:
             return self._value
-        client = self.session.client
-        slice_s = client.settings.watch_interval_s
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            wait_s = slice_s if deadline is None else max(0.0, min(slice_s, deadline - time.monotonic()))
-            try:
-                envelope = self._result.get(timeout=wait_s, propagate=True, disable_sync_subtasks=False)
-                break
-            except CeleryTimeout:
-                if not self.worker_gone() or self._result.ready():
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise CallTimeout(self.session.id, self.op, timeout_s) from None
-                    continue
-                assert self.target is not None
-                lost = SessionWorkerUnavailable(self.session.id, self.target)
-            except SessionWorkerUnavailable as exc:
-                # The call was moved off its dead worker and refused where it landed.
-                lost = exc
-            if not self.rehydrate or lost.node != self.target:
-                raise lost
+        try:
+            envelope = self.router.wait(self.binding, self.sent, self.op, timeout_s)
+        except SessionWorkerUnavailable as lost:
+            # Seen dead by the watch, or moved off its dead worker and refused where it landed.
+            if not self.rehydrate or lost.node != self.sent.target:
+                raise
             return self._retry_rehydrated(None if deadline is None else deadline - time.monotonic())
-        self.node = envelope["node"]
-        self._value = envelope["value"]
-        self._done = True
-        self.completed_at = self.completed_at or time.monotonic()
-        self.session._ran_on(self.node)
+        self._settle(envelope["node"], envelope["value"])
+        self.router.ran_on(self.binding, self.node)
         return self._value
+
+    def _settle(self, node: str | None, value: Any, completed_at: float | None = None) -> None:
+        self.node, self._value, self._done = node, value, True
+        self.completed_at = self.completed_at or completed_at or time.monotonic()
 
     def _retry_rehydrated(self, timeout_s: float | None) -> Any:
         """The worker died with this call: rebuild the session elsewhere and run the call again there."""
-        assert self.target is not None
-        self.session.client._rehydrate(self.session, self.target, self.incarnation)
-        retry = self.session.client._send(self.session, self.op, self.kwargs, rehydrate=False)
+        self.router.rehydrate(self.binding, self.sent.target, self.sent.incarnation)
+        retry = CallFuture(self.router, self.binding, self.op, self.kwargs,
+                           self.router.send(self.binding, self.op, self.kwargs))
         value = retry.result(timeout_s)
-        self.node, self._value, self._done, self.completed_at = retry.node, value, True, retry.completed_at
+        self._settle(retry.node, value, retry.completed_at)
         return value
-
-    def worker_gone(self) -> bool:
-        """The strict worker run this call waits on is gone (per the producer's watch; no round trip)."""
-        if self.target is None or not self.session.affinity.strict:
-            return False
-        view = self.session.client.watch.get(self.target)
-        return view is None or not view.live or not view.same_run(self.incarnation)
 
 
 def gather(futures: list[CallFuture], timeout_s: float | None = None, poll_s: float = 0.01,
@@ -123,6 +106,6 @@ def gather(futures: list[CallFuture], timeout_s: float | None = None, poll_s: fl
         if pending:
             if deadline is not None and time.monotonic() > deadline:
                 f = pending[0]
-                raise CallTimeout(f.session.id, f.op, timeout_s)
+                raise CallTimeout(f.binding.session_id, f.op, timeout_s)
             time.sleep(poll_s)
     return [f.result(timeout_s) for f in futures]

@@ -7,11 +7,22 @@ A handle is JSON (ref id, session id, worker, kind); calling it sends the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Protocol, Self
 
-if TYPE_CHECKING:
-    from routing.producer.future import CallFuture
-    from routing.producer.session import Session
+from routing.producer.future import CallFuture
+
+
+class SessionCalls(Protocol):
+    """What a module handle needs of its session (:class:`~routing.producer.session.Session` provides it)."""
+
+    @property
+    def id(self) -> str: ...
+
+    def submit(self, op: str, /, **kwargs: Any) -> CallFuture: ...
+
+    def call(self, op: str, /, *, timeout_s: float | None = None, **kwargs: Any) -> Any: ...
+
+    def release(self, ref: RefHandle | ModuleRef) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,7 @@ class LMRef(RefHandle):
 class ModuleRef:
     """A callable module (Predict, ChainOfThought, RLM) bound to its session."""
 
-    def __init__(self, session: Session, handle: RefHandle) -> None:
+    def __init__(self, session: SessionCalls, handle: RefHandle) -> None:
         self.session = session
         self.handle = handle
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from routing.errors import SessionClosed, SessionWorkerUnavailable
 from routing.pools import Affinity
 from routing.producer.future import CallFuture
 from routing.producer.handles import RefMethods
-from routing.registry import Liveness
-
-if TYPE_CHECKING:
-    from routing.producer.client import Client
+from routing.producer.router import Binding, Router
 
 
 class Session(RefMethods):
@@ -21,27 +17,47 @@ class Session(RefMethods):
     Made by :meth:`Client.session` (open) or :meth:`Client.attach` (existing).
     ``call``/``submit`` run allow-listed operations with JSON arguments; the
     DSPy-facing helpers (``lm``, ``predict``, ``rlm``, ``history``, ...) come from
-    :class:`~routing.producer.handles.RefMethods`. Safe to share between threads for
-    submitting; wait on futures from one thread.
+    :class:`~routing.producer.handles.RefMethods`. Safe to share between threads
+    for submitting; wait on futures from one thread.
     """
 
-    def __init__(self, client: Client, session_id: str, pool: str, affinity: Affinity,
-                 worker: str | None, ttl_s: float, rehydrate: bool = False) -> None:
-        self.client = client
-        self.id = session_id
-        self.pool = pool
-        self.affinity = affinity
-        #: Node name of the bound worker (None until a lazy session's first call).
-        self.worker = worker
-        #: The run of that node holding the session's state (a restart under the same name loses it).
-        self.incarnation: str | None = None
-        self.ttl_s = ttl_s
+    def __init__(self, router: Router, binding: Binding, rehydrate: bool = False) -> None:
+        self.router = router
+        self.binding = binding
         self.closed = False
-        #: Rebuild the session on a live worker when its strict worker is gone (see ``rehydrate``).
+        #: Rebuild the session on a live worker when its strict worker is gone (see ``submit``).
         self.rehydrate = rehydrate
-        #: How many times this handle rebuilt the session on a new worker.
-        self.rehydrations = 0
-        self.lock = threading.Lock()
+
+    @property
+    def id(self) -> str:
+        return self.binding.session_id
+
+    @property
+    def pool(self) -> str:
+        return self.binding.pool
+
+    @property
+    def affinity(self) -> Affinity:
+        return self.binding.affinity
+
+    @property
+    def ttl_s(self) -> float:
+        return self.binding.ttl_s
+
+    @property
+    def worker(self) -> str | None:
+        """Node name of the bound worker (None until a lazy session's first call)."""
+        return self.binding.worker
+
+    @property
+    def incarnation(self) -> str | None:
+        """The run of the bound node holding the session's state."""
+        return self.binding.incarnation
+
+    @property
+    def rehydrations(self) -> int:
+        """How many times this handle rebuilt the session on a new worker."""
+        return self.binding.rehydrations
 
     def __repr__(self) -> str:
         return f"<Session {self.id} pool={self.pool} affinity={self.affinity.value} worker={self.worker}>"
@@ -57,41 +73,29 @@ class Session(RefMethods):
         if self.closed:
             raise SessionClosed(self.id)
         rehydrate = self.rehydrate if rehydrate is None else rehydrate
-        incarnation = self.incarnation
+        incarnation = self.binding.incarnation
         try:
-            return self.client._send(self, op, kwargs, rehydrate)
+            sent = self.router.send(self.binding, op, kwargs)
         except SessionWorkerUnavailable as exc:
             if not rehydrate:
                 raise
-            self.client._rehydrate(self, exc.node, incarnation)
-            return self.client._send(self, op, kwargs, rehydrate)
+            self.router.rehydrate(self.binding, exc.node, incarnation)
+            sent = self.router.send(self.binding, op, kwargs)
+        return CallFuture(self.router, self.binding, op, kwargs, sent, rehydrate)
 
     def call(self, op: str, /, *, timeout_s: float | None = None, rehydrate: bool | None = None,
              **kwargs: Any) -> Any:
         """Run ``op(**kwargs)`` on the session's worker and return its JSON result."""
         return self.submit(op, rehydrate=rehydrate, **kwargs).result(timeout_s)
 
-    def ping(self, sleep_s: float = 0.0, timeout_s: float | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = self.call("ping", sleep_s=sleep_s, timeout_s=timeout_s)
-        return result
-
     def close(self) -> None:
         """Delete the session record and free its objects on the worker."""
         if not self.closed:
             self.closed = True
-            self.client._close(self)
+            self.router.close(self.binding)
 
     def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def holds_state_on(self, view: Liveness) -> bool:
-        """Whether the worker described by ``view`` can take this session's calls (strict sessions)."""
-        return view.accepting and view.same_run(self.incarnation)
-
-    def _ran_on(self, node: str | None) -> None:
-        if node and node != self.worker and self.affinity is Affinity.HINT:
-            self.worker = node
-            self.client.watch.watch(node)

@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 
 import redis as redis_lib
+from redis import Redis
 
+from routing.reaper import reap_dead_workers
 from routing.registry import Liveness, Registry
 
 log = logging.getLogger(__name__)
@@ -82,3 +84,15 @@ class WorkerWatch:
                 self.refresh()
             except redis_lib.RedisError as exc:
                 log.warning("worker watch refresh failed: %s", exc)
+
+
+def reap_on_death(redis: Redis) -> Callable[[str], None]:
+    """A watch's ``on_death``: move what the dead worker held or had queued (whoever sees it first does)."""
+
+    def reap(node: str) -> None:
+        try:
+            reap_dead_workers(redis)
+        except Exception:  # the watch thread must survive; the next refresh retries
+            log.exception("reaping after the death of %s failed", node)
+
+    return reap

@@ -1,29 +1,30 @@
 """Build the LM a worker uses: a real provider through ``dspy.LM``, or the offline scripted LM.
 
-Retries live here rather than in ``dspy.LM(num_retries=...)``: DSPy 3.4 retries
-transient errors correctly, but its backoff is fixed (1 s, 2 s, 4 s, ...), while
-workers and tests need it configurable, and callers across Celery need the
-project's typed errors (``LMAuthError``, ``LMBadRequest``, ``LMUnavailable``).
+Retries live here (with ``tenacity``) rather than in ``dspy.LM(num_retries=...)``:
+DSPy's backoff is fixed (1 s, 2 s, 4 s, ...), while workers and tests need it
+configurable, and callers across Celery need the project's typed errors
+(``LMAuthError``, ``LMBadRequest``, ``LMUnavailable``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import dspy
 from dspy.utils import exceptions as dspy_errors
+from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from routing.errors import LMAuthError, LMBadRequest, LMError, LMUnavailable
+from routing.settings import env_number
+from tasks.lm.history import HISTORY_CHARS
 from tasks.lm.offline import OFFLINE_MODEL, OfflineLM
 
-__all__ = ["LMSettings", "ProviderLM", "build_lm", "clip", "translate_lm_error", "is_transient", "history_entries"]
+__all__ = ["LMSettings", "ProviderLM", "build_lm", "translate_lm_error", "is_transient"]
 
 #: Model used when only ``GEMINI_API_KEY`` is set.
 DEFAULT_GEMINI_MODEL = "gemini/gemini-flash-lite-latest"
@@ -56,7 +57,7 @@ class LMSettings:
     #: Cache provider responses in DSPy's cache (off: a cache hit hides usage, history and retries).
     cache: bool = False
     #: Characters of each message kept by ``history_entries``.
-    history_chars: int = 400
+    history_chars: int = HISTORY_CHARS
     #: Servers producers may point an LM at (``FLAGSHIP_LM_API_BASES``): ``scheme://host[:port][/path]``
     #: prefixes, or ``*``; the configured ``FLAGSHIP_LM_API_BASE`` is always allowed.
     allowed_api_bases: tuple[str, ...] = ()
@@ -79,14 +80,14 @@ class LMSettings:
         return cls(
             model=_provider_model(model, api_base), api_base=api_base,
             api_key=(env.get("FLAGSHIP_LM_API_KEY") or "").strip() or None,
-            retries=_number(env, "FLAGSHIP_LM_RETRIES", cls.retries, int),
-            backoff_s=_number(env, "FLAGSHIP_LM_BACKOFF_S", cls.backoff_s, float),
-            backoff_max_s=_number(env, "FLAGSHIP_LM_BACKOFF_MAX_S", cls.backoff_max_s, float),
-            timeout_s=_number(env, "FLAGSHIP_LM_TIMEOUT_S", cls.timeout_s, float),
-            temperature=_number(env, "FLAGSHIP_LM_TEMPERATURE", cls.temperature, float),
-            max_tokens=_number(env, "FLAGSHIP_LM_MAX_TOKENS", cls.max_tokens, int),
+            retries=env_number(env, "FLAGSHIP_LM_RETRIES", cls.retries, int),
+            backoff_s=env_number(env, "FLAGSHIP_LM_BACKOFF_S", cls.backoff_s, float),
+            backoff_max_s=env_number(env, "FLAGSHIP_LM_BACKOFF_MAX_S", cls.backoff_max_s, float),
+            timeout_s=env_number(env, "FLAGSHIP_LM_TIMEOUT_S", cls.timeout_s, float),
+            temperature=env_number(env, "FLAGSHIP_LM_TEMPERATURE", cls.temperature, float),
+            max_tokens=env_number(env, "FLAGSHIP_LM_MAX_TOKENS", cls.max_tokens, int),
             cache=(env.get("FLAGSHIP_LM_CACHE") or "").strip().lower() in ("1", "true", "yes", "on"),
-            history_chars=_number(env, "FLAGSHIP_LM_HISTORY_CHARS", cls.history_chars, int),
+            history_chars=env_number(env, "FLAGSHIP_LM_HISTORY_CHARS", cls.history_chars, int),
             allowed_api_bases=tuple(
                 e.strip() for e in [env.get("FLAGSHIP_LM_API_BASE") or "",
                                     *(env.get("FLAGSHIP_LM_API_BASES") or "").split(",")] if e.strip()),
@@ -116,19 +117,6 @@ class LMSettings:
             if url.path.startswith(allowed.path.rstrip("/")):
                 return True
         return False
-
-
-def _number(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
-    raw = (env.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-    if value < 0 or (kind is float and not math.isfinite(value)):
-        raise ValueError(f"{name}={raw!r} must be a finite number >= 0")
-    return value
 
 
 def _provider_model(model: str | None, api_base: str | None) -> str | None:
@@ -195,41 +183,51 @@ class ProviderLM(dspy.LM):
         return {**super().dump_state(), "retries": self.retries, "backoff_s": self.backoff_s,
                 "backoff_max_s": self.backoff_max_s}
 
-    def _delay_or_raise(self, exc: Exception, attempt: int) -> float:
-        """Seconds before the next attempt; raises the typed error when there is none."""
+    def _retryable(self, exc: BaseException) -> bool:
+        """Transient provider errors, except context-window errors and streaming calls (output may be visible)."""
+        return (isinstance(exc, Exception) and not isinstance(exc, dspy_errors.ContextWindowExceededError)
+                and is_transient(exc) and dspy.settings.send_stream is None)
+
+    def _wait(self, state: RetryCallState) -> float:
+        """``backoff_s * 2**n`` capped at ``backoff_max_s``; a longer ``retry_after`` hint wins, up to the cap."""
+        delay = min(self.backoff_max_s, self.backoff_s * 2 ** (state.attempt_number - 1))
+        hint = getattr(state.outcome.exception() if state.outcome else None, "retry_after", None)
+        if isinstance(hint, (int, float)) and math.isfinite(hint) and hint > delay:
+            delay = min(float(hint), self.backoff_max_s)
+        return delay
+
+    def _give_up(self, state: RetryCallState) -> NoReturn:
+        exc = state.outcome.exception() if state.outcome else None
+        last = (getattr(exc, "message", None) or str(exc)).strip().split("\n\n")[0]
+        raise LMUnavailable(self.model, f"{state.attempt_number} attempts failed; last: {last}") from exc
+
+    def _policy(self) -> dict[str, Any]:
+        return {"stop": stop_after_attempt(self.retries + 1), "wait": self._wait,
+                "retry": retry_if_exception(self._retryable), "retry_error_callback": self._give_up}
+
+    def _typed(self, exc: Exception) -> Exception:
+        """What to raise for ``exc``, which was not retried: its typed error, else ``exc`` itself."""
         if isinstance(exc, dspy_errors.ContextWindowExceededError):
-            raise exc
-        if is_transient(exc) and dspy.settings.send_stream is None:
-            if attempt >= self.retries:
-                last = (getattr(exc, "message", None) or str(exc)).strip().split("\n\n")[0]
-                raise LMUnavailable(self.model, f"{attempt + 1} attempts failed; last: {last}") from exc
-            delay = min(self.backoff_max_s, self.backoff_s * 2**attempt)
-            hint = getattr(exc, "retry_after", None)
-            if isinstance(hint, (int, float)) and math.isfinite(hint) and hint > delay:
-                delay = min(float(hint), self.backoff_max_s)
-            return delay
-        typed = translate_lm_error(self.model, exc)
-        if typed is None or typed is exc:
-            raise exc
-        raise typed from exc
+            return exc  # DSPy modules catch it to shorten their prompts
+        return translate_lm_error(self.model, exc) or exc
 
     def __call__(self, prompt: Any = None, *, messages: Any = None, **kwargs: Any) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return super().__call__(prompt, messages=messages, **kwargs)
-            except Exception as exc:  # sorted by _delay_or_raise
-                time.sleep(self._delay_or_raise(exc, attempt))
-                attempt += 1
+        try:
+            return Retrying(**self._policy())(super().__call__, prompt, messages=messages, **kwargs)
+        except Exception as exc:
+            typed = self._typed(exc)
+            if typed is exc:
+                raise
+            raise typed from exc
 
     async def acall(self, prompt: Any = None, *, messages: Any = None, **kwargs: Any) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return await super().acall(prompt, messages=messages, **kwargs)
-            except Exception as exc:  # sorted by _delay_or_raise
-                await asyncio.sleep(self._delay_or_raise(exc, attempt))
-                attempt += 1
+        try:
+            return await AsyncRetrying(**self._policy())(super().acall, prompt, messages=messages, **kwargs)
+        except Exception as exc:
+            typed = self._typed(exc)
+            if typed is exc:
+                raise
+            raise typed from exc
 
 
 def build_lm(model: str | None = None, temperature: float | None = None, max_tokens: int | None = None,
@@ -256,57 +254,3 @@ def build_lm(model: str | None = None, temperature: float | None = None, max_tok
     return ProviderLM(model, temperature=temperature, max_tokens=max_tokens, retries=retries,
                       backoff_s=settings.backoff_s, backoff_max_s=settings.backoff_max_s, **extra)
 
-
-# -- history --------------------------------------------------------------------
-
-
-def clip(text: Any, limit: int) -> str:
-    """``text`` cut to ``limit`` characters, saying how much was cut."""
-    text = text if isinstance(text, str) else str(text)
-    return text if len(text) <= limit else f"{text[:limit]}... [{len(text) - limit} more chars]"
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, list):  # multimodal parts: keep the text, name the rest
-        return "\n".join(str(p.get("text", f"<{p.get('type', 'part')}>")) if isinstance(p, dict) else str(p)
-                         for p in content)
-    return "" if content is None else str(content)
-
-
-def _int_or_none(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _entry(entry: Mapping[str, Any], index: int, limit: int) -> dict[str, Any]:
-    usage = entry.get("usage") or {}
-    cost = entry.get("cost")
-    messages = entry.get("messages")
-    outputs = entry.get("outputs") or []
-    timestamp = entry.get("timestamp")
-    return {
-        "index": index,
-        "model": str(entry.get("model") or ""),
-        "response_model": None if entry.get("response_model") is None else str(entry["response_model"]),
-        "timestamp": timestamp.isoformat() if hasattr(timestamp, "isoformat") else str(timestamp or ""),
-        "offline": bool(entry.get("offline")) or str(entry.get("model") or "").startswith("offline/"),
-        "messages": None if not messages else [
-            {"role": str(m.get("role", "")), "content": clip(_content_text(m.get("content")), limit)}
-            for m in messages if isinstance(m, Mapping)],
-        "prompt_preview": None if entry.get("prompt") is None else clip(entry["prompt"], limit),
-        "outputs": [clip(o.get("text") if isinstance(o, Mapping) else o, limit) for o in outputs],
-        "usage": {key: _int_or_none(usage.get(key)) for key in ("prompt_tokens", "completion_tokens", "total_tokens")},
-        "cost": float(cost) if isinstance(cost, (int, float)) and math.isfinite(cost) else None,
-    }
-
-
-def history_entries(lm: dspy.BaseLM, n: int = 6, since_index: int | None = None,
-                    max_chars: int | None = None) -> list[dict[str, Any]]:
-    """The last ``n`` history entries of ``lm`` (from ``since_index`` on, if given) as JSON-safe dicts.
-
-    ``index`` is the entry's position in ``lm.history``, so a caller can ask for what is new since.
-    """
-    limit = LMSettings.history_chars if max_chars is None else max_chars
-    history = list(getattr(lm, "history", None) or [])
-    start = 0 if since_index is None else max(0, since_index)
-    first = max(start, len(history) - max(n, 0))
-    return [_entry(entry, index, limit) for index, entry in enumerate(history[first:], first)]

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from routing import names, recipes
-from tasks.lm.provider import history_entries
+from tasks.lm.history import history_entries
 from tasks.ops.modules import handle, store
 from tasks.worker.allowlist import CallContext, operation
 

@@ -14,8 +14,8 @@ from typing import Any
 import dspy
 
 from routing.errors import NoCapableWorker
+from tasks.lm.history import clip
 from tasks.lm.offline import OfflineLM
-from tasks.lm.provider import clip
 from tasks.ops.modules import (
     MODULE_INVOKERS,
     check_inputs,

@@ -21,8 +21,9 @@ from typing import Any
 
 from dspy.primitives.python_interpreter import PythonInterpreter
 
+from tasks.sandbox.paths import sandbox_paths
 from tasks.sandbox.pool import SandboxPool
-from tasks.sandbox.setup import ensure_sandbox_cache, sandbox_paths
+from tasks.sandbox.setup import ensure_sandbox_cache
 
 __all__ = ["bench_sandbox", "main"]
 

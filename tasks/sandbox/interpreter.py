@@ -22,9 +22,9 @@ from typing import Any
 from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreterError
 from dspy.primitives.python_interpreter import PythonInterpreter
 
-from routing.errors import CodeFailed, SandboxCrashed, SandboxError, SandboxTimeout
+from routing.errors import SandboxCrashed, SandboxError, SandboxTimeout
+from tasks.sandbox.paths import INSTALL_HINT, sandbox_paths
 from tasks.sandbox.process import Watchdog, kill_process_group, spawn
-from tasks.sandbox.setup import INSTALL_HINT, sandbox_paths
 
 __all__ = ["SandboxInterpreter"]
 
@@ -134,16 +134,6 @@ class SandboxInterpreter(PythonInterpreter):
             self.shutdown()
             raise SandboxTimeout(self.execute_timeout_s)
         return result
-
-    def run(self, code: str, variables: dict[str, Any] | None = None) -> Any:
-        """``execute`` for callers outside RLM: a failing snippet raises ``CodeFailed``."""
-        try:
-            return self.execute(code, variables)
-        except SyntaxError as exc:
-            raise CodeFailed("SyntaxError", str(exc)) from exc
-        except CodeExecutionError as exc:
-            error_type, _, message = str(exc).partition(": ")
-            raise CodeFailed(error_type, message) from exc
 
     def invoke_tool(self, tool_name: str, kwargs: dict[str, Any]) -> Any:
         self._watchdog.pause()

@@ -1,4 +1,8 @@
-"""Worker start-up self-check: can this machine run a sandbox right now?"""
+"""The sandbox self-check: can this machine run Python in a sandbox right now?
+
+The only one: workers run it at start-up (after ``ensure_sandbox_cache``) and
+``python -m tasks.sandbox.setup`` runs it after filling the cache.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.sandbox.setup import INSTALL_HINT, find_deno
+from tasks.sandbox.interpreter import SandboxInterpreter
+from tasks.sandbox.paths import INSTALL_HINT, find_deno
 
 __all__ = ["ProbeResult", "probe_sandbox"]
 
@@ -32,8 +37,6 @@ def probe_sandbox(timeout_s: float = 60.0, *, deno_dir: Path | None = None) -> P
 
     try:
         deno_bin = find_deno()
-        from tasks.sandbox.interpreter import SandboxInterpreter
-
         interpreter = SandboxInterpreter(execute_timeout_s=timeout_s, start_timeout_s=timeout_s, deno_dir=deno_dir)
         try:
             output = str(interpreter.execute(_PROBE_CODE)).strip()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from routing.errors import InvalidArgument, UnknownOperation
+from tasks.worker.settings import WorkerSettings
 from tasks.worker.state import WorkerState
 
 Operation = Callable[..., Any]
@@ -30,6 +31,10 @@ class CallContext:
     @property
     def node(self) -> str:
         return self.worker.node
+
+    @property
+    def settings(self) -> WorkerSettings:
+        return self.worker.settings
 
 
 def operation(name: str) -> Callable[[Operation], Operation]:

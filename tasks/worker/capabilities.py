@@ -9,10 +9,11 @@ log = logging.getLogger(__name__)
 
 
 def _probe_deno() -> tuple[bool, str]:
-    """Fill the sandbox cache if needed (idempotent), then run Python in a real sandbox."""
+    """Fill the sandbox cache if needed (idempotent), then run the one self-check: Python in a real sandbox."""
     try:
+        from tasks.sandbox.paths import INSTALL_HINT
         from tasks.sandbox.probe import probe_sandbox
-        from tasks.sandbox.setup import INSTALL_HINT, ensure_sandbox_cache
+        from tasks.sandbox.setup import ensure_sandbox_cache
     except ImportError as exc:  # pragma: no cover - packaging error
         return False, f"sandbox support is not installed ({exc})"
     try:

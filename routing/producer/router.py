@@ -1,0 +1,228 @@
+"""Where a session's calls go: the routing decision, dispatch, waiting, rehydration and close.
+
+The router works on a :class:`Binding`, the small value a session handle holds
+(its pool, affinity and the worker run holding its state). It reads the
+producer's cached worker view (:class:`~routing.producer.watch.WorkerWatch`),
+so a strict call costs the same Redis work as a plain Celery ``send_task``.
+``strict_fail_fast`` is the exception: it reads the worker's in-flight count
+fresh, one round trip, by definition.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+from kombu.exceptions import EncodeError
+from redis import Redis
+
+from routing import names, recipes
+from routing.errors import CallTimeout, InvalidArgument, SessionWorkerUnavailable, WorkerBusy
+from routing.pools import Affinity, PoolTable
+from routing.producer.watch import WorkerWatch
+from routing.registry import Liveness, Registry
+from routing.sessions import SessionStore
+
+log = logging.getLogger(__name__)
+
+#: Each recipe replayed during a rehydration must finish within this long.
+rehydrate_call_timeout_s = 120.0
+
+
+@dataclass
+class Binding:
+    """A session as its router sees it; ``worker``/``incarnation`` change only under ``lock``."""
+
+    session_id: str
+    pool: str
+    affinity: Affinity
+    ttl_s: float
+    #: Node name of the bound worker (None until a lazy session's first call).
+    worker: str | None = None
+    #: The run of that node holding the session's state (a restart under the same name loses it).
+    incarnation: str | None = None
+    #: How many times the session was rebuilt on a new worker through this binding.
+    rehydrations: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def holds_state_on(self, view: Liveness) -> bool:
+        """Whether the worker described by ``view`` can take this session's calls (strict sessions)."""
+        return view.accepting and view.same_run(self.incarnation)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One dispatched call: its Celery result, and the worker run it was sent to (None: the shared queue)."""
+
+    result: AsyncResult
+    target: str | None
+    incarnation: str | None
+
+
+def redacted_argsrepr(args: list[Any]) -> str | None:
+    """The repr Celery shows for a call (None: Celery's own), with secret arguments masked."""
+    kwargs = args[2]
+    if not recipes.SECRET_ARGUMENTS & kwargs.keys():
+        return None
+    return repr([args[0], args[1], recipes.masked(kwargs), args[3]])
+
+
+class Router:
+    def __init__(self, app: Celery, redis: Redis, sessions: SessionStore, registry: Registry,
+                 watch: WorkerWatch, pools: PoolTable, watch_interval_s: float) -> None:
+        self.app = app
+        self.redis = redis
+        self.sessions = sessions
+        self.registry = registry
+        self.watch = watch
+        self.pools = pools
+        self.watch_interval_s = watch_interval_s
+
+    # -- binding --------------------------------------------------------------
+
+    def bind(self, binding: Binding, prefer: str | None = None) -> None:
+        """Keep a usable binding, else bind to the least-loaded live worker of the pool."""
+        node, incarnation = self.sessions.bind(binding.session_id, self.pools.get(binding.pool), binding.affinity,
+                                               binding.ttl_s, prefer=prefer)
+        self._adopt(binding, node, incarnation)
+
+    def _adopt(self, binding: Binding, node: str, incarnation: str) -> None:
+        """Point the binding at its (new) worker run and start watching it."""
+        binding.worker, binding.incarnation = node, incarnation
+        self._watch_run(binding.pool, node, incarnation)
+
+    def _watch_run(self, pool: str, node: str, incarnation: str) -> None:
+        concurrency = self.pools.get(pool).concurrency
+        self.watch.watch(node, Liveness(live=True, in_flight=0, concurrency=concurrency, incarnation=incarnation))
+
+    def follow(self, binding: Binding) -> None:
+        """Start watching the worker an attached session is bound to."""
+        if binding.worker:
+            self.watch.watch(binding.worker)
+            self.watch.refresh()
+
+    def ran_on(self, binding: Binding, node: str | None) -> None:
+        """A hint call ran elsewhere (the shared queue): the session now lives there."""
+        if node and node != binding.worker and binding.affinity is Affinity.HINT:
+            binding.worker = node
+            self.watch.watch(node)
+
+    # -- the routing decision and dispatch -------------------------------------
+
+    def route(self, binding: Binding) -> str | None:
+        """The node to send to (its direct queue), or None for the pool's shared queue."""
+        if binding.worker is None:
+            with binding.lock:
+                if binding.worker is None:
+                    self.bind(binding)
+        node = binding.worker
+        assert node is not None
+        view = self.watch.get(node)
+        if binding.affinity is Affinity.HINT:
+            return node if view is not None and view.accepting and not view.saturated else None
+        if view is None or not binding.holds_state_on(view):
+            raise SessionWorkerUnavailable(binding.session_id, node)
+        if binding.affinity is Affinity.STRICT_FAIL_FAST:
+            fresh = self.registry.liveness([node])[node]
+            if not binding.holds_state_on(fresh):
+                raise SessionWorkerUnavailable(binding.session_id, node)
+            if fresh.saturated:
+                raise WorkerBusy(binding.session_id, node, fresh.in_flight, fresh.concurrency)
+        return node
+
+    def send(self, binding: Binding, op: str, kwargs: dict[str, Any]) -> Sent:
+        """Route, then dispatch."""
+        node = self.route(binding)
+        return self.dispatch(binding, op, kwargs, node, binding.incarnation)
+
+    def dispatch(self, binding: Binding, op: str, kwargs: dict[str, Any], node: str | None,
+                 incarnation: str | None) -> Sent:
+        """Send to ``node``'s direct queue (None: the pool's shared queue), no routing decision."""
+        queue = names.worker_queue(node) if node else names.pool_queue(binding.pool)
+        args = [binding.session_id, op, kwargs, self._route_header(binding, node, incarnation)]
+        try:
+            result = self.app.send_task(names.CALL_TASK, args=args, queue=queue, argsrepr=redacted_argsrepr(args))
+        except EncodeError as exc:
+            raise InvalidArgument(op, f"arguments must be JSON-serializable ({exc})") from None
+        return Sent(result, node, incarnation)
+
+    @staticmethod
+    def _route_header(binding: Binding, node: str | None, incarnation: str | None) -> dict[str, Any]:
+        """What the worker checks: a strict call runs only on the run of the node holding its state."""
+        return {"node": node, "pool": binding.pool, "affinity": binding.affinity.value, "ttl_s": binding.ttl_s,
+                "incarnation": incarnation if node else None}
+
+    # -- waiting ---------------------------------------------------------------
+
+    def worker_gone(self, binding: Binding, sent: Sent) -> bool:
+        """The strict worker run ``sent`` waits on is gone (per the producer's watch; no round trip)."""
+        if sent.target is None or not binding.affinity.strict:
+            return False
+        view = self.watch.get(sent.target)
+        return view is None or not view.live or not view.same_run(sent.incarnation)
+
+    def wait(self, binding: Binding, sent: Sent, op: str, timeout_s: float | None) -> dict[str, Any]:
+        """The call's reply envelope ``{"node", "value"}``, watching its worker while waiting.
+
+        A strict call whose worker dies becomes ``SessionWorkerUnavailable`` as
+        soon as the watch sees it, not after a timeout.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            slice_s = self.watch_interval_s
+            wait_s = slice_s if deadline is None else max(0.0, min(slice_s, deadline - time.monotonic()))
+            try:
+                envelope: dict[str, Any] = sent.result.get(timeout=wait_s, propagate=True,
+                                                           disable_sync_subtasks=False)
+                return envelope
+            except CeleryTimeout:
+                if self.worker_gone(binding, sent) and not sent.result.ready():
+                    assert sent.target is not None
+                    raise SessionWorkerUnavailable(binding.session_id, sent.target) from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise CallTimeout(binding.session_id, op, timeout_s) from None
+
+    # -- rehydration and close --------------------------------------------------
+
+    def rehydrate(self, binding: Binding, dead: str | None, dead_incarnation: str | None) -> None:
+        """Rebind away from a dead worker run and rebuild the session's refs there, in creation order.
+
+        Ref ids stay the same, so the producer's handles keep working. Whatever
+        lived only in the dead worker's memory (LM history) is gone. The binding
+        points at the new worker only once every ref is rebuilt, so other threads
+        never reach a half-built worker.
+        """
+        with binding.lock:
+            if (binding.worker, binding.incarnation) != (dead, dead_incarnation):
+                return  # another call of this session already did it
+            replays = recipes.read(self.redis, binding.session_id)
+            exclude = dead
+            if dead is not None:
+                view = self.registry.liveness([dead])[dead]
+                if view.accepting and view.incarnation != dead_incarnation:
+                    exclude = None  # the node is back as a new, empty run: it may host the session again
+            node, incarnation = self.sessions.bind(binding.session_id, self.pools.get(binding.pool),
+                                                   binding.affinity, binding.ttl_s, exclude=exclude)
+            self.redis.hincrby(names.session_key(binding.session_id), "rehydrations", 1)
+            self._watch_run(binding.pool, node, incarnation)
+            for recipe in replays:
+                sent = self.dispatch(binding, recipe.op, {**recipe.kwargs, "ref_id": recipe.ref_id}, node, incarnation)
+                self.wait(binding, sent, recipe.op, rehydrate_call_timeout_s)
+            self._adopt(binding, node, incarnation)
+            binding.rehydrations += 1
+            log.warning("session %s rehydrated on %s (was %s): %d ref(s) rebuilt",
+                        binding.session_id, node, dead, len(replays))
+
+    def close(self, binding: Binding) -> None:
+        """Delete the session record and tell its worker to free the session's objects."""
+        node = self.sessions.close(binding.session_id)
+        if node:
+            route = self._route_header(binding, node, binding.incarnation)
+            self.app.send_task(names.CALL_TASK, args=[binding.session_id, "release_session", {}, route],
+                               queue=names.worker_queue(node), ignore_result=True)
