@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -85,12 +86,21 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``flagship bench NAME``: the module whose ``main(argv)`` runs that benchmark.
+BENCHES = {
+    "routing": "tasks.local.bench",
+    "sandbox": "tasks.sandbox.bench",
+    "lm": "tasks.local.bench_lm",
+    "batch": "tasks.local.bench_batch",
+    "payload": "tasks.local.bench_payload",
+    "scale": "tasks.local.bench_scale",
+    "all": "tasks.local.bench_all",
+}
+
+
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "routing":
-        from tasks.local.bench import main as bench_main
-    else:
-        from tasks.sandbox.bench import main as bench_main  # type: ignore[no-redef]
-    return int(bench_main(args.bench_args) or 0)
+    module = importlib.import_module(BENCHES[args.what])
+    return int(module.main(args.bench_args) or 0)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -125,8 +135,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--stop-server", action="store_true", help="stop the embedded server on exit")
     up.set_defaults(fn=_up)
 
-    bench = sub.add_parser("bench", help="benchmarks: routing vs plain Celery, sandbox start")
-    bench.add_argument("what", choices=["routing", "sandbox"])
+    bench = sub.add_parser("bench", help="benchmarks against same-run baselines (see docs/benchmarks.md)")
+    bench.add_argument("what", choices=sorted(BENCHES))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(fn=_bench)
 
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     # `demo` and `bench <what>` parse their own options: hand them everything after the subcommand.
     if argv[:1] == ["demo"]:
         return _demo(argparse.Namespace(demo_args=argv[1:]))
-    if argv[:1] == ["bench"] and len(argv) >= 2 and argv[1] in ("routing", "sandbox"):
+    if argv[:1] == ["bench"] and len(argv) >= 2 and argv[1] in BENCHES:
         return _bench(argparse.Namespace(what=argv[1], bench_args=argv[2:]))
     args = parser().parse_args(argv)
     return int(args.fn(args) or 0)
