@@ -11,6 +11,7 @@ from routing.celery_config import celery_config
 from routing.embedded import resolve_url
 from routing.errors import SessionWorkerUnavailable
 from routing.pools import Affinity, PoolTable
+from routing.producer.results import ResultListener, listener_backend_url
 from routing.producer.router import Binding, Router
 from routing.producer.session import Session
 from routing.producer.watch import WorkerWatch, reap_on_death
@@ -34,11 +35,15 @@ class Client:
         self.redis = Redis.from_url(redis_url, decode_responses=True)
         self.sessions = SessionStore(self.redis)
         self.registry = Registry(self.redis, self.settings)
-        self.watch = WorkerWatch(self.registry, self.settings.watch_interval_s, reap_on_death(self.redis))
+        self.watch = WorkerWatch(self.registry, self.settings.watch_interval_s, self._on_worker_death)
         self.app = Celery("flagship-client", set_as_current=False)
         self.app.conf.update(celery_config(self.settings, redis_url))
+        # Results come through the listener's subscriptions, not Celery's own result consumer.
+        self.app.conf.result_backend = listener_backend_url(redis_url)
+        self.results = ResultListener(self.app, redis_url)
         self.router = Router(self.app, self.redis, self.sessions, self.registry, self.watch, self.pools,
-                             self.settings.watch_interval_s)
+                             self.results)
+        self._reap = reap_on_death(self.redis)
 
     @classmethod
     def from_env(cls, settings: Settings | None = None) -> Client:
@@ -83,8 +88,14 @@ class Client:
         self.router.follow(binding)
         return Session(self.router, binding, rehydrate)
 
+    def _on_worker_death(self, node: str) -> None:
+        """Called by the watch: fail the dead run's pending strict calls, then move what it held."""
+        self.router.on_worker_death(node)
+        self._reap(node)
+
     def close(self) -> None:
         self.watch.close()
+        self.results.close()
         self.app.close()
         self.redis.close()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_any
 from typing import Any
 
 from routing.errors import CallTimeout, SessionWorkerUnavailable
@@ -16,8 +18,8 @@ class CallFuture:
     A strict call whose worker dies after it was queued becomes
     ``SessionWorkerUnavailable`` as soon as the producer's watch sees the death,
     not after a timeout (or, with ``rehydrate``, runs again on the rebuilt
-    session). Wait on futures from one thread (Celery's result consumer is not
-    thread-safe); submit many, then wait on each.
+    session). The client's result listener settles it: waiting is a sleep, from
+    any number of threads.
     """
 
     def __init__(self, router: Router, binding: Binding, op: str, kwargs: dict[str, Any], sent: Sent,
@@ -38,7 +40,7 @@ class CallFuture:
 
     @property
     def id(self) -> str:
-        return str(self.sent.result.id)
+        return self.sent.task_id
 
     @property
     def target(self) -> str | None:
@@ -46,7 +48,7 @@ class CallFuture:
         return self.sent.target
 
     def done(self) -> bool:
-        return self._done or self.sent.result.ready()
+        return self._done or self.sent.reply.done()
 
     def worker_gone(self) -> bool:
         """The strict worker run this call waits on is gone (per the producer's watch; no round trip)."""
@@ -81,7 +83,7 @@ class CallFuture:
         return value
 
 
-def gather(futures: list[CallFuture], timeout_s: float | None = None, poll_s: float = 0.01,
+def gather(futures: list[CallFuture], timeout_s: float | None = None,
            on_done: Callable[[CallFuture], None] | None = None) -> list[Any]:
     """Wait for calls running in parallel, noting when each finished; results in submission order.
 
@@ -89,23 +91,26 @@ def gather(futures: list[CallFuture], timeout_s: float | None = None, poll_s: fl
     that failed on its worker raises when results are collected, after the others
     finished; a strict call whose worker died raises as soon as that is seen (a
     rehydrating session instead reruns it, and such reruns happen in the order
-    they are noticed, not the order they were submitted).
+    they are noticed, not the order they were submitted). Woken by the result
+    listener: no polling.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    pending = list(futures)
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    pending = {id(f): f for f in futures}
     while pending:
-        for future in list(pending):
-            if not future.done() and not future.worker_gone():
-                continue
-            if not future.done():
-                future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        done, _ = wait_any([f.sent.reply for f in pending.values() if not f._done], left(), FIRST_COMPLETED)
+        finished = [f for f in pending.values() if f._done or f.sent.reply in done]
+        if not finished:
+            f = next(iter(pending.values()))
+            raise CallTimeout(f.binding.session_id, f.op, timeout_s)
+        for future in finished:
+            if not future._done and isinstance(future.sent.reply.exception(), SessionWorkerUnavailable):
+                future.result(left())  # raises now, or reruns on the rebuilt session
             future.completed_at = future.completed_at or time.monotonic()
-            pending.remove(future)
+            del pending[id(future)]
             if on_done is not None:
                 on_done(future)
-        if pending:
-            if deadline is not None and time.monotonic() > deadline:
-                f = pending[0]
-                raise CallTimeout(f.binding.session_id, f.op, timeout_s)
-            time.sleep(poll_s)
     return [f.result(timeout_s) for f in futures]

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+import uuid
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import TimeoutError as CeleryTimeout
-from celery.result import AsyncResult
 from kombu.exceptions import EncodeError
 from redis import Redis
 
-from routing import names, recipes
+from routing import claims, names, recipes
 from routing.errors import CallTimeout, InvalidArgument, SessionWorkerUnavailable, WorkerBusy
 from routing.pools import Affinity, PoolTable
+from routing.producer.results import ResultListener
 from routing.producer.watch import WorkerWatch
 from routing.registry import Liveness, Registry
 from routing.sessions import SessionStore
@@ -58,9 +59,21 @@ class Binding:
 
 @dataclass(frozen=True)
 class Sent:
-    """One dispatched call: its Celery result, and the worker run it was sent to (None: the shared queue)."""
+    """One dispatched call: its task id, the worker run it was sent to (None: the shared queue), its reply."""
 
-    result: AsyncResult
+    task_id: str
+    target: str | None
+    incarnation: str | None
+    #: Settled by the result listener with the reply envelope ``{"node", "value"}`` (or the call's error).
+    reply: Future[Any]
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What the result listener keeps about a pending call, to fail it if its strict worker dies."""
+
+    session_id: str
+    strict: bool
     target: str | None
     incarnation: str | None
 
@@ -75,14 +88,16 @@ def redacted_argsrepr(args: list[Any]) -> str | None:
 
 class Router:
     def __init__(self, app: Celery, redis: Redis, sessions: SessionStore, registry: Registry,
-                 watch: WorkerWatch, pools: PoolTable, watch_interval_s: float) -> None:
+                 watch: WorkerWatch, pools: PoolTable, results: ResultListener,
+                 claim_threshold_bytes: int = claims.default_threshold_bytes) -> None:
+        self.claim_threshold_bytes = claim_threshold_bytes
         self.app = app
         self.redis = redis
         self.sessions = sessions
         self.registry = registry
         self.watch = watch
         self.pools = pools
-        self.watch_interval_s = watch_interval_s
+        self.results = results
 
     # -- binding --------------------------------------------------------------
 
@@ -143,14 +158,30 @@ class Router:
 
     def dispatch(self, binding: Binding, op: str, kwargs: dict[str, Any], node: str | None,
                  incarnation: str | None) -> Sent:
-        """Send to ``node``'s direct queue (None: the pool's shared queue), no routing decision."""
+        """Send to ``node``'s direct queue (None: the pool's shared queue), no routing decision.
+
+        Big arguments go by reference (``routing.claims``): stored first, named in the route.
+        """
         queue = names.worker_queue(node) if node else names.pool_queue(binding.pool)
-        args = [binding.session_id, op, kwargs, self._route_header(binding, node, incarnation)]
+        moved = claims.offload(self.redis, binding.session_id, op, kwargs, self.claim_threshold_bytes, binding.ttl_s)
+        route = self._route_header(binding, node, incarnation)
+        args = [binding.session_id, op, moved.kwargs, {**route, "claims": moved.claims} if moved.claims else route]
+        task_id = str(uuid.uuid4())
+        reply = self.results.expect(task_id, Waiting(binding.session_id, binding.affinity.strict, node, incarnation))
         try:
-            result = self.app.send_task(names.CALL_TASK, args=args, queue=queue, argsrepr=redacted_argsrepr(args))
+            self.app.send_task(names.CALL_TASK, args=args, queue=queue, task_id=task_id,
+                               argsrepr=redacted_argsrepr(args))
         except EncodeError as exc:
+            self.results.discard(task_id)
+            claims.discard(self.redis, binding.session_id, moved.claims)
             raise InvalidArgument(op, f"arguments must be JSON-serializable ({exc})") from None
-        return Sent(result, node, incarnation)
+        except BaseException:
+            claims.discard(self.redis, binding.session_id, moved.claims)
+            raise
+        sent = Sent(task_id, node, incarnation, reply)
+        if self.worker_gone(binding, sent):  # died before the listener knew of this call
+            self.results.fail_where(self._lost_on(node))
+        return sent
 
     @staticmethod
     def _route_header(binding: Binding, node: str | None, incarnation: str | None) -> dict[str, Any]:
@@ -162,31 +193,38 @@ class Router:
 
     def worker_gone(self, binding: Binding, sent: Sent) -> bool:
         """The strict worker run ``sent`` waits on is gone (per the producer's watch; no round trip)."""
-        if sent.target is None or not binding.affinity.strict:
+        return binding.affinity.strict and self._run_gone(sent.target, sent.incarnation)
+
+    def _run_gone(self, node: str | None, incarnation: str | None) -> bool:
+        if node is None:
             return False
-        view = self.watch.get(sent.target)
-        return view is None or not view.live or not view.same_run(sent.incarnation)
+        view = self.watch.get(node)
+        return view is None or not view.live or not view.same_run(incarnation)
+
+    def _lost_on(self, node: str | None) -> Any:
+        """For the listener: the error of a pending strict call whose worker run ``node`` is gone."""
+        def error_for(waiting: Waiting) -> BaseException | None:
+            if waiting.strict and waiting.target == node and self._run_gone(node, waiting.incarnation):
+                return SessionWorkerUnavailable(waiting.session_id, node)
+            return None
+
+        return error_for
+
+    def on_worker_death(self, node: str) -> None:
+        """The watch saw ``node`` die (or restart): its pending strict calls fail now, not after a timeout."""
+        self.results.fail_where(self._lost_on(node))
 
     def wait(self, binding: Binding, sent: Sent, op: str, timeout_s: float | None) -> dict[str, Any]:
-        """The call's reply envelope ``{"node", "value"}``, watching its worker while waiting.
+        """The call's reply envelope ``{"node", "value"}``: a sleep until the result listener settles it.
 
         A strict call whose worker dies becomes ``SessionWorkerUnavailable`` as
         soon as the watch sees it, not after a timeout.
         """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            slice_s = self.watch_interval_s
-            wait_s = slice_s if deadline is None else max(0.0, min(slice_s, deadline - time.monotonic()))
-            try:
-                envelope: dict[str, Any] = sent.result.get(timeout=wait_s, propagate=True,
-                                                           disable_sync_subtasks=False)
-                return envelope
-            except CeleryTimeout:
-                if self.worker_gone(binding, sent) and not sent.result.ready():
-                    assert sent.target is not None
-                    raise SessionWorkerUnavailable(binding.session_id, sent.target) from None
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise CallTimeout(binding.session_id, op, timeout_s) from None
+        try:
+            envelope: dict[str, Any] = sent.reply.result(timeout_s)
+        except FutureTimeout:
+            raise CallTimeout(binding.session_id, op, timeout_s) from None
+        return envelope
 
     # -- rehydration and close --------------------------------------------------
 
