@@ -240,3 +240,17 @@ class AnalyticsError(FlagshipError):
 class InvalidAnalyticsInput(AnalyticsError):
     fields = ("field", "reason")
     template = "invalid analytics input {field!r}: {reason}"
+
+
+def error_to_json(exc: FlagshipError) -> dict[str, Any]:
+    """An error as JSON (for per-item results of a batch, which travel inside one reply)."""
+    return {"type": type(exc).__name__, "args": list(exc.args)}
+
+
+def error_from_json(data: dict[str, Any]) -> FlagshipError:
+    """The error :func:`error_to_json` described, as the same type with the same fields."""
+    cls = globals().get(str(data.get("type")))
+    args = list(data.get("args") or [])
+    if isinstance(cls, type) and issubclass(cls, FlagshipError):
+        return cls(*args)
+    return OperationFailed("?", str(data.get("type")), " ".join(map(str, args)))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from routing.errors import SessionClosed, SessionWorkerUnavailable
 from routing.pools import Affinity
+from routing.producer import batching
 from routing.producer.future import CallFuture
 from routing.producer.handles import RefMethods
 from routing.producer.router import Binding, Router
@@ -87,6 +89,20 @@ class Session(RefMethods):
              **kwargs: Any) -> Any:
         """Run ``op(**kwargs)`` on the session's worker and return its JSON result."""
         return self.submit(op, rehydrate=rehydrate, **kwargs).result(timeout_s)
+
+    def map(self, op: str, kwargs_list: Iterable[dict[str, Any]], *, return_exceptions: bool = False,
+            chunk_size: int | None = None, num_threads: int = 1, timeout_s: float | None = None) -> list[Any]:
+        """Run ``op(**kwargs)`` for every item of ``kwargs_list`` on the session's worker; results in order.
+
+        Items travel ``chunk_size`` to a message (default 500) and run in order,
+        one chunk after another like any calls of the session (``num_threads`` > 1
+        runs a chunk's items concurrently). A failing item raises its typed error
+        once every item ran, or stands in its place with ``return_exceptions=True``.
+        """
+        parts = batching.chunks(op, kwargs_list, chunk_size)
+        futures = batching.submit_chunks(
+            lambda items: self.submit("map", op=op, items=items, num_threads=num_threads), parts)
+        return batching.collect(futures, timeout_s, return_exceptions)
 
     def close(self) -> None:
         """Delete the session record and free its objects on the worker."""

@@ -1,0 +1,94 @@
+"""Batched calls on real workers: ``session.map`` and ``ModuleRef.batch`` keep order, type per-item errors,
+lose nothing; waiting is woken by the result listener from any thread."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from routing import Session
+from routing.errors import InvalidArgument, OperationFailed, UnknownOperation
+
+TRIAGE = "ticket -> category, urgency, action"
+TICKETS = [
+    ("outage", "Checkout API returns 502 for all customers since 09:00; the site is down."),
+    ("billing", "I was charged twice on my last invoice, please refund one charge."),
+    ("account", "Locked out after the 2FA reset, the password link never arrives."),
+]
+
+
+def test_map_runs_every_item_in_order_across_chunks_on_the_bound_worker(sessions: Callable[..., Session]) -> None:
+    session = sessions("triage_pool")
+    before = session.call("ping")["seq"]
+    replies = session.map("ping", [{} for _ in range(1234)], chunk_size=100)
+    assert [r["seq"] for r in replies] == list(range(before + 1, before + 1235))
+    assert {r["node"] for r in replies} == {session.worker}
+    assert session.call("ping")["seq"] == before + 1235  # the session still works, in order
+
+
+def test_a_failing_item_is_typed_and_loses_nothing(sessions: Callable[..., Session]) -> None:
+    session = sessions("triage_pool")
+    items = [{}, {"sleep_s": -1}, {}, {"bogus": 1}, {}]
+    with pytest.raises(InvalidArgument) as raised:
+        session.map("ping", items)
+    assert raised.value.op == "ping" and "sleep_s" in raised.value.reason
+    # Every item ran: the good ones advanced the session's sequence.
+    mixed = session.map("ping", items, return_exceptions=True)
+    assert [type(r).__name__ for r in mixed] == ["dict", "InvalidArgument", "dict", "InvalidArgument", "dict"]
+    assert [r["seq"] for r in mixed if isinstance(r, dict)] == [4, 5, 6]
+
+
+def test_bad_map_requests_are_refused_at_the_door_or_typed(sessions: Callable[..., Session]) -> None:
+    session = sessions("triage_pool")
+    with pytest.raises(InvalidArgument):
+        session.map("ping", [{}, "not a dict"])  # type: ignore[list-item]
+    with pytest.raises(InvalidArgument):
+        session.map("ping", [{}], chunk_size=0)
+    with pytest.raises(UnknownOperation):
+        session.map("no_such_op", [{}])
+    with pytest.raises(InvalidArgument):
+        session.map("map", [{"op": "ping", "items": []}])  # no maps inside maps
+    assert session.map("ping", []) == []
+    assert session.call("ping")["node"] == session.worker
+
+
+def test_module_batch_returns_outputs_in_order_like_dspy_batch(sessions: Callable[..., Session]) -> None:
+    session = sessions("triage_pool")
+    triage = session.predict(TRIAGE)
+    examples = [{"ticket": text} for _, text in TICKETS] * 7
+    outputs = triage.batch(examples, num_threads=4, chunk_size=5)
+    assert [o["category"] for o in outputs] == [label for label, _ in TICKETS] * 7
+    failed = triage.batch([{"ticket": TICKETS[0][1]}, {"wrong": "x"}], return_exceptions=True)
+    assert failed[0]["category"] == "outage" and isinstance(failed[1], InvalidArgument)
+    history = session.history(n=100)["entries"]
+    assert len(history) >= len(examples)
+
+
+def test_results_can_be_awaited_from_many_threads_at_once(sessions: Callable[..., Session]) -> None:
+    session = sessions("triage_pool")
+    futures = [session.submit("ping", sleep_s=0.05) for _ in range(20)]
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def wait(i: int) -> None:
+        try:
+            results[i] = futures[i].result(30)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert [results[i]["seq"] for i in range(20)] == list(range(1, 21))  # each thread got its own call's reply
+
+
+def test_an_operation_failure_inside_a_batch_keeps_its_type(sessions: Callable[..., Session]) -> None:
+    session = sessions("triage_pool")
+    replies = session.map("history", [{"n": 1}, {"n": "x"}], return_exceptions=True)
+    assert isinstance(replies[0], dict)
+    assert isinstance(replies[1], (InvalidArgument, OperationFailed))
