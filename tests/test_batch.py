@@ -92,3 +92,82 @@ def test_an_operation_failure_inside_a_batch_keeps_its_type(sessions: Callable[.
     replies = session.map("history", [{"n": 1}, {"n": "x"}], return_exceptions=True)
     assert isinstance(replies[0], dict)
     assert isinstance(replies[1], (InvalidArgument, OperationFailed))
+
+
+def test_client_map_spreads_one_program_over_every_live_worker_in_input_order(client, stack) -> None:
+    examples = [{"ticket": text} for _, text in TICKETS] * 30
+    result = client.map("triage_pool", TRIAGE, examples, chunk_size=8, progress=False)
+    assert [o["category"] for o in result.outputs] == [label for label, _ in TICKETS] * 30
+    live = {w.node for w in stack.workers if w.pool == "triage_pool" and w.alive()}
+    assert set(result.per_worker) == live and sum(result.per_worker.values()) == len(examples)
+    assert result.summary()["failures"] == {} and client.sessions.all() is not None
+
+
+def test_client_map_reruns_the_chunks_of_a_worker_that_dies(client, pool_workers) -> None:
+    from routing.producer.fleet import FleetMap, Worker
+
+    workers = {w.node: w for w in pool_workers("kill_pool", 2)}
+    shares = []
+    for node in workers:
+        session = client.session("kill_pool", node=node)
+        shares.append(Worker(session, None, "predict", TRIAGE, None, slots=2))
+    doomed = shares[0].session.worker
+    examples = [{"ticket": text} for _, text in TICKETS] * 40
+    killed: list[str] = []
+
+    def kill_once(_: int) -> None:
+        if not killed:
+            workers[doomed].kill()
+            killed.append(doomed)
+
+    result = FleetMap(shares, examples, chunk_size=10, on_progress=kill_once).run(timeout_s=60)
+    assert [o["category"] for o in result.outputs] == [label for label, _ in TICKETS] * 40
+    assert result.rerun_chunks >= 1 and sum(result.per_worker.values()) == len(examples)
+    for share in shares:
+        share.session.close()
+
+
+MAP_SCRIPT = """
+import json, sys
+from routing import Client
+client = Client.from_env()
+examples = [{"ticket": "I was charged twice on my last invoice, please refund one charge."}] * 24
+result = client.map("triage_pool", "ticket -> category, urgency, action", examples, chunk_size=4)
+print(json.dumps(result.summary()["examples"]))
+client.close()
+"""
+
+
+def _run_map_script(stack, tty: bool) -> str:
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REDIS_URL": stack.redis_url, "COLUMNS": "100"}
+    if not tty:
+        done = subprocess.run([sys.executable, "-c", MAP_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout + done.stderr
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", MAP_SCRIPT], env=env, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(120) == 0, b"".join(chunks).decode(errors="replace")
+    os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_client_map_shows_a_progress_bar_on_a_terminal_only(stack) -> None:
+    on_terminal = _run_map_script(stack, tty=True)
+    piped = _run_map_script(stack, tty=False)
+    assert "24/24" in on_terminal and "map" in on_terminal
+    assert "24/24" not in piped and piped.strip().endswith("24")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 from celery import Celery
 from redis import Redis
 
 from routing.celery_config import celery_config
 from routing.embedded import resolve_url
-from routing.errors import SessionWorkerUnavailable
+from routing.errors import InvalidArgument, NoCapableWorker, SessionWorkerUnavailable
 from routing.pools import Affinity, PoolTable
+from routing.producer.fleet import FleetMap, MapResult, Worker, progress_bar
 from routing.producer.results import ResultListener, listener_backend_url
 from routing.producer.router import Binding, Router
 from routing.producer.session import Session
@@ -92,6 +95,43 @@ class Client:
         """Called by the watch: fail the dead run's pending strict calls, then move what it held."""
         self.router.on_worker_death(node)
         self._reap(node)
+
+    def map(self, pool: str, signature: str | dict[str, Any], examples: Sequence[dict[str, Any]], *,
+            module: str = "predict", lm: dict[str, Any] | None = None, instructions: str | None = None,
+            chunk_size: int | None = None, progress: bool | None = None,
+            timeout_s: float | None = None) -> MapResult:
+        """Run one DSPy program over ``examples`` on every live worker of ``pool``; outputs in input order.
+
+        The program (``module`` "predict" or "chain_of_thought" over ``signature``,
+        with an LM built from ``lm``'s ``session.lm`` arguments) is built once per
+        worker. Chunks (default: one worker's threads' worth) spread over the
+        workers as they free up; a chunk whose worker dies runs again elsewhere;
+        a failed example holds its typed error. ``progress``: a progress bar on
+        stderr (None: only on a terminal).
+        """
+        if module not in ("predict", "chain_of_thought"):
+            raise InvalidArgument("map", "module must be 'predict' or 'chain_of_thought'")
+        spec = self.pools.get(pool)
+        infos = [info for info in self.registry.workers([spec.name]) if info.live]
+        workers: list[Worker] = []
+        try:
+            for info in infos:
+                try:
+                    session = self.session(spec.name, node=info.node, affinity=Affinity.STRICT_QUEUE)
+                except (SessionWorkerUnavailable, NoCapableWorker):
+                    continue  # gone or draining since we looked
+                workers.append(Worker(session, session.lm(**lm) if lm else None, module, signature,
+                                      instructions, info.concurrency))
+            if not workers:
+                raise NoCapableWorker(spec.name, list(spec.requires))
+            advance, stop = progress_bar(len(examples), progress)
+            try:
+                return FleetMap(workers, examples, chunk_size, advance).run(timeout_s)
+            finally:
+                stop()
+        finally:
+            for worker in workers:
+                worker.session.close()
 
     def close(self) -> None:
         self.watch.close()

@@ -1,0 +1,140 @@
+"""One DSPy program over a dataset, across every live worker of a pool (``Client.map``).
+
+What ``dspy.Evaluate`` or ``dspy.Parallel`` do on one machine, over the fleet: a
+session per live worker builds the program once (its recipe), examples go out in
+chunks that fill the worker's threads, two chunks per worker in flight so a
+worker never idles between them, results come back in input order. A chunk whose
+worker dies runs again on another; per-item failures stay in place as typed errors.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_any
+from dataclasses import dataclass, field
+from typing import Any
+
+from routing.errors import CallTimeout, FlagshipError, NoCapableWorker, SessionWorkerUnavailable, error_from_json
+from routing.producer.future import CallFuture
+from routing.producer.handles import LMRef, ModuleRef
+from routing.producer.session import Session
+
+#: Chunks each worker holds at once: one running, one queued behind it.
+chunks_in_flight = 2
+
+
+@dataclass
+class MapResult:
+    """Outputs in input order (a typed error in place of each failed example), and how the work spread."""
+
+    outputs: list[Any]
+    #: Examples each worker ran.
+    per_worker: dict[str, int] = field(default_factory=dict)
+    #: Failed examples by error type.
+    failures: dict[str, int] = field(default_factory=dict)
+    #: Chunks run again after their worker died.
+    rerun_chunks: int = 0
+    elapsed_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        total = max(1, len(self.outputs))
+        return {"examples": len(self.outputs), "elapsed_s": round(self.elapsed_s, 3),
+                "per_worker": {node: {"examples": n, "share": round(n / total, 3)}
+                               for node, n in sorted(self.per_worker.items())},
+                "failures": dict(self.failures), "rerun_chunks": self.rerun_chunks}
+
+
+class Worker:
+    """One live worker's share of a map: its session and the program built there."""
+
+    def __init__(self, session: Session, lm: LMRef | None, module: str, signature: str | dict[str, Any],
+                 instructions: str | None, slots: int) -> None:
+        self.session = session
+        make = session.predict if module == "predict" else session.chain_of_thought
+        self.module: ModuleRef = make(signature, lm=lm, instructions=instructions)
+        self.slots = slots
+        self.running: dict[Any, tuple[int, CallFuture]] = {}  # reply future -> (chunk, call)
+
+
+class FleetMap:
+    def __init__(self, workers: list[Worker], examples: Sequence[dict[str, Any]], chunk_size: int | None,
+                 on_progress: Callable[[int], None] | None = None) -> None:
+        self.workers = workers
+        self.examples = list(examples)
+        size = chunk_size or max(1, min(w.slots for w in workers))
+        self.chunks = [list(range(i, min(i + size, len(self.examples)))) for i in range(0, len(self.examples), size)]
+        self.todo: deque[int] = deque(range(len(self.chunks)))
+        self.on_progress = on_progress
+        self.result = MapResult(outputs=[None] * len(self.examples))
+
+    def run(self, timeout_s: float | None = None) -> MapResult:
+        started = time.monotonic()
+        deadline = None if timeout_s is None else started + timeout_s
+        done_chunks = 0
+        while done_chunks < len(self.chunks):
+            if not self.workers:
+                raise NoCapableWorker("the pool", ["a live worker (all died during the map)"])
+            self._fill()
+            replies = [reply for w in self.workers for reply in w.running]
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            finished, _ = wait_any(replies, left, FIRST_COMPLETED)
+            if not finished:
+                raise CallTimeout(self.workers[0].session.id, "map", timeout_s)
+            for worker in list(self.workers):
+                for reply in [r for r in worker.running if r in finished]:
+                    if worker not in self.workers:
+                        break  # died: its other chunks went back to the queue
+                    chunk, call = worker.running.pop(reply)
+                    if self._land(worker, chunk, call):
+                        done_chunks += 1
+        self.result.elapsed_s = time.monotonic() - started
+        return self.result
+
+    def _fill(self) -> None:
+        for worker in self.workers:
+            while self.todo and len(worker.running) < chunks_in_flight:
+                chunk = self.todo.popleft()
+                items = [{"ref": worker.module.ref_id, "inputs": self.examples[i]} for i in self.chunks[chunk]]
+                call = worker.session.submit("map", op="call", items=items, num_threads=worker.slots)
+                worker.running[call.sent.reply] = (chunk, call)
+
+    def _land(self, worker: Worker, chunk: int, call: CallFuture) -> bool:
+        """Record a finished chunk; a chunk whose worker died goes back to the queue (returns False)."""
+        try:
+            replies = call.result(0)
+        except SessionWorkerUnavailable:
+            lost = [chunk, *(c for c, _ in worker.running.values())]
+            self.workers.remove(worker)
+            worker.running.clear()
+            self.todo.extendleft(reversed(lost))
+            self.result.rerun_chunks += len(lost)
+            return False
+        node = worker.session.worker or "?"
+        for index, entry in zip(self.chunks[chunk], replies):
+            if "error" in entry:
+                error: FlagshipError = error_from_json(entry["error"])
+                self.result.outputs[index] = error
+                self.result.failures[type(error).__name__] = self.result.failures.get(type(error).__name__, 0) + 1
+            else:
+                self.result.outputs[index] = entry["ok"]["outputs"]
+        self.result.per_worker = dict(Counter(self.result.per_worker) + Counter({node: len(replies)}))
+        if self.on_progress is not None:
+            self.on_progress(len(replies))
+        return True
+
+
+def progress_bar(total: int, enabled: bool | None) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+    """A rich progress bar on a terminal (``enabled=None``: only when stderr is one); returns (advance, stop)."""
+    if enabled is False or (enabled is None and not sys.stderr.isatty()):
+        return None, lambda: None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    bar = Progress("[bold]map", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True))
+    task = bar.add_task("map", total=total)
+    bar.start()
+    return (lambda n: bar.advance(task, n)), bar.stop
