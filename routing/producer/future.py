@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED
-from concurrent.futures import wait as wait_any
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import as_completed
 from typing import Any
 
 from routing.errors import CallTimeout, SessionWorkerUnavailable
@@ -92,25 +92,22 @@ def gather(futures: list[CallFuture], timeout_s: float | None = None,
     finished; a strict call whose worker died raises as soon as that is seen (a
     rehydrating session instead reruns it, and such reruns happen in the order
     they are noticed, not the order they were submitted). Woken by the result
-    listener: no polling.
+    listener as each call settles: no polling, O(1) work per call.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-
-    def left() -> float | None:
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-    pending = {id(f): f for f in futures}
-    while pending:
-        done, _ = wait_any([f.sent.reply for f in pending.values() if not f._done], left(), FIRST_COMPLETED)
-        finished = [f for f in pending.values() if f._done or f.sent.reply in done]
-        if not finished:
-            f = next(iter(pending.values()))
-            raise CallTimeout(f.binding.session_id, f.op, timeout_s)
-        for future in finished:
-            if not future._done and isinstance(future.sent.reply.exception(), SessionWorkerUnavailable):
-                future.result(left())  # raises now, or reruns on the rebuilt session
+    by_reply = {f.sent.reply: f for f in futures if not f._done}
+    for future in futures:
+        if future._done and on_done is not None:
+            on_done(future)
+    try:
+        for reply in as_completed(by_reply, timeout_s):
+            future = by_reply[reply]
+            if isinstance(reply.exception(), SessionWorkerUnavailable):
+                future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))  # raise or rerun
             future.completed_at = future.completed_at or time.monotonic()
-            del pending[id(future)]
             if on_done is not None:
                 on_done(future)
+    except FutureTimeout:
+        late = next(f for f in futures if not f.done())
+        raise CallTimeout(late.binding.session_id, late.op, timeout_s) from None
     return [f.result(timeout_s) for f in futures]

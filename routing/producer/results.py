@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 RESULT_KEY_PREFIX = "celery-task-meta-"
 #: Longest sleep between attempts to get a lost pub/sub connection back.
 max_reconnect_backoff_s = 2.0
+#: Settled calls after which the listener moves to a fresh connection (subscribed to what is still
+#: pending) instead of unsubscribing channel by channel: one reply per call saved.
+rotate_after = 5000
 
 
 class ListenerBackend(RedisBackend):  # type: ignore[misc]
@@ -66,7 +69,7 @@ class ResultListener:
         self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
         self._subscribe: list[str] = []
-        self._unsubscribe: list[str] = []
+        self._settled = 0
         self._wake_r, self._wake_w = os.pipe()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,8 +118,7 @@ class ResultListener:
     def _take(self, channel: str) -> Pending | None:
         with self._lock:
             pending = self._pending.pop(channel, None)
-            if pending is not None:
-                self._unsubscribe.append(channel)
+            self._settled += pending is not None
         return pending
 
     def pending(self) -> int:
@@ -159,26 +161,30 @@ class ResultListener:
                 self._resubscribe_all()
 
     def _resubscribe_all(self) -> None:
-        """After a reconnect: a fresh connection, every pending channel again (each key re-read on confirm)."""
-        self._pubsub.close()
-        self._pubsub = self.redis.pubsub()
+        """A fresh connection subscribed to every pending channel (each key is re-read on confirmation).
+
+        Used after a lost connection, and every ``rotate_after`` settled calls so
+        settled channels are dropped with the old connection, not one by one.
+        """
+        old, self._pubsub = self._pubsub, self.redis.pubsub()
+        old.close()
         with self._lock:
-            self._subscribe = list(self._pending)
-            self._unsubscribe = []
+            self._subscribe = [self._home, *self._pending]
+            self._settled = 0
 
     def _serve(self) -> None:
         selector = selectors.DefaultSelector()
         selector.register(self._wake_r, selectors.EVENT_READ)
         watched_sock: Any = None
-        self._pubsub.subscribe(self._home)
+        with self._lock:
+            self._subscribe.insert(0, self._home)
         while not self._stop.is_set():
+            if self._settled >= rotate_after:
+                self._resubscribe_all()
             with self._lock:
                 subscribe, self._subscribe = self._subscribe, []
-                unsubscribe, self._unsubscribe = self._unsubscribe, []
             if subscribe:
                 self._pubsub.subscribe(*subscribe)
-            if unsubscribe and self._pubsub.connection is not None:
-                self._pubsub.unsubscribe(*unsubscribe)
             sock = self._pubsub.connection._sock if self._pubsub.connection is not None else None
             if sock is not watched_sock:
                 if watched_sock is not None:
