@@ -32,6 +32,10 @@ REAPED_KEY = PREFIX + ":reaped"
 REAP_LOCK_KEY = PREFIX + ":reap:{node}"
 #: List of recipes of a session's refs, in creation order.
 SESSION_RECIPES_KEY = PREFIX + ":session:{session_id}:recipes"
+#: Hash: context ref id -> text, the stored copy a rehydration rebuilds a context ref from (expires with the session).
+SESSION_CONTEXTS_KEY = PREFIX + ":session:{session_id}:contexts"
+#: String: one big call argument sent by reference (claim-check), JSON; deleted once its call ran.
+CLAIM_KEY = PREFIX + ":claim:{session_id}:{claim_id}"
 
 
 def qualify_node(name: str) -> str:
@@ -71,6 +75,14 @@ def session_key(session_id: str) -> str:
 
 def session_recipes_key(session_id: str) -> str:
     return SESSION_RECIPES_KEY.format(session_id=session_id)
+
+
+def session_contexts_key(session_id: str) -> str:
+    return SESSION_CONTEXTS_KEY.format(session_id=session_id)
+
+
+def claim_key(session_id: str, claim_id: str) -> str:
+    return CLAIM_KEY.format(session_id=session_id, claim_id=claim_id)
 
 
 def reap_lock_key(node: str) -> str:

@@ -118,7 +118,8 @@ class SessionStore:
     def close(self, session_id: str) -> str | None:
         """Delete the record; returns the node it was bound to, or None if it did not exist."""
         node = self.scripts.close_session(
-            keys=[names.session_key(session_id), names.SESSIONS_KEY, names.session_recipes_key(session_id)],
+            keys=[names.session_key(session_id), names.SESSIONS_KEY, names.session_recipes_key(session_id),
+                  names.session_contexts_key(session_id)],
             args=[session_id, _WORKER_PREFIX],
         )
         if node is None:
@@ -130,8 +131,9 @@ class SessionStore:
         pipe = pipeline if pipeline is not None else self.redis.pipeline()
         now = time.time()
         for session_id, ttl_s in ttls.items():
-            self.scripts.touch_session(keys=[names.session_key(session_id), names.session_recipes_key(session_id)],
-                                       args=[now, int(ttl_s * 1000)], client=pipe)
+            keys = [names.session_key(session_id), names.session_recipes_key(session_id),
+                    names.session_contexts_key(session_id)]
+            self.scripts.touch_session(keys=keys, args=[now, int(ttl_s * 1000)], client=pipe)
         if pipeline is None:
             pipe.execute()
 

@@ -61,6 +61,8 @@ class Settings:
     visibility_timeout_s: float = 3600.0
     #: JSON file or inline JSON overriding the pool table.
     pools_config: str | None = None
+    #: A call argument at least this big (bytes of JSON) travels by reference: a Redis key, not the message.
+    claim_threshold_bytes: int = 64 * 1024
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -75,4 +77,5 @@ class Settings:
             session_ttl_s=env_number(env, "FLAGSHIP_SESSION_TTL_S", cls.session_ttl_s, float),
             visibility_timeout_s=env_number(env, "FLAGSHIP_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, float),
             pools_config=env.get("FLAGSHIP_POOLS") or None,
+            claim_threshold_bytes=env_number(env, "FLAGSHIP_CLAIM_THRESHOLD_BYTES", cls.claim_threshold_bytes, int),
         )

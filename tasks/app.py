@@ -23,7 +23,7 @@ app = Celery("flagship")
 # Evaluated lazily, when Celery first reads its configuration (not at import).
 app.add_defaults(_config)
 
-from tasks.ops import analytics, modules, refs, rlm, session  # noqa: E402, F401  (the operation allow-list)
+from tasks.ops import analytics, batch, context, modules, refs, rlm, session  # noqa: E402, F401  (the operation allow-list)
 from tasks.worker import hooks  # noqa: E402  (Celery signals: registration, heartbeat, in-flight counts)
 from tasks.worker.calls import execute_call  # noqa: E402
 
@@ -35,6 +35,6 @@ def run_call(self: Any, session_id: str, op: str, kwargs: dict[str, Any], route:
 
 
 @app.task(name=names.NOOP_TASK)
-def noop() -> dict[str, Any]:
-    """Plain Celery baseline for benchmarks: same payload as ``ping``, no routing."""
+def noop(payload: Any = None) -> dict[str, Any]:
+    """Plain Celery baseline for benchmarks: same reply as ``ping``, no routing; ``payload`` is ignored."""
     return {"node": hooks.current_node(), "pid": os.getpid()}

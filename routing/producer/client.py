@@ -45,7 +45,7 @@ class Client:
         self.app.conf.result_backend = listener_backend_url(redis_url)
         self.results = ResultListener(self.app, redis_url)
         self.router = Router(self.app, self.redis, self.sessions, self.registry, self.watch, self.pools,
-                             self.results)
+                             self.results, claim_threshold_bytes=self.settings.claim_threshold_bytes)
         self._reap = reap_on_death(self.redis)
 
     @classmethod

@@ -6,6 +6,7 @@ A handle is JSON (ref id, session id, worker, kind); calling it sends the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
@@ -23,6 +24,9 @@ class SessionCalls(Protocol):
     def call(self, op: str, /, *, timeout_s: float | None = None, **kwargs: Any) -> Any: ...
 
     def release(self, ref: RefHandle | ModuleRef) -> None: ...
+
+    def map(self, op: str, kwargs_list: Iterable[dict[str, Any]], *, return_exceptions: bool = False,
+            chunk_size: int | None = None, num_threads: int = 1, timeout_s: float | None = None) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,27 @@ class LMRef(RefHandle):
         return bool(self.info.get("offline"))
 
 
+class ContextRef(RefHandle):
+    """A long text held on the worker (``session.context(text)``): pass it as a module input.
+
+    It travels as ``{"$ref": ref_id}`` (kombu's ``__json__`` hook, or ``as_input``),
+    so a repeated query over a 10 MB log sends only this handle.
+    """
+
+    @property
+    def chars(self) -> int:
+        return int(self.info.get("chars", 0))
+
+    def as_input(self) -> dict[str, str]:
+        return {"$ref": self.ref_id}
+
+    def __repr__(self) -> str:  # short: it is part of every call's argsrepr
+        return f"ContextRef({self.ref_id!r})"
+
+    def __json__(self) -> dict[str, str]:
+        return self.as_input()
+
+
 class ModuleRef:
     """A callable module (Predict, ChainOfThought, RLM) bound to its session."""
 
@@ -79,6 +104,19 @@ class ModuleRef:
         outputs: dict[str, Any] = reply["outputs"]
         return outputs
 
+    def batch(self, examples: Iterable[dict[str, Any]], *, num_threads: int = 16, return_exceptions: bool = False,
+              chunk_size: int | None = None, timeout_s: float | None = None) -> list[Any]:
+        """The module over many inputs (DSPy's ``Module.batch``): each example's outputs, in order.
+
+        Examples travel in chunks; on the worker ``num_threads`` of them run at
+        once. A failing example raises its typed error once all ran, or stands
+        in its place with ``return_exceptions=True``.
+        """
+        items = [{"ref": self.ref_id, "inputs": example} for example in examples]
+        replies = self.session.map("call", items, return_exceptions=return_exceptions, chunk_size=chunk_size,
+                                   num_threads=num_threads, timeout_s=timeout_s)
+        return [reply if isinstance(reply, Exception) else reply["outputs"] for reply in replies]
+
     def release(self) -> None:
         self.session.release(self.handle)
 
@@ -95,6 +133,10 @@ class RefMethods:
         reply = self.call("lm", model=model, temperature=temperature, max_tokens=max_tokens, api_base=api_base,
                           api_key=api_key, default=default)
         return LMRef.from_reply(reply)
+
+    def context(self, text: str) -> ContextRef:
+        """Keep ``text`` on the worker (rebuilt from a stored copy on rehydration); use it as a module input."""
+        return ContextRef.from_reply(self.call("context", text=text))
 
     def configure(self, lm: RefHandle) -> None:
         """Make ``lm`` the session default: ``dspy.configure(lm=...)`` scoped to this session."""

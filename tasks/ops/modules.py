@@ -20,6 +20,8 @@ from tasks.ops.signatures import build_signature
 from tasks.worker.allowlist import CallContext, check_number, operation
 from tasks.worker.ref_store import RefEntry, RefStore
 
+#: A module input naming a context ref held by the session: ``{"$ref": "<ref id>"}``.
+REF_KEY = "$ref"
 #: Module kinds a producer may create, and the DSPy class of each.
 MODULE_KINDS: dict[str, Any] = {"predict": dspy.Predict, "chain_of_thought": dspy.ChainOfThought}
 
@@ -165,12 +167,26 @@ def run_with_lm(lm: dspy.BaseLM, fn: Any, **inputs: Any) -> Any:
         raise
 
 
+def resolve_inputs(ctx: CallContext, inputs: Any) -> Any:
+    """``inputs`` with every ``{"$ref": "<context ref id>"}`` value replaced by that context's text."""
+    if not isinstance(inputs, dict):
+        return inputs
+    resolved = dict(inputs)
+    for name, value in inputs.items():
+        if isinstance(value, dict) and value.keys() == {REF_KEY}:
+            if not isinstance(value[REF_KEY], str):
+                raise InvalidArgument("call", f"input {name!r}: {REF_KEY} must be a ref id")
+            resolved[name] = store(ctx).get(ctx.session_id, value[REF_KEY], kind="context").obj
+    return resolved
+
+
 @operation("call")
 def call_module(ctx: CallContext, ref: str, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Run a module ref with keyword inputs; returns every output field (and ``reasoning``)."""
+    """Run a module ref with keyword inputs (a context ref as ``{"$ref": id}``); returns every output field."""
     entry = store(ctx).get(ctx.session_id, ref)
-    if entry.kind == "lm":
-        raise InvalidArgument("call", f"{ref} is an LM; call a module ref")
+    if entry.kind in ("lm", "context"):
+        raise InvalidArgument("call", f"{ref} is {'an LM' if entry.kind == 'lm' else 'a context'}; call a module ref")
+    inputs = resolve_inputs(ctx, inputs)
     invoke = MODULE_INVOKERS.get(entry.kind)
     if invoke is not None:
         return invoke(ctx, entry, inputs)

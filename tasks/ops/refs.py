@@ -23,6 +23,7 @@ def list_refs(ctx: CallContext) -> list[dict[str, Any]]:
 def release_ref(ctx: CallContext, ref: str) -> dict[str, Any]:
     released = store(ctx).release(ctx.session_id, ref)
     recipes.forget(ctx.worker.redis, ctx.session_id, ref)
+    ctx.worker.redis.hdel(names.session_contexts_key(ctx.session_id), ref)  # a context ref's stored copy
     return {"released": released, "refs_left": len(store(ctx).session_refs(ctx.session_id))}
 
 

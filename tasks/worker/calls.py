@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from routing import claims
 from routing.errors import FlagshipError, InvalidArgument, OperationFailed, SessionWorkerUnavailable
 from routing.pools import Affinity
 from tasks.worker.allowlist import SESSIONLESS, CallContext, dispatch
@@ -40,23 +41,34 @@ def execute_call(
 ) -> dict[str, Any]:
     """Run ``op`` for ``session_id`` once its earlier calls on this worker are done.
 
+    Arguments sent by reference (``routing.claims``) are read inside the turn and
+    their keys deleted once the call finished, with a value or an error (a
+    worker killed mid-call leaves them for the redelivered call).
     Returns ``{"node": ..., "value": ...}`` so the producer learns who ran it.
     """
-    with worker.turns.turn(session_id, call_id):
-        where = Route.parse(route)
-        stale = where.node != worker.node or where.incarnation not in (None, worker.incarnation)
-        if where.affinity.strict and where.node and stale:
-            # A strict call moved off a dead worker, or sent to an earlier run of this node: its state is gone.
-            raise SessionWorkerUnavailable(session_id, where.node)
-        if op not in SESSIONLESS:
-            worker.book.ensure(session_id, where.ttl_s or worker.book.default_ttl_s)
-        try:
-            value = dispatch(CallContext(session_id, worker), op, kwargs)
-        except FlagshipError:
-            raise
-        except Exception as exc:
-            log.exception("operation %r of session %s failed", op, session_id)
-            raise OperationFailed(op, type(exc).__name__, str(exc)) from None
+    held = claims.held(route)
+    try:
+        with worker.turns.turn(session_id, call_id):
+            where = Route.parse(route)
+            stale = where.node != worker.node or where.incarnation not in (None, worker.incarnation)
+            if where.affinity.strict and where.node and stale:
+                # A strict call moved off a dead worker, or sent to an earlier run of this node: its state is gone.
+                raise SessionWorkerUnavailable(session_id, where.node)
+            if op not in SESSIONLESS:
+                worker.book.ensure(session_id, where.ttl_s or worker.book.default_ttl_s)
+            if held:
+                kwargs = claims.resolve(worker.redis, session_id, op, kwargs, held)
+            try:
+                value = dispatch(CallContext(session_id, worker), op, kwargs)
+            except FlagshipError:
+                raise
+            except Exception as exc:
+                log.exception("operation %r of session %s failed", op, session_id)
+                raise OperationFailed(op, type(exc).__name__, str(exc)) from None
+    except Exception:
+        claims.discard(worker.redis, session_id, held)
+        raise
+    claims.discard(worker.redis, session_id, held)
     if where.affinity is Affinity.HINT and where.node != worker.node:
         worker.sessions.rebind(session_id, worker.node, worker.incarnation)
     return {"node": worker.node, "value": value}
