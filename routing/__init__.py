@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from routing.pools import Affinity, Pool, PoolTable
 from routing.producer.client import Client
-from routing.producer.future import CallFuture, gather
+from routing.producer.future import CallFuture, agather, gather
+from routing.producer.prediction import Prediction
 from routing.producer.session import Session
 from routing.settings import Settings
 
-__all__ = ["Affinity", "CallFuture", "Client", "Pool", "PoolTable", "Session", "Settings", "gather"]
+__all__ = [
+    "Affinity", "CallFuture", "Client", "Pool", "PoolTable", "Prediction", "Session", "Settings", "agather", "gather",
+]

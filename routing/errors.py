@@ -24,6 +24,7 @@ __all__ = [
     "UnknownOperation",
     "OperationFailed",
     "CallTimeout",
+    "CallCancelled",
     "RefError",
     "RefNotFound",
     "RefSessionMismatch",
@@ -146,6 +147,13 @@ class OperationFailed(CallError):
 
     fields = ("op", "error_type", "message")
     template = "{op!r} failed with {error_type}: {message}"
+
+
+class CallCancelled(CallError):
+    """The producer cancelled the call before it ran; it was skipped."""
+
+    fields = ("session_id", "op")
+    template = "call {op!r} of session {session_id!r} was cancelled before it ran"
 
 
 class CallTimeout(CallError):

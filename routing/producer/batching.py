@@ -31,11 +31,16 @@ def submit_chunks(submit: Callable[[list[dict[str, Any]]], CallFuture],
 
 
 def collect(futures: list[CallFuture], timeout_s: float | None, return_exceptions: bool) -> list[Any]:
-    """Every item's result in order; a failing item raises its typed error (the first, once all ran),
+    """Every item's result in order (see :func:`decode`)."""
+    return decode(gather(futures, timeout_s), return_exceptions)
+
+
+def decode(replies: list[list[dict[str, Any]]], return_exceptions: bool) -> list[Any]:
+    """Per-item results in order; a failing item raises its typed error (the first, once all ran),
     or stands in its place with ``return_exceptions``."""
     results: list[Any] = []
     first_error: FlagshipError | None = None
-    for reply in gather(futures, timeout_s):
+    for reply in replies:
         for entry in reply:
             if "error" not in entry:
                 results.append(entry["ok"])

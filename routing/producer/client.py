@@ -135,6 +135,7 @@ class Client:
 
     def close(self) -> None:
         self.watch.close()
+        self.router.shutdown()
         self.results.close()
         self.app.close()
         self.redis.close()

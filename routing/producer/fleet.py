@@ -57,7 +57,7 @@ class Worker:
         make = session.predict if module == "predict" else session.chain_of_thought
         self.module: ModuleRef = make(signature, lm=lm, instructions=instructions)
         self.slots = slots
-        self.running: dict[Any, tuple[int, CallFuture]] = {}  # reply future -> (chunk, call)
+        self.running: dict[CallFuture, tuple[int, CallFuture]] = {}  # call -> (chunk, call)
 
 
 class FleetMap:
@@ -79,7 +79,7 @@ class FleetMap:
             if not self.workers:
                 raise NoCapableWorker("the pool", ["a live worker (all died during the map)"])
             self._fill()
-            replies = [reply for w in self.workers for reply in w.running]
+            replies = [call for w in self.workers for call in w.running]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             finished, _ = wait_any(replies, left, FIRST_COMPLETED)
             if not finished:
@@ -100,7 +100,7 @@ class FleetMap:
                 chunk = self.todo.popleft()
                 items = [{"ref": worker.module.ref_id, "inputs": self.examples[i]} for i in self.chunks[chunk]]
                 call = worker.session.submit("map", op="call", items=items, num_threads=worker.slots)
-                worker.running[call.sent.reply] = (chunk, call)
+                worker.running[call] = (chunk, call)
 
     def _land(self, worker: Worker, chunk: int, call: CallFuture) -> bool:
         """Record a finished chunk; a chunk whose worker died goes back to the queue (returns False)."""

@@ -1,42 +1,45 @@
-"""The producer's handle on one submitted call, and ``gather`` for many."""
+"""A submitted call as a standard :class:`concurrent.futures.Future` (awaitable too), and ``gather``."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from concurrent.futures import Future, InvalidStateError, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures import as_completed
 from typing import Any
 
 from routing.errors import CallTimeout, SessionWorkerUnavailable
 from routing.producer.router import Binding, Router, Sent
 
 
-class CallFuture:
-    """Waits for a call's result while watching the worker it was sent to.
+class CallFuture(Future[Any]):
+    """One call of a session: settles with the operation's JSON result, or its typed error.
 
-    A strict call whose worker dies after it was queued becomes
-    ``SessionWorkerUnavailable`` as soon as the producer's watch sees the death,
-    not after a timeout (or, with ``rehydrate``, runs again on the rebuilt
-    session). The client's result listener settles it: waiting is a sleep, from
-    any number of threads.
+    A standard future (``result(timeout=)``, ``exception()``, ``done()``,
+    ``add_done_callback``, ``cancel()``; works with ``concurrent.futures.wait``
+    and ``as_completed``; any number of threads may wait) and awaitable from
+    asyncio. A strict call whose worker dies settles with
+    ``SessionWorkerUnavailable`` as soon as the producer's watch sees it, or,
+    with ``rehydrate``, runs again on the rebuilt session first. ``cancel()``
+    revokes a call that has not started (it is then never run).
     """
 
     def __init__(self, router: Router, binding: Binding, op: str, kwargs: dict[str, Any], sent: Sent,
                  rehydrate: bool = False) -> None:
+        super().__init__()
         self.router = router
         self.binding = binding
         self.op = op
         self.kwargs = kwargs
         self.rehydrate = rehydrate
         self.sent = sent
-        self._value: Any = None
-        self._done = False
         #: The worker that ran the call, once known.
         self.node: str | None = None
         self.submitted_at = time.monotonic()
-        #: When the producer saw the result (set by ``result`` and ``gather``).
+        #: When the result arrived.
         self.completed_at: float | None = None
+        sent.reply.add_done_callback(self._on_reply)
 
     @property
     def id(self) -> str:
@@ -47,67 +50,97 @@ class CallFuture:
         """The worker the call was sent to; None: the pool's shared queue."""
         return self.sent.target
 
-    def done(self) -> bool:
-        return self._done or self.sent.reply.done()
+    def result(self, timeout: float | None = None, *, timeout_s: float | None = None) -> Any:
+        """The call's result; ``CallTimeout`` after ``timeout`` seconds (``timeout_s`` is an alias)."""
+        timeout = timeout_s if timeout is None else timeout
+        try:
+            return super().result(timeout)
+        except FutureTimeout:
+            raise CallTimeout(self.binding.session_id, self.op, timeout) from None
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return super().exception(timeout)
+        except FutureTimeout:
+            raise CallTimeout(self.binding.session_id, self.op, timeout) from None
+
+    def cancel(self) -> bool:
+        """Revoke the call if it has not run: it is skipped where it waits. False once it settled."""
+        if not super().cancel():
+            return False
+        self.router.revoke(self.sent.task_id)
+        return True
 
     def worker_gone(self) -> bool:
         """The strict worker run this call waits on is gone (per the producer's watch; no round trip)."""
         return self.router.worker_gone(self.binding, self.sent)
 
-    def result(self, timeout_s: float | None = None) -> Any:
-        if self._done:
-            return self._value
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        try:
-            envelope = self.router.wait(self.binding, self.sent, self.op, timeout_s)
-        except SessionWorkerUnavailable as lost:
-            # Seen dead by the watch, or moved off its dead worker and refused where it landed.
-            if not self.rehydrate or lost.node != self.sent.target:
-                raise
-            return self._retry_rehydrated(None if deadline is None else deadline - time.monotonic())
+    def __await__(self) -> Generator[Any, None, Any]:
+        return asyncio.wrap_future(self).__await__()
+
+    # -- settling (on the result listener's or the watch's thread) ---------------
+
+    def _on_reply(self, reply: Future[Any]) -> None:
+        error = reply.exception()
+        if isinstance(error, SessionWorkerUnavailable) and self.rehydrate and error.node == self.sent.target:
+            # Rebuilding replays recipes and waits for them: never on the listener's thread.
+            self.router.background(self._rerun_rehydrated)
+            return
+        if error is not None:
+            self._settle(None, None, error)
+            return
+        envelope = reply.result()
+        self.router.ran_on(self.binding, envelope["node"])
         self._settle(envelope["node"], envelope["value"])
-        self.router.ran_on(self.binding, self.node)
-        return self._value
 
-    def _settle(self, node: str | None, value: Any, completed_at: float | None = None) -> None:
-        self.node, self._value, self._done = node, value, True
-        self.completed_at = self.completed_at or completed_at or time.monotonic()
-
-    def _retry_rehydrated(self, timeout_s: float | None) -> Any:
+    def _rerun_rehydrated(self) -> None:
         """The worker died with this call: rebuild the session elsewhere and run the call again there."""
-        self.router.rehydrate(self.binding, self.sent.target, self.sent.incarnation)
-        retry = CallFuture(self.router, self.binding, self.op, self.kwargs,
-                           self.router.send(self.binding, self.op, self.kwargs))
-        value = retry.result(timeout_s)
-        self._settle(retry.node, value, retry.completed_at)
-        return value
+        try:
+            self.router.rehydrate(self.binding, self.sent.target, self.sent.incarnation)
+            retry = CallFuture(self.router, self.binding, self.op, self.kwargs,
+                               self.router.send(self.binding, self.op, self.kwargs))
+        except BaseException as exc:  # typed errors from the rebuild settle this call
+            self._settle(None, None, exc)
+            return
+
+        def adopt(_: Future[Any]) -> None:
+            error = retry.exception()
+            self._settle(retry.node, None if error is not None else retry.result(), error)
+
+        retry.add_done_callback(adopt)
+
+    def _settle(self, node: str | None, value: Any, error: BaseException | None = None) -> None:
+        self.node, self.completed_at = node, time.monotonic()
+        try:
+            if error is not None:
+                self.set_exception(error)
+            else:
+                self.set_result(value)
+        except InvalidStateError:  # cancelled meanwhile: the result is dropped
+            pass
 
 
 def gather(futures: list[CallFuture], timeout_s: float | None = None,
            on_done: Callable[[CallFuture], None] | None = None) -> list[Any]:
-    """Wait for calls running in parallel, noting when each finished; results in submission order.
+    """Wait for calls running in parallel; results in submission order.
 
     ``on_done`` is called as each call completes (for progress displays). A call
     that failed on its worker raises when results are collected, after the others
     finished; a strict call whose worker died raises as soon as that is seen (a
-    rehydrating session instead reruns it, and such reruns happen in the order
-    they are noticed, not the order they were submitted). Woken by the result
-    listener as each call settles: no polling, O(1) work per call.
+    rehydrating session reruns it first). Woken as each call settles: no polling.
     """
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    by_reply = {f.sent.reply: f for f in futures if not f._done}
-    for future in futures:
-        if future._done and on_done is not None:
-            on_done(future)
     try:
-        for reply in as_completed(by_reply, timeout_s):
-            future = by_reply[reply]
-            if isinstance(reply.exception(), SessionWorkerUnavailable):
-                future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))  # raise or rerun
-            future.completed_at = future.completed_at or time.monotonic()
+        for future in as_completed(futures, timeout_s):
+            if isinstance(future.exception(), SessionWorkerUnavailable):
+                raise future.exception()  # type: ignore[misc]
             if on_done is not None:
-                on_done(future)
+                on_done(future)  # type: ignore[arg-type]
     except FutureTimeout:
         late = next(f for f in futures if not f.done())
         raise CallTimeout(late.binding.session_id, late.op, timeout_s) from None
-    return [f.result(timeout_s) for f in futures]
+    return [f.result() for f in futures]
+
+
+async def agather(futures: list[CallFuture]) -> list[Any]:
+    """``gather`` for asyncio: one event loop waits on any number of calls, no thread each."""
+    return list(await asyncio.gather(*futures))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
 from routing.producer.future import CallFuture
+from routing.producer.prediction import Prediction
 
 
 class SessionCalls(Protocol):
@@ -27,6 +28,11 @@ class SessionCalls(Protocol):
 
     def map(self, op: str, kwargs_list: Iterable[dict[str, Any]], *, return_exceptions: bool = False,
             chunk_size: int | None = None, num_threads: int = 1, timeout_s: float | None = None) -> list[Any]: ...
+
+    async def acall(self, op: str, /, **kwargs: Any) -> Any: ...
+
+    async def amap(self, op: str, kwargs_list: Iterable[dict[str, Any]], *, return_exceptions: bool = False,
+                   chunk_size: int | None = None, num_threads: int = 1) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -98,11 +104,15 @@ class ModuleRef:
         """Send the call now; ``.result()`` returns ``{"outputs": {...}, ...}``."""
         return self.session.submit("call", ref=self.ref_id, inputs=inputs)
 
-    def __call__(self, *, timeout_s: float | None = None, **inputs: Any) -> dict[str, Any]:
-        """The module's output fields (``reasoning`` included where the module has it)."""
-        reply: dict[str, Any] = self.session.call("call", ref=self.ref_id, inputs=inputs, timeout_s=timeout_s)
-        outputs: dict[str, Any] = reply["outputs"]
-        return outputs
+    def __call__(self, *, timeout: float | None = None, timeout_s: float | None = None, **inputs: Any) -> Prediction:
+        """The module's output fields (``reasoning`` included where the module has it): ``pred.category``."""
+        reply = self.session.call("call", ref=self.ref_id, inputs=inputs, timeout_s=timeout_s or timeout)
+        return Prediction(reply["outputs"])
+
+    async def acall(self, **inputs: Any) -> Prediction:
+        """``await module.acall(ticket=...)``: DSPy's async spelling, no thread held while it runs."""
+        reply = await self.session.acall("call", ref=self.ref_id, inputs=inputs)
+        return Prediction(reply["outputs"])
 
     def batch(self, examples: Iterable[dict[str, Any]], *, num_threads: int = 16, return_exceptions: bool = False,
               chunk_size: int | None = None, timeout_s: float | None = None) -> list[Any]:
@@ -115,7 +125,15 @@ class ModuleRef:
         items = [{"ref": self.ref_id, "inputs": example} for example in examples]
         replies = self.session.map("call", items, return_exceptions=return_exceptions, chunk_size=chunk_size,
                                    num_threads=num_threads, timeout_s=timeout_s)
-        return [reply if isinstance(reply, Exception) else reply["outputs"] for reply in replies]
+        return [reply if isinstance(reply, Exception) else Prediction(reply["outputs"]) for reply in replies]
+
+    async def abatch(self, examples: Iterable[dict[str, Any]], *, num_threads: int = 16,
+                     return_exceptions: bool = False, chunk_size: int | None = None) -> list[Any]:
+        """``batch`` for asyncio."""
+        items = [{"ref": self.ref_id, "inputs": example} for example in examples]
+        replies = await self.session.amap("call", items, return_exceptions=return_exceptions,
+                                          chunk_size=chunk_size, num_threads=num_threads)
+        return [reply if isinstance(reply, Exception) else Prediction(reply["outputs"]) for reply in replies]
 
     def release(self) -> None:
         self.session.release(self.handle)

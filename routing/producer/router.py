@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from concurrent.futures import Future
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from celery import Celery
 from kombu.exceptions import EncodeError
 from redis import Redis
 
-from routing import claims, names, recipes
+from routing import claims, names, recipes, task_view
 from routing.errors import CallTimeout, InvalidArgument, SessionWorkerUnavailable, WorkerBusy
 from routing.pools import Affinity, PoolTable
 from routing.producer.results import ResultListener
@@ -78,12 +79,9 @@ class Waiting:
     incarnation: str | None
 
 
-def redacted_argsrepr(args: list[Any]) -> str | None:
-    """The repr Celery shows for a call (None: Celery's own), with secret arguments masked."""
-    kwargs = args[2]
-    if not recipes.SECRET_ARGUMENTS & kwargs.keys():
-        return None
-    return repr([args[0], args[1], recipes.masked(kwargs), args[3]])
+def redacted_argsrepr(args: list[Any]) -> str:
+    """The short repr Celery shows for a call: session, pool, ref, arguments; secrets masked."""
+    return task_view.call_argsrepr(args)
 
 
 class Router:
@@ -98,6 +96,8 @@ class Router:
         self.watch = watch
         self.pools = pools
         self.results = results
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
 
     # -- binding --------------------------------------------------------------
 
@@ -170,7 +170,7 @@ class Router:
         reply = self.results.expect(task_id, Waiting(binding.session_id, binding.affinity.strict, node, incarnation))
         try:
             self.app.send_task(names.CALL_TASK, args=args, queue=queue, task_id=task_id,
-                               argsrepr=redacted_argsrepr(args))
+                               shadow=task_view.task_name(op, kwargs), argsrepr=redacted_argsrepr(args))
         except EncodeError as exc:
             self.results.discard(task_id)
             claims.discard(self.redis, binding.session_id, moved.claims)
@@ -256,6 +256,21 @@ class Router:
             binding.rehydrations += 1
             log.warning("session %s rehydrated on %s (was %s): %d ref(s) rebuilt",
                         binding.session_id, node, dead, len(replays))
+
+    def background(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` off the result listener's thread (rehydration waits for replies the listener delivers)."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(4, thread_name_prefix="flagship-rehydrate")
+        self._executor.submit(fn)
+
+    def revoke(self, task_id: str) -> None:
+        """Tell the workers to skip a call that has not started (``CallFuture.cancel``)."""
+        self.app.control.revoke(task_id)
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self, binding: Binding) -> None:
         """Delete the session record and tell its worker to free the session's objects."""

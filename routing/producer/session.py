@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 from routing.errors import SessionClosed, SessionWorkerUnavailable
@@ -85,10 +87,31 @@ class Session(RefMethods):
             sent = self.router.send(self.binding, op, kwargs)
         return CallFuture(self.router, self.binding, op, kwargs, sent, rehydrate)
 
-    def call(self, op: str, /, *, timeout_s: float | None = None, rehydrate: bool | None = None,
-             **kwargs: Any) -> Any:
-        """Run ``op(**kwargs)`` on the session's worker and return its JSON result."""
-        return self.submit(op, rehydrate=rehydrate, **kwargs).result(timeout_s)
+    def call(self, op: str, /, *, timeout: float | None = None, timeout_s: float | None = None,
+             rehydrate: bool | None = None, **kwargs: Any) -> Any:
+        """Run ``op(**kwargs)`` on the session's worker and return its JSON result (``timeout_s``: alias)."""
+        return self.submit(op, rehydrate=rehydrate, **kwargs).result(timeout if timeout is not None else timeout_s)
+
+    async def acall(self, op: str, /, *, rehydrate: bool | None = None, **kwargs: Any) -> Any:
+        """``await session.acall(op, **kwargs)``: the call's result, without a thread per pending call.
+
+        Sending (and a rehydration, if one is due) runs in the loop's default
+        executor; the wait is a callback from the result listener.
+        """
+        loop = asyncio.get_running_loop()
+        future = await loop.run_in_executor(None, partial(self.submit, op, rehydrate=rehydrate, **kwargs))
+        return await future
+
+    async def amap(self, op: str, kwargs_list: Iterable[dict[str, Any]], *, return_exceptions: bool = False,
+                   chunk_size: int | None = None, num_threads: int = 1) -> list[Any]:
+        """``map`` for asyncio: chunks sent from the default executor, awaited on the loop."""
+        parts = batching.chunks(op, kwargs_list, chunk_size)
+        loop = asyncio.get_running_loop()
+        futures = await loop.run_in_executor(None, partial(
+            batching.submit_chunks, lambda items: self.submit("map", op=op, items=items, num_threads=num_threads),
+            parts))
+        replies = await asyncio.gather(*futures, return_exceptions=False)
+        return batching.decode(replies, return_exceptions)
 
     def map(self, op: str, kwargs_list: Iterable[dict[str, Any]], *, return_exceptions: bool = False,
             chunk_size: int | None = None, num_threads: int = 1, timeout_s: float | None = None) -> list[Any]:

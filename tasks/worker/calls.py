@@ -6,8 +6,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from celery.worker import state as celery_state
+
 from routing import claims
-from routing.errors import FlagshipError, InvalidArgument, OperationFailed, SessionWorkerUnavailable
+from routing.errors import CallCancelled, FlagshipError, InvalidArgument, OperationFailed, SessionWorkerUnavailable
 from routing.pools import Affinity
 from tasks.worker.allowlist import SESSIONLESS, CallContext, dispatch
 from tasks.worker.state import WorkerState
@@ -54,6 +56,9 @@ def execute_call(
             if where.affinity.strict and where.node and stale:
                 # A strict call moved off a dead worker, or sent to an earlier run of this node: its state is gone.
                 raise SessionWorkerUnavailable(session_id, where.node)
+            if call_id in celery_state.revoked:
+                # Cancelled by its producer while it waited for the session's turn: never run.
+                raise CallCancelled(session_id, op)
             if op not in SESSIONLESS:
                 worker.book.ensure(session_id, where.ttl_s or worker.book.default_ttl_s)
             if held:
