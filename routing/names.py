@@ -36,6 +36,8 @@ SESSION_RECIPES_KEY = PREFIX + ":session:{session_id}:recipes"
 SESSION_CONTEXTS_KEY = PREFIX + ":session:{session_id}:contexts"
 #: String: one big call argument sent by reference (claim-check), JSON; deleted once its call ran.
 CLAIM_KEY = PREFIX + ":claim:{session_id}:{claim_id}"
+#: List of messages no worker could run (malformed or refused), for an operator to inspect.
+DEADLETTER_KEY = PREFIX + ":deadletter"
 
 
 def qualify_node(name: str) -> str:

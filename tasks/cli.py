@@ -86,6 +86,12 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    from tasks.local.metrics import serve
+
+    return serve(args.port, args.address, wait_s=args.wait_s, sessions_every_s=args.sessions_every)
+
+
 #: ``flagship bench NAME``: the module whose ``main(argv)`` runs that benchmark.
 BENCHES = {
     "routing": "tasks.local.bench",
@@ -129,6 +135,17 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
     status.set_defaults(fn=_status)
+
+    metrics = sub.add_parser("metrics", help="serve Prometheus metrics on /metrics: pools, workers, queues, "
+                                              "sessions, call latency")
+    metrics.add_argument("--port", type=int, default=int(os.environ.get("FLAGSHIP_METRICS_PORT") or 9808),
+                         help="default 9808 (FLAGSHIP_METRICS_PORT)")
+    metrics.add_argument("--address", default=os.environ.get("FLAGSHIP_METRICS_ADDRESS") or "127.0.0.1",
+                         help="listen address (default 127.0.0.1, FLAGSHIP_METRICS_ADDRESS; 0.0.0.0 in containers)")
+    metrics.add_argument("--wait-s", type=float, default=30.0, help="how long to wait for the embedded server")
+    metrics.add_argument("--sessions-every", type=float, default=30.0, metavar="SECONDS",
+                         help="re-read session records (count, rehydrations) at most this often")
+    metrics.set_defaults(fn=_metrics)
 
     up = sub.add_parser("up", help="start the server and every pool's workers in the foreground")
     up.add_argument("--per-pool", type=int, help="workers per pool (default: each pool's size)")

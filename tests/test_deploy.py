@@ -146,7 +146,7 @@ def test_docker_compose_itself_loads_the_file_with_every_profile() -> None:
     assert done.returncode == 0, done.stderr
     model = json.loads(done.stdout)
     services = model["services"]
-    assert set(services) == {"redis", "triage", "rlm", "analytics", "flower", "demo"}
+    assert set(services) == {"redis", "triage", "rlm", "analytics", "flower", "metrics", "demo"}
     assert model["volumes"]["redis-data"]["name"] == "flagship_redis-data"
     assert services["rlm"]["build"] == {"context": str(ROOT), "dockerfile": "deploy/Dockerfile", "target": "rlm"}
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "ops:compose-test"
@@ -187,6 +187,22 @@ def test_compose_runs_redis_with_aof_two_uniquely_named_workers_per_pool_flower_
     demo = services["demo"]
     assert demo["profiles"] == ["demo"]
     assert check_flagship_argv(flagship_argv(demo["command"])).command == "demo"
+
+
+def test_compose_serves_metrics_to_a_prometheus_and_flower_shows_each_calls_args() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    metrics = services["metrics"]
+    args = check_flagship_argv(flagship_argv(metrics["command"]))
+    assert args.command == "metrics" and args.address == "0.0.0.0"
+    assert metrics["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert any(str(port).endswith(f":{args.port}") for port in metrics["ports"])
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    (config_mount,) = [v for v in prometheus["volumes"] if v.startswith("./prometheus/prometheus.yml:")]
+    config = yaml.safe_load((DEPLOY / config_mount.split(":")[0]).read_text())
+    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"metrics:{args.port}"]
+    assert "args" in services["flower"]["environment"]["FLOWER_TASKS_COLUMNS"].split(",")
 
 
 # -- Kubernetes ---------------------------------------------------------------------------------
@@ -256,6 +272,29 @@ def test_flower_deployment_takes_basic_auth_from_a_secret_and_has_a_service() ->
     service = by_kind("Service")["flower"]
     assert service["spec"]["selector"] == flower["spec"]["selector"]["matchLabels"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthcheck"  # Flower answers it without auth
+    columns = next(e for e in c["env"] if e["name"] == "FLOWER_TASKS_COLUMNS")["value"]
+    assert "args" in columns.split(",")
+
+
+def test_metrics_deployment_and_service_carry_prometheus_scrape_annotations() -> None:
+    deployment = by_kind("Deployment")["flagship-metrics"]
+    c = container(deployment)
+    args = check_flagship_argv(c["command"][1:])
+    assert c["command"][0] == "flagship" and args.command == "metrics" and args.address == "0.0.0.0"
+    (port,) = c["ports"]
+    assert port["containerPort"] == args.port
+    assert {"configMapRef": {"name": "flagship-config"}} in c["envFrom"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": port["name"]}
+    service = by_kind("Service")["flagship-metrics"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == port["name"]
+    for annotated, scraped_port in ((deployment["spec"]["template"]["metadata"], args.port),
+                                    (service["metadata"], service_port["port"])):
+        annotations = annotated["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(scraped_port)
+        assert annotations["prometheus.io/path"] == "/metrics"
 
 
 #: What KEDA's ScaledObject CRD (keda.sh/v1alpha1) and its redis scaler docs require (no package ships it).
@@ -347,6 +386,10 @@ def test_procfile_runs_the_server_two_uniquely_named_workers_per_pool_and_flower
     assert all(len(nodes) == 2 for nodes in per_pool.values()), per_pool
     all_nodes = [a.name for a in workers.values()]
     assert len(set(all_nodes)) == len(all_nodes)
+    assert check_flagship_argv(flagship_argv(processes["metrics"])).command == "metrics"
+    flower_args = shlex.split(processes["flower"])
+    columns = next(a for a in flower_args if a.startswith("--tasks_columns=")).split("=", 1)[1]
+    assert "args" in columns.split(",")
 
 
 def test_every_flagship_subcommand_used_by_the_deploy_files_exists_in_the_cli() -> None:
@@ -357,7 +400,7 @@ def test_every_flagship_subcommand_used_by_the_deploy_files_exists_in_the_cli() 
     commands += ["flagship " + shlex.join(container(d)["command"][1:]) for d in by_kind("Deployment").values()
                  if container(d)["command"][0] == "flagship"]
     subcommands = {flagship_argv(cmd)[0] for cmd in commands}
-    assert subcommands >= {"worker", "demo"}
+    assert subcommands >= {"worker", "demo", "metrics"}
     for sub in sorted(subcommands):
         done = subprocess.run([FLAGSHIP, sub, "--help"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"`flagship {sub} --help` failed: {done.stderr[-500:]}"
@@ -441,9 +484,10 @@ def _free_port() -> int:
 @pytest.mark.timeout(240)
 def test_procfile_under_honcho_starts_server_workers_and_flower_and_sigterm_stops_them_all(tmp_path: Path) -> None:
     pytest.importorskip("honcho", reason="honcho (a test dependency) is not installed")
-    home, port = tmp_path / "home", _free_port()
+    home, port, metrics_port = tmp_path / "home", _free_port(), _free_port()
     env = {**os.environ, **TEST_ENV, "FLAGSHIP_HOME": str(home), "FLOWER_BASIC_AUTH": "ops:procfile-test",
-           "FLOWER_PORT": str(port), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           "FLOWER_PORT": str(port), "FLAGSHIP_METRICS_PORT": str(metrics_port),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("REDIS_URL", None)
     # Everything but the RLM workers, which need the sandbox cache (tests/test_sandbox.py covers them).
     names_ = [n for n in procfile() if not n.startswith("rlm-")]
@@ -452,7 +496,8 @@ def test_procfile_under_honcho_starts_server_workers_and_flower_and_sigterm_stop
         honcho = subprocess.Popen([sys.executable, "-m", "honcho", "-f", str(PROCFILE), "-d", str(ROOT),
                                    "start", *names_], env=env, stdout=log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    nodes = [check_flagship_argv(flagship_argv(procfile()[n])).name for n in names_ if n not in ("server", "flower")]
+    nodes = [check_flagship_argv(flagship_argv(procfile()[n])).name for n in names_
+             if procfile()[n].startswith("flagship worker")]
     try:
         def log_tail() -> str:
             return log_path.read_text(errors="replace")[-3000:]
@@ -476,6 +521,18 @@ def test_procfile_under_honcho_starts_server_workers_and_flower_and_sigterm_stop
             return all(f"{n}@{socket.gethostname()}" in listed for n in nodes)
 
         wait_until(flower_lists_workers, 90, interval_s=0.5, what="Flower (from the Procfile) to list the workers")
+
+        def metrics_count_live_workers() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+                    text = response.read().decode()
+            except OSError:
+                return False
+            return all(f'flagship_pool_live_workers{{pool="{pool}"}} 2.0' in text
+                       for pool in ("triage_pool", "analytics_pool"))
+
+        wait_until(metrics_count_live_workers, 60, interval_s=0.5,
+                   what="`flagship metrics` (from the Procfile) to count two live workers per pool")
         r.close()
         honcho.send_signal(signal.SIGTERM)
         honcho.wait(60)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
@@ -26,15 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_openai import FakeOpenAI
 from helpers import wait_until
 
 from routing import Session
-from tasks.local.stack import Stack
+from tasks.local.stack import Stack, WorkerProcess
+from tasks.sandbox.setup import is_cache_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FLOWER = ROOT / "deploy" / "run_flower.py"
 SCREENSHOT = ROOT / "docs" / "flower.png"
+TASKS_SCREENSHOT = ROOT / "docs" / "flower-tasks.png"
 MONITORED_POOLS = ("triage_pool", "analytics_pool")
+#: The Tasks tab's columns as the deploy files configure them: each call's args repr (session, pool, ref) shows.
+TASKS_COLUMNS = "name,args,state,received,runtime,worker"
 
 #: Flower imports the whole Celery app (DSPy included) before it listens.
 flower_start_timeout_s = 90.0
@@ -115,12 +121,21 @@ def running_flower(stack: Stack, tmp_dir: Path, env: dict[str, str]) -> Iterator
 @pytest.fixture(scope="module")
 def flower(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flower]:
     auth = f"ops:{secrets.token_urlsafe(12)}"
-    with running_flower(stack, tmp_path_factory.mktemp("flower"), {"FLOWER_BASIC_AUTH": auth}) as f:
+    env = {"FLOWER_BASIC_AUTH": auth, "FLOWER_TASKS_COLUMNS": TASKS_COLUMNS}
+    with running_flower(stack, tmp_path_factory.mktemp("flower"), env) as f:
         yield f
 
 
 def pool_nodes(stack: Stack) -> set[str]:
     return {w.node for w in stack.workers if w.pool in MONITORED_POOLS and w.alive()}
+
+
+def session_tasks(flower: Flower, session: Session, **query: str) -> dict[str, Any]:
+    """The calls of ``session`` Flower knows, found with its own search (by the args repr), filtered by ``query``."""
+    params = urllib.parse.urlencode({"limit": 1000, "search": f'args:"session={session.id}"', **query})
+    status, tasks = flower.get(f"/api/tasks?{params}")
+    assert status == 200, tasks
+    return {tid: t for tid, t in tasks.items() if f"session={session.id}" in (t.get("args") or "")}
 
 
 def listed_workers(flower: Flower) -> set[str]:
@@ -166,14 +181,55 @@ def test_flower_lists_every_worker_of_both_pools_and_the_calls_they_ran(
 
     tasks = wait_until(seen, 30, interval_s=0.25, what="Flower to show every call as SUCCESS")
     assert isinstance(tasks, dict)
-    for task_id, task in tasks.items():
-        assert task["name"] == "flagship.call"
-        assert task["worker"] == ran_on[task_id]
+    for session, fs in futures.items():
+        for f in fs:
+            task = tasks[f.id]
+            assert task["name"] == "flagship.ping"  # the operation, not the one Celery task every call is
+            assert task["args"] == f"pool={session.pool} session={session.id}"  # ping has no arguments
+            assert task["worker"] == ran_on[f.id]
     # Triage sessions are strict: every call ran on the session's own worker.
     for session, fs in futures.items():
         if session.pool == "triage_pool":
             assert {tasks[f.id]["worker"] for f in fs} == {session.worker}
     assert {t["worker"] for t in tasks.values()} <= expected
+
+
+def test_flower_names_each_call_by_operation_with_session_pool_and_ref_and_masks_secrets(
+    flower: Flower, sessions: Callable[..., Session]
+) -> None:
+    session = sessions("triage_pool")
+    offline = session.lm(temperature=0.2)  # the first LM: the session default
+    with FakeOpenAI() as server:
+        session.lm("openai/fake-model", api_base=server.base_url, api_key="sk-flower-secret")
+    session.configure(offline)
+    triage = session.predict("ticket -> category, urgency, action")
+    tickets = ["Checkout returns 502 for all customers", "Charged twice", "2FA email never arrives"]
+    for ticket in tickets:
+        triage(ticket=ticket)
+    triage.batch([{"ticket": t} for t in tickets])
+    session.call("ping")
+    expected = {"flagship.lm": 2, "flagship.set_default_lm": 1, "flagship.predict": 1,
+                "flagship.predict.call": len(tickets), "flagship.predict.map": 1, "flagship.ping": 1}
+
+    def counted() -> dict[str, int] | None:
+        done = [t for t in session_tasks(flower, session).values() if t.get("state") == "SUCCESS"]
+        counts = {name: sum(1 for t in done if t["name"] == name) for name in expected}
+        return counts if counts == expected else None
+
+    wait_until(counted, 30, interval_s=0.25, what=f"Flower to show the session's calls by operation {expected}")
+    tasks = session_tasks(flower, session)
+    # Flower's own filters: by operation (task name), and it lists the operations it has seen.
+    runs = session_tasks(flower, session, taskname="flagship.predict.call")
+    assert len(runs) == len(tickets) and {t["name"] for t in runs.values()} == {"flagship.predict.call"}
+    assert all(t["args"].startswith(f"pool=triage_pool ref={triage.ref_id} session={session.id} inputs=")
+               for t in runs.values())
+    assert any("Charged twice" in t["args"] for t in runs.values())
+    status, types = flower.get("/api/task/types")
+    assert status == 200 and set(expected) <= set(types["task-types"])
+    # The API key is masked wherever Celery shows the call; the ref being built is named.
+    (made,) = [t for t in tasks.values() if t["name"] == "flagship.lm" and "fake-model" in t["args"]]
+    assert "sk-flower-secret" not in json.dumps(tasks) and "api_key=***" in made["args"]
+    assert all(t["worker"] == session.worker for t in tasks.values())
 
 
 # -- the dashboard in headless Chromium -----------------------------------------------------------
@@ -294,3 +350,60 @@ def test_flower_dashboard_renders_in_headless_chromium_and_is_saved_as_docs_flow
     if os.environ.get("FLAGSHIP_UPDATE_DOCS") == "1" or not SCREENSHOT.exists():
         SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
+
+
+# -- the Tasks tab after the demo ------------------------------------------------------------------
+
+#: Operations the demo's calls show as in the Tasks tab (RLM ones only with an RLM worker).
+DEMO_OPERATIONS = ("flagship.lm", "flagship.predict", "flagship.predict.call", "flagship.score", "flagship.history")
+
+
+def run_demo(stack: Stack, rlm_pool: str) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "tasks.cli", "demo", "--json", "--stack", "external",
+                           "--rlm-pool", rlm_pool], env=stack.child_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def tasks_tab_shows(binary: str, url: str, operations: tuple[str, ...]) -> bool:
+    """Chromium's rendered DOM of the Tasks tab names every operation (its table loaded past auth)."""
+    dom = run_chromium(binary, "--virtual-time-budget=8000", "--dump-dom", url).stdout
+    return "Flower" in dom and all(f">{op}<" in dom for op in operations)
+
+
+@pytest.mark.timeout(chromium_install_timeout_s + 600)
+def test_flower_tasks_tab_after_the_demo_lists_calls_by_operation_and_is_saved_as_docs_flower_tasks_png(
+    stack: Stack, flower: Flower, chromium: str, pool_workers: Callable[..., list[WorkerProcess]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    refresh = os.environ.get("FLAGSHIP_UPDATE_DOCS") == "1" or not TASKS_SCREENSHOT.exists()
+    rlm_pool = "rlm_empty_pool"  # no worker: the demo skips its RLM step
+    if refresh and is_cache_ready():  # the README's picture shows the whole run, RLM included
+        pool_workers("rlm_pool", 1)
+        rlm_pool = "rlm_pool"
+    report = run_demo(stack, rlm_pool)
+    operations = DEMO_OPERATIONS + (("flagship.rlm", "flagship.rlm.call") if report["rlm"]["status"] == "ok" else ())
+    status, types = flower.get("/api/task/types")
+    assert status == 200 and set(operations) <= set(types["task-types"])
+    target, url = flower, with_credentials(flower) + "tasks"
+    with ExitStack() as stack_ctx:
+        if not tasks_tab_shows(chromium, url, operations[-2:]):
+            # Some Chromium builds ignore credentials in the URL: fall back to an explicitly open Flower.
+            target = stack_ctx.enter_context(running_flower(
+                stack, tmp_path_factory.mktemp("flower-open"),
+                {"FLAGSHIP_FLOWER_UNAUTHENTICATED": "1", "FLOWER_TASKS_COLUMNS": TASKS_COLUMNS}))
+            url = target.url + "/tasks"
+            run_demo(stack, rlm_pool)  # a new Flower has seen no events yet
+            wait_until(lambda: tasks_tab_shows(chromium, url, operations[-2:]), 60, interval_s=1.0,
+                       what="the open Flower's Tasks tab to list the demo's operations")
+        shot = tmp_path_factory.mktemp("shot") / "flower-tasks.png"
+        done = run_chromium(chromium, "--virtual-time-budget=8000", f"--screenshot={shot}", url)
+        assert shot.exists(), f"no screenshot: {done.stderr[-1000:]}"
+    width, height, colours = png_size_and_colours(shot)
+    assert (width, height) == (1400, 900)
+    assert shot.stat().st_size > 20_000 and colours > 50, f"screenshot looks blank ({colours} colours)"
+    if refresh:
+        TASKS_SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, TASKS_SCREENSHOT)

@@ -197,7 +197,9 @@ def test_api_keys_are_masked_in_what_celery_shows_and_never_stored_in_recipes(
 
     shown = _redacted_repr(["s", "lm", {"model": "m", "api_key": "sk-secret"}, {}])
     assert shown is not None and "sk-secret" not in shown and "***" in shown
-    assert _redacted_repr(["s", "ping", {"sleep_s": 0}, {}]) is None
+    assert _redacted_repr(["s", "call", {"ref": "predict-1", "inputs": {"x": 1, "api_key": "sk-secret"}},
+                           {"pool": "triage_pool"}]) == ("pool=triage_pool ref=predict-1 session=s "
+                                                         "inputs={'api_key': '***', 'x': 1}")
     session = sessions("triage_pool")
     with FakeOpenAI() as server:
         session.lm("openai/fake-model", api_base=server.base_url, api_key="sk-secret")

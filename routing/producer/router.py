@@ -276,6 +276,6 @@ class Router:
         """Delete the session record and tell its worker to free the session's objects."""
         node = self.sessions.close(binding.session_id)
         if node:
-            route = self._route_header(binding, node, binding.incarnation)
-            self.app.send_task(names.CALL_TASK, args=[binding.session_id, "release_session", {}, route],
-                               queue=names.worker_queue(node), ignore_result=True)
+            args = [binding.session_id, "release_session", {}, self._route_header(binding, node, binding.incarnation)]
+            self.app.send_task(names.CALL_TASK, args=args, queue=names.worker_queue(node), ignore_result=True,
+                               shadow=task_view.task_name("release_session", {}), argsrepr=redacted_argsrepr(args))
