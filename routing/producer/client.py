@@ -43,6 +43,7 @@ class Client:
         self.app.conf.update(celery_config(self.settings, redis_url))
         # Results come through the listener's subscriptions, not Celery's own result consumer.
         self.app.conf.result_backend = listener_backend_url(redis_url)
+        self.app.conf.result_backend_thread_safe = True  # one backend for every producer thread
         self.results = ResultListener(self.app, redis_url)
         self.router = Router(self.app, self.redis, self.sessions, self.registry, self.watch, self.pools,
                              self.results, claim_threshold_bytes=self.settings.claim_threshold_bytes)

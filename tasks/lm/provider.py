@@ -21,6 +21,7 @@ from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception
 
 from routing.errors import LMAuthError, LMBadRequest, LMError, LMUnavailable
 from routing.settings import env_number
+from tasks.lm.dspy_caches import install_dspy_caches
 from tasks.lm.history import HISTORY_CHARS
 from tasks.lm.offline import OFFLINE_MODEL, OfflineLM
 
@@ -176,6 +177,7 @@ class ProviderLM(dspy.LM):
     def __init__(self, model: str, *, retries: int = 3, backoff_s: float = 1.0, backoff_max_s: float = 20.0,
                  **kwargs: Any) -> None:
         kwargs["num_retries"] = 0  # one attempt per call inside DSPy; the retry loop is ours
+        install_dspy_caches()  # per-call lookups DSPy repeats with the same answer (prices, pydantic adapters)
         super().__init__(model, **kwargs)
         self.retries, self.backoff_s, self.backoff_max_s = retries, backoff_s, backoff_max_s
 

@@ -1,16 +1,29 @@
-"""`flagship bench routing`: session routing vs plain Celery, same server, same workers, same run."""
+"""`flagship bench routing`: session routing vs plain Celery, same server, same workers, same run.
+
+Both sides use the same Celery app configuration (``routing.celery_config``): the
+same acks (late, rejected on worker loss), the same task events (on), the same
+result backend and transport. Latency is measured in interleaved blocks; the
+CPU-seconds that the producer (this process), the workers and the Redis server
+spend during each side's blocks, divided by its calls, is its CPU per call.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from routing import Client, Pool, PoolTable, Settings, names
+from tasks.local.bench_env import CpuMeter, own_server, server_pid
+from tasks.local.bench_report import markdown_table, update_section
 from tasks.local.stack import Stack
+
+SIDES = ("plain_celery", "plain_celery_direct_queue", "strict_session")
 
 BENCH_POOL = Pool("bench_pool", size=2, concurrency=2)
 
@@ -29,6 +42,15 @@ def _latency(fn: Any, n: int) -> list[float]:
     return samples
 
 
+def _metered(meter: CpuMeter, cpu: dict[str, float], fn: Any, n: int) -> list[float]:
+    """``_latency(fn, n)``, adding the CPU-seconds each process group spent meanwhile to ``cpu``."""
+    meter.start()
+    samples = _latency(fn, n)
+    for group, seconds in meter.stop().items():
+        cpu[group] = cpu.get(group, 0.0) + seconds
+    return samples
+
+
 def _throughput(submit: Any, wait: Any, calls: int) -> float:
     t = time.perf_counter()
     pending = [submit(i) for i in range(calls)]
@@ -38,11 +60,17 @@ def _throughput(submit: Any, wait: Any, calls: int) -> float:
 
 
 def run(calls: int, block: int, sessions_n: int, per_session: int, rounds: int = 3) -> dict[str, Any]:
-    base = Settings.from_env()
+    with own_server(Settings.from_env()) as base:
+        return _run(base, calls, block, sessions_n, per_session, rounds)
+
+
+def _run(base: Settings, calls: int, block: int, sessions_n: int, per_session: int, rounds: int) -> dict[str, Any]:
     table = PoolTable.load(base.pools_config).with_pool(BENCH_POOL)
     settings = replace(base, pools_config=table.to_json())
     with Stack(settings, env={"FLAGSHIP_POOLS": table.to_json()}, loglevel="warning") as stack:
-        stack.start_pools(pools=[BENCH_POOL.name])
+        workers = stack.start_pools(pools=[BENCH_POOL.name])
+        meter = CpuMeter({"producer": [os.getpid()], "workers": [w.pid for w in workers],
+                          "redis": [server_pid(stack.settings)]})
         client = Client(stack.redis_url, settings)
         try:
             session = client.session(BENCH_POOL.name)
@@ -60,13 +88,11 @@ def run(calls: int, block: int, sessions_n: int, per_session: int, rounds: int =
                 return session.call("ping", timeout_s=10)
 
             _latency(plain, 200), _latency(plain_direct, 200), _latency(routed, 200)  # warm-up
-            plain_ms: list[float] = []
-            direct_ms: list[float] = []
-            routed_ms: list[float] = []
+            samples: dict[str, list[float]] = {side: [] for side in SIDES}
+            cpu: dict[str, dict[str, float]] = {side: {} for side in SIDES}
             for _ in range(max(1, calls // block)):  # interleaved, so drift hits all alike
-                plain_ms += _latency(plain, block)
-                direct_ms += _latency(plain_direct, block)
-                routed_ms += _latency(routed, block)
+                for side, fn in zip(SIDES, (plain, plain_direct, routed)):
+                    samples[side] += _metered(meter, cpu[side], fn, block)
 
             many = [client.session(BENCH_POOL.name) for _ in range(sessions_n)]
             total = sessions_n * per_session
@@ -83,10 +109,15 @@ def run(calls: int, block: int, sessions_n: int, per_session: int, rounds: int =
         finally:
             client.close()
     p = {name: {"p50_ms": statistics.median(s), "p99_ms": _percentile(s, 99), "n": len(s)}
-         for name, s in (("plain_celery", plain_ms), ("plain_celery_direct_queue", direct_ms),
-                         ("strict_session", routed_ms))}
+         for name, s in samples.items()}
+    per_call = {side: {group: seconds * 1000 / len(samples[side]) for group, seconds in cpu[side].items()}
+                for side in SIDES}
+    for side in SIDES:
+        per_call[side]["total"] = sum(per_call[side].values())
     return {
         "latency": p,
+        "cpu_ms_per_call": per_call,
+        "cpu_ratio": per_call["strict_session"]["total"] / per_call["plain_celery"]["total"],
         "p50_ratio": p["strict_session"]["p50_ms"] / p["plain_celery"]["p50_ms"],
         "p99_ratio": p["strict_session"]["p99_ms"] / p["plain_celery"]["p99_ms"],
         "p50_ratio_same_queue": p["strict_session"]["p50_ms"] / p["plain_celery_direct_queue"]["p50_ms"],
@@ -94,6 +125,35 @@ def run(calls: int, block: int, sessions_n: int, per_session: int, rounds: int =
                        "sessions": sessions_n, "workers": workers_used, "calls": total},
         "throughput_ratio": routed_tput / plain_tput,
     }
+
+
+LABELS = {"plain_celery": "plain Celery (shared queue)",
+          "plain_celery_direct_queue": "plain Celery (same direct queue)",
+          "strict_session": "strict session `ping`"}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lat, cpu, tput = report["latency"], report["cpu_ms_per_call"], report["throughput"]
+    groups = [g for g in cpu["plain_celery"] if g != "total"]
+    rows = [[LABELS[side], f"{lat[side]['p50_ms']:.3f}", f"{lat[side]['p99_ms']:.3f}", f"{cpu[side]['total']:.3f}",
+             ", ".join(f"{g} {cpu[side][g]:.3f}" for g in groups)] for side in SIDES]
+    rows.append(["**strict session / plain Celery**", f"**{report['p50_ratio']:.3f}**", f"{report['p99_ratio']:.3f}",
+                 f"**{report['cpu_ratio']:.3f}**", ""])
+    met = (report["p50_ratio"] <= 1.05, lat["strict_session"]["p99_ms"] < 10, report["cpu_ratio"] <= 1.0)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{lat['strict_session']['n']} round trips per side in interleaved blocks, {when} (2 shared cores):\n\n"
+            + markdown_table(["", "p50 (ms)", "p99 (ms)", "CPU ms / call", "CPU ms / call by process"], rows)
+            + f"\n\np50 ratio vs plain Celery on the same direct queue: {report['p50_ratio_same_queue']:.3f}. "
+            + "Targets: p50 ratio ≤ 1.05 " + ("(met)" if met[0] else "(**not met**)") + ", p99 < 10 ms "
+            + ("(met)" if met[1] else "(**not met**)") + ", CPU per call ratio ≤ 1.0 "
+            + ("(met)" if met[2] else "(**not met**)") + " in this run.\n\n"
+            + f"Throughput, {tput['calls']} calls submitted asynchronously by one producer, then awaited (median of "
+              "alternating rounds):\n\n"
+            + markdown_table(["", "calls/s"], [
+                ["plain Celery no-op, shared queue", f"{tput['plain_celery_calls_s']:.0f}"],
+                [f"{tput['sessions']} strict sessions over {len(tput['workers'])} workers",
+                 f"{tput['sessions_calls_s']:.0f}"],
+                ["ratio", f"{report['throughput_ratio']:.3f}"]]) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,17 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-session", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds per side")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="replace the `routing` section of docs/benchmarks.md")
     args = parser.parse_args(argv)
     report = run(args.calls, args.block, args.sessions, args.per_session, args.rounds)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    lat, tput = report["latency"], report["throughput"]
-    for name in ("plain_celery", "plain_celery_direct_queue", "strict_session"):
-        print(f"{name:26s} p50 {lat[name]['p50_ms']:.3f} ms  p99 {lat[name]['p99_ms']:.3f} ms  (n={lat[name]['n']})")
-    print(f"strict session vs plain Celery: p50 ratio {report['p50_ratio']:.3f}  p99 ratio {report['p99_ratio']:.3f}"
-          f"  (p50 ratio vs plain Celery on the same direct queue: {report['p50_ratio_same_queue']:.3f})")
-    print(f"throughput: plain {tput['plain_celery_calls_s']:.0f} calls/s, {tput['sessions']} sessions over "
-          f"{len(tput['workers'])} workers {tput['sessions_calls_s']:.0f} calls/s, "
-          f"ratio {report['throughput_ratio']:.3f}")
+    if args.write_docs:
+        update_section("routing", markdown(report))
+    print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0
