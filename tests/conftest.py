@@ -20,6 +20,8 @@ from tasks.sandbox.paths import deno_dir
 
 #: Extra pools, so destructive tests never disturb the shared workers.
 TEST_POOLS = {
+    # Routing tests saturate a triage worker with two sleeping calls; the LM kind's default (64) is in test_pools.
+    "triage_pool": {"concurrency": 2},
     "kill_pool": {"affinity": "strict_queue", "size": 2},
     "hint_kill_pool": {"affinity": "hint", "size": 2},
     "late_pool": {"affinity": "strict_queue", "size": 1},
@@ -27,6 +29,8 @@ TEST_POOLS = {
     # Requires Deno like rlm_pool, but no test ever starts a worker for it.
     "rlm_empty_pool": {"affinity": "strict_queue", "size": 2, "requires": ["deno"]},
     "stop_pool": {"affinity": "hint", "size": 2},
+    # Even spread (test_spread): sessions and hint calls over workers started per test.
+    "spread_pool": {"affinity": "hint", "size": 2, "concurrency": 2},
 }
 
 #: Short liveness timings so death is noticed quickly in tests.

@@ -27,6 +27,7 @@ from routing import claims, names, recipes, task_view
 from routing.errors import CallTimeout, InvalidArgument, SessionWorkerUnavailable, WorkerBusy
 from routing.pools import Affinity, PoolTable
 from routing.producer.results import ResultListener
+from routing.producer.slots import DirectSlots, direct_hold_intervals
 from routing.producer.watch import WorkerWatch
 from routing.registry import Liveness, Registry
 from routing.sessions import SessionStore
@@ -96,6 +97,8 @@ class Router:
         self.watch = watch
         self.pools = pools
         self.results = results
+        #: Where this producer's hint sessions sit on workers' direct queues.
+        self.direct_slots = DirectSlots(hold_s=direct_hold_intervals * watch.interval_s)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
 
@@ -140,7 +143,10 @@ class Router:
         assert node is not None
         view = self.watch.get(node)
         if binding.affinity is Affinity.HINT:
-            return node if view is not None and view.accepting and not view.saturated else None
+            # A slot of the bound worker held by the session or free on top of the view (see DirectSlots),
+            # else the shared queue, where the first free worker (a new one too) takes it.
+            placed = view is not None and self.direct_slots.take(node, binding.session_id, view)
+            return node if placed else None
         if view is None or not binding.holds_state_on(view):
             raise SessionWorkerUnavailable(binding.session_id, node)
         if binding.affinity is Affinity.STRICT_FAIL_FAST:
