@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from fake_openai import FakeOpenAI
-from helpers import wait_until
+from helpers import debian_binary, wait_until
 
 from routing import Session
 from tasks.local.stack import Stack, WorkerProcess
@@ -248,9 +248,7 @@ def _find_chromium() -> str | None:
 @pytest.fixture(scope="module")
 def chromium() -> str:
     """Debian's ``chromium``, installed with apt-get when missing (skips if that is not possible)."""
-    found = _find_chromium()
-    if found:
-        return found
+    return debian_binary("chromium", _find_chromium, chromium_install_timeout_s)
     if not shutil.which("apt-get") or os.geteuid() != 0:
         pytest.skip("chromium is not installed and apt-get as root is not available to install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}

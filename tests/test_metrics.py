@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import debian_binary, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from routing import Client, Session, names
@@ -202,9 +202,7 @@ def test_metrics_stay_up_and_say_so_when_redis_is_unreachable(stack: Stack, tmp_
 @pytest.fixture(scope="module")
 def prometheus_bin() -> str:
     """Debian's ``prometheus``, installed with apt-get when missing (skips if that is not possible)."""
-    found = shutil.which("prometheus")
-    if found:
-        return found
+    return debian_binary("prometheus", lambda: shutil.which("prometheus"), prometheus_install_timeout_s)
     if not shutil.which("apt-get") or os.geteuid() != 0:
         pytest.skip("prometheus is not installed and apt-get as root is not available to install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
