@@ -249,20 +249,6 @@ def _find_chromium() -> str | None:
 def chromium() -> str:
     """Debian's ``chromium``, installed with apt-get when missing (skips if that is not possible)."""
     return debian_binary("chromium", _find_chromium, chromium_install_timeout_s)
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.skip("chromium is not installed and apt-get as root is not available to install it")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=chromium_install_timeout_s)
-            if done.returncode != 0:
-                pytest.skip(f"could not install chromium ({' '.join(cmd)}): {done.stderr.strip()[-300:]}")
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"installing chromium took more than {chromium_install_timeout_s} s")
-    found = _find_chromium()
-    if not found:
-        pytest.skip("apt-get installed chromium but no chromium binary is on PATH")
-    return found
 
 
 def run_chromium(binary: str, *args: str) -> subprocess.CompletedProcess[str]:

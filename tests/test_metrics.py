@@ -9,7 +9,6 @@ config pointing at that port.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -203,20 +202,6 @@ def test_metrics_stay_up_and_say_so_when_redis_is_unreachable(stack: Stack, tmp_
 def prometheus_bin() -> str:
     """Debian's ``prometheus``, installed with apt-get when missing (skips if that is not possible)."""
     return debian_binary("prometheus", lambda: shutil.which("prometheus"), prometheus_install_timeout_s)
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.skip("prometheus is not installed and apt-get as root is not available to install it")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "prometheus"]):
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=prometheus_install_timeout_s)
-            if done.returncode != 0:
-                pytest.skip(f"could not install prometheus ({' '.join(cmd)}): {done.stderr.strip()[-300:]}")
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"installing prometheus took more than {prometheus_install_timeout_s} s")
-    found = shutil.which("prometheus")
-    if not found:
-        pytest.skip("apt-get installed prometheus but no prometheus binary is on PATH")
-    return found
 
 
 def prometheus_query(base: str, query: str) -> list[dict[str, Any]]:
