@@ -81,8 +81,7 @@ class _Shown(reprlib.Repr):
         self.maxstring, self.maxother, self.maxlong = 60, 60, 40
 
     def repr_dict(self, x: dict[Any, Any], level: int) -> str:
-        shown = {k: "***" if k in recipes.SECRET_ARGUMENTS else v for k, v in islice(x.items(), self.maxdict + 1)}
-        return super().repr_dict(shown, level)
+        return super().repr_dict(recipes.masked(dict(islice(x.items(), self.maxdict + 1))), level)
 
 
 _shown = _Shown()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from routing.errors import FlagshipError, InvalidArgument, error_from_json
@@ -23,11 +23,6 @@ def chunks(op: str, kwargs_list: Iterable[dict[str, Any]], chunk_size: int | Non
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InvalidArgument("map", "chunk_size must be a positive integer")
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def submit_chunks(submit: Callable[[list[dict[str, Any]]], CallFuture],
-                  parts: list[list[dict[str, Any]]]) -> list[CallFuture]:
-    return [submit(part) for part in parts]
 
 
 def collect(futures: list[CallFuture], timeout_s: float | None, return_exceptions: bool) -> list[Any]:

@@ -57,7 +57,7 @@ class Worker:
         make = session.predict if module == "predict" else session.chain_of_thought
         self.module: ModuleRef = make(signature, lm=lm, instructions=instructions)
         self.slots = slots
-        self.running: dict[CallFuture, tuple[int, CallFuture]] = {}  # call -> (chunk, call)
+        self.running: dict[CallFuture, int] = {}  # call in flight -> its chunk
 
 
 class FleetMap:
@@ -79,16 +79,16 @@ class FleetMap:
             if not self.workers:
                 raise NoCapableWorker("the pool", ["a live worker (all died during the map)"])
             self._fill()
-            replies = [call for w in self.workers for call in w.running]
+            calls = [call for w in self.workers for call in w.running]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            finished, _ = wait_any(replies, left, FIRST_COMPLETED)
+            finished, _ = wait_any(calls, left, FIRST_COMPLETED)
             if not finished:
                 raise CallTimeout(self.workers[0].session.id, "map", timeout_s)
             for worker in list(self.workers):
-                for reply in [r for r in worker.running if r in finished]:
+                for call in [c for c in worker.running if c in finished]:
                     if worker not in self.workers:
                         break  # died: its other chunks went back to the queue
-                    chunk, call = worker.running.pop(reply)
+                    chunk = worker.running.pop(call)
                     if self._land(worker, chunk, call):
                         done_chunks += 1
         self.result.elapsed_s = time.monotonic() - started
@@ -100,14 +100,14 @@ class FleetMap:
                 chunk = self.todo.popleft()
                 items = [{"ref": worker.module.ref_id, "inputs": self.examples[i]} for i in self.chunks[chunk]]
                 call = worker.session.submit("map", op="call", items=items, num_threads=worker.slots)
-                worker.running[call] = (chunk, call)
+                worker.running[call] = chunk
 
     def _land(self, worker: Worker, chunk: int, call: CallFuture) -> bool:
         """Record a finished chunk; a chunk whose worker died goes back to the queue (returns False)."""
         try:
             replies = call.result(0)
         except SessionWorkerUnavailable:
-            lost = [chunk, *(c for c, _ in worker.running.values())]
+            lost = [chunk, *worker.running.values()]
             self.workers.remove(worker)
             worker.running.clear()
             self.todo.extendleft(reversed(lost))

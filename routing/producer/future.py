@@ -71,10 +71,6 @@ class CallFuture(Future[Any]):
         self.router.revoke(self.sent.task_id)
         return True
 
-    def worker_gone(self) -> bool:
-        """The strict worker run this call waits on is gone (per the producer's watch; no round trip)."""
-        return self.router.worker_gone(self.binding, self.sent)
-
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.wrap_future(self).__await__()
 

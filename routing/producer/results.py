@@ -68,13 +68,13 @@ class ResultListener:
         self._pubsub = self.redis.pubsub()
         self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
-        self._subscribe: list[str] = []
         self._settled = 0
         self._wake_r, self._wake_w = os.pipe()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: Always subscribed, so the connection never sits unsubscribed with unread replies (no busy loop).
         self._home = f"flagship:results:{uuid.uuid4().hex}"
+        self._subscribe: list[str] = [self._home]
 
     def expect(self, task_id: str, tag: Any = None) -> Future[Any]:
         """A future settled with the call's return value (or its error); register before sending."""
@@ -120,9 +120,6 @@ class ResultListener:
             pending = self._pending.pop(channel, None)
             self._settled += pending is not None
         return pending
-
-    def pending(self) -> int:
-        return len(self._pending)
 
     def close(self) -> None:
         self._stop.set()
@@ -176,8 +173,6 @@ class ResultListener:
         selector = selectors.DefaultSelector()
         selector.register(self._wake_r, selectors.EVENT_READ)
         watched_sock: Any = None
-        with self._lock:
-            self._subscribe.insert(0, self._home)
         while not self._stop.is_set():
             if self._settled >= rotate_after:
                 self._resubscribe_all()

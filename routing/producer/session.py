@@ -107,9 +107,8 @@ class Session(RefMethods):
         """``map`` for asyncio: chunks sent from the default executor, awaited on the loop."""
         parts = batching.chunks(op, kwargs_list, chunk_size)
         loop = asyncio.get_running_loop()
-        futures = await loop.run_in_executor(None, partial(
-            batching.submit_chunks, lambda items: self.submit("map", op=op, items=items, num_threads=num_threads),
-            parts))
+        futures = await loop.run_in_executor(None, lambda: [
+            self.submit("map", op=op, items=items, num_threads=num_threads) for items in parts])
         replies = await asyncio.gather(*futures, return_exceptions=False)
         return batching.decode(replies, return_exceptions)
 
@@ -123,8 +122,7 @@ class Session(RefMethods):
         once every item ran, or stands in its place with ``return_exceptions=True``.
         """
         parts = batching.chunks(op, kwargs_list, chunk_size)
-        futures = batching.submit_chunks(
-            lambda items: self.submit("map", op=op, items=items, num_threads=num_threads), parts)
+        futures = [self.submit("map", op=op, items=items, num_threads=num_threads) for items in parts]
         return batching.collect(futures, timeout_s, return_exceptions)
 
     def close(self) -> None:
