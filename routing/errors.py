@@ -19,12 +19,15 @@ __all__ = [
     "WorkerBusy",
     "NoCapableWorker",
     "ServerUnavailable",
+    "QueueTimeout",
+    "PoolSaturated",
     "CallError",
     "InvalidArgument",
     "UnknownOperation",
     "OperationFailed",
     "CallTimeout",
     "CallCancelled",
+    "DeadLettered",
     "RefError",
     "RefNotFound",
     "RefSessionMismatch",
@@ -125,6 +128,20 @@ class ServerUnavailable(RoutingError):
     template = "Redis server {url} is unavailable: {reason}"
 
 
+class QueueTimeout(RoutingError):
+    """The call waited longer than its pool's ``queue_timeout_s`` to start; it was never run and never will be."""
+
+    fields = ("session_id", "op", "timeout_s")
+    template = "call {op!r} of session {session_id!r} did not start within {timeout_s} s; it will not run"
+
+
+class PoolSaturated(RoutingError):
+    """Too many calls already wait for this worker (or pool): refused at once, nothing was sent."""
+
+    fields = ("pool", "node", "queued", "limit")
+    template = "pool {pool!r} is saturated: {queued} call(s) already wait for {node} (limit {limit})"
+
+
 # -- calls -------------------------------------------------------------------
 
 
@@ -154,6 +171,13 @@ class CallCancelled(CallError):
 
     fields = ("session_id", "op")
     template = "call {op!r} of session {session_id!r} was cancelled before it ran"
+
+
+class DeadLettered(CallError):
+    """The call's message was malformed or kept failing delivery; it was moved to the dead-letter list, not run."""
+
+    fields = ("task_id", "reason")
+    template = "call {task_id} was dead-lettered: {reason}"
 
 
 class CallTimeout(CallError):

@@ -38,6 +38,8 @@ SESSION_CONTEXTS_KEY = PREFIX + ":session:{session_id}:contexts"
 CLAIM_KEY = PREFIX + ":claim:{session_id}:{claim_id}"
 #: List of messages no worker could run (malformed or refused), for an operator to inspect.
 DEADLETTER_KEY = PREFIX + ":deadletter"
+#: Hash of fleet-wide reliability counters (dead-lettered, answered from the store, reruns, resent, ...).
+STATS_KEY = PREFIX + ":stats"
 
 
 def qualify_node(name: str) -> str:
