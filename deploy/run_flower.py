@@ -12,7 +12,11 @@ Authentication:
   ``FLOWER_<option>``), so the password never appears on a command line or in ``ps``;
 * ``FLAGSHIP_FLOWER_UNAUTHENTICATED=1`` runs it open, UI and API
   (``FLOWER_UNAUTHENTICATED_API=true``): for a loopback-only dev box;
-* neither: refuse to start (exit 2).
+* neither, or a credential with an empty user or password (``ops:``, ``ops``,
+  ``:pw``): refuse to start with one line (exit 2).
+
+A broker that cannot be used (wrong password, unreachable, TLS mismatch) is one
+line too (exit 69), before Flower starts.
 
 Usage: ``python deploy/run_flower.py [--port 5555] [--address 127.0.0.1] [extra flower args]``
 (``FLOWER_PORT`` / ``FLOWER_ADDRESS`` work too.)
@@ -25,6 +29,7 @@ import os
 import sys
 import time
 
+from routing.broker_errors import check_broker
 from routing.embedded import resolve_url
 from routing.errors import ServerUnavailable
 from routing.settings import Settings
@@ -51,13 +56,26 @@ def _broker_url(wait_s: float) -> str:
             time.sleep(0.2)
 
 
+def _weak_credentials(auth: str) -> list[str]:
+    """The comma-separated credentials of ``auth`` that lack a user or a password (passwords not shown)."""
+    weak = []
+    for cred in auth.split(","):
+        user, _, password = cred.strip().partition(":")
+        if not user.strip() or not password.strip():
+            weak.append(f"{user.strip() or '(no user)'}:{'***' if password.strip() else '(empty password)'}")
+    return weak
+
+
 def flower_argv(args: argparse.Namespace, extra: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The command and environment to exec, or ``SystemExit`` when auth is missing."""
     env = dict(env)
     auth = env.get("FLOWER_BASIC_AUTH", "").strip()
     if auth:
-        if any(":" not in cred or cred.startswith(":") for cred in auth.split(",")):
-            raise SystemExit("FLOWER_BASIC_AUTH must be user:password (comma-separated for several)")
+        weak = _weak_credentials(auth)
+        if weak:
+            print(f"refusing to start Flower: FLOWER_BASIC_AUTH must be user:password with both non-empty "
+                  f"(comma-separated for several); got {', '.join(weak)}", file=sys.stderr)
+            raise SystemExit(EXIT_NO_AUTH)
         env.pop("FLOWER_UNAUTHENTICATED_API", None)
     elif _truthy(env.get("FLAGSHIP_FLOWER_UNAUTHENTICATED")):
         env["FLOWER_UNAUTHENTICATED_API"] = "true"
@@ -79,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     command, env = flower_argv(args, extra, dict(os.environ))  # auth is checked before anything else
     try:
         env["REDIS_URL"] = _broker_url(args.wait_s)
+        check_broker(env["REDIS_URL"])
     except ServerUnavailable as exc:
         print(f"no broker: {exc}", file=sys.stderr)
         return EXIT_NO_SERVER

@@ -23,6 +23,7 @@ import redis as redis_lib
 
 from routing.errors import ServerUnavailable
 from routing.settings import Settings
+from routing.tls import tls_url
 
 #: How long a fresh server gets to answer PING.
 server_start_timeout_s = 15.0
@@ -73,9 +74,10 @@ def read_record(home: Path) -> ServerRecord | None:
 
 
 def resolve_url(settings: Settings) -> str:
-    """``REDIS_URL`` if set, else the recorded embedded server (never starts one)."""
+    """``REDIS_URL`` (with its TLS options, see :func:`routing.tls.tls_url`) if set, else the recorded
+    embedded server (never starts one)."""
     if settings.redis_url:
-        return settings.redis_url
+        return tls_url(settings.redis_url)
     record = read_record(settings.home)
     if record is None:
         raise ServerUnavailable(
@@ -100,9 +102,9 @@ def _free_port() -> int:
 
 
 def ensure_server(settings: Settings) -> str:
-    """Return a reachable Redis URL, starting the embedded server when none runs."""
+    """``REDIS_URL`` (with its TLS options) if set, else a reachable embedded server, started if none runs."""
     if settings.redis_url:
-        return settings.redis_url
+        return tls_url(settings.redis_url)
     with _locked(settings.home):
         record = read_record(settings.home)
         if record and _answers(record.url):

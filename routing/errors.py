@@ -40,6 +40,7 @@ __all__ = [
     "SandboxError",
     "SandboxCrashed",
     "SandboxTimeout",
+    "SandboxClosed",
     "CodeFailed",
     "AnalyticsError",
     "InvalidAnalyticsInput",
@@ -253,6 +254,12 @@ class SandboxTimeout(SandboxError):
 
     fields = ("timeout_s",)
     template = "sandbox code ran longer than {timeout_s} s and was killed"
+
+
+class SandboxClosed(SandboxCrashed):
+    """The interpreter (or its pool) was shut down; like DSPy's, it never restarts: use a new one."""
+
+    template = "sandbox is shut down: {reason}"
 
 
 class CodeFailed(SandboxError):

@@ -49,6 +49,8 @@ class FleetGauges:
     workers: list[WorkerGauges]
     queues: list[QueueDepth]
     deadletter: int
+    #: ``names.STATS_KEY``: dead-lettered, answered from the store, reruns, resent, orphans requeued (ever).
+    reliability: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,12 @@ def fleet(redis: Redis, settings: Settings, pools: PoolTable) -> FleetGauges:
     pipe = redis.pipeline(transaction=False)
     pipe.hgetall(names.DIRECT_QUEUES_KEY)
     pipe.llen(names.DEADLETTER_KEY)
+    pipe.hgetall(names.STATS_KEY)
     for pool in pool_list:
         pipe.llen(names.pool_queue(pool.name))
     for worker in workers:
         pipe.hget(names.worker_key(worker.node), "refs")
-    direct, deadletter, *rest = pipe.execute()
+    direct, deadletter, stats, *rest = pipe.execute()
     shared_depths, refs = rest[: len(pool_list)], rest[len(pool_list):]
     # Direct queues of every node ever registered (a dead worker's may still hold calls until reaped).
     direct_pools = {str(node): str(pool) for node, pool in (direct or {}).items()}
@@ -93,6 +96,7 @@ def fleet(redis: Redis, settings: Settings, pools: PoolTable) -> FleetGauges:
         workers=[WorkerGauges(w, int(r or 0)) for w, r in zip(workers, refs)],
         queues=queues,
         deadletter=int(deadletter or 0),
+        reliability={str(name): int(value) for name, value in (stats or {}).items()},
     )
 
 

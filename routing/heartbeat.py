@@ -1,7 +1,14 @@
-"""The worker's heartbeat loop: liveness, load, session TTLs, and reaping dead peers.
+"""The worker's heartbeat loop: load, session TTLs, reaping dead peers, and feeding the pulse.
 
-The loop survives broker outages: a failed beat is logged and retried on the next
-tick (redis-py reconnects). A worker that peers reaped while it was cut off (its
+Liveness itself is kept by :mod:`routing.pulse`, a child process the GIL cannot
+starve; this thread still renews the heartbeat key with every beat, publishes
+load and gauges, touches sessions and does housekeeping, and feeds the pulse a
+byte per beat (a pulse not fed for its stall limit stops renewing: a hung worker
+stops being live). Under CPU load it may lag; only liveness must not.
+
+The loop survives anything: a failed beat or housekeeping round is logged once
+per distinct error (and once when it recovers) and retried on the next tick
+(redis-py reconnects). A worker that peers reaped while it was cut off (its
 record deleted) registers again, so it becomes live and bindable again.
 """
 
@@ -10,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import redis as redis_lib
@@ -48,15 +56,22 @@ class BeatSource(Protocol):
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, registry: Registry, sessions: SessionStore, source: BeatSource, interval_s: float) -> None:
+    def __init__(self, registry: Registry, sessions: SessionStore, source: BeatSource, interval_s: float,
+                 on_tick: Callable[[], None] | None = None) -> None:
         super().__init__(name=f"flagship-heartbeat-{source.node}", daemon=True)
         self.registry = registry
         self.sessions = sessions
         self.source = source
         self.interval_s = interval_s
+        #: Called at every tick, before beating (feeds the liveness pulse).
+        self.on_tick = on_tick
         self._stopping = threading.Event()
         self._nudge = threading.Event()
         self._next_housekeeping = 0.0
+        #: The error each step last failed with (None: it last succeeded), so each is logged once.
+        self._failing: dict[str, str | None] = {}
+        #: Failed steps since start (beats, housekeeping rounds, ticks).
+        self.errors = 0
 
     def nudge(self) -> None:
         """Publish soon: something producers route on changed."""
@@ -71,11 +86,30 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._stopping.is_set():
             self._nudge.clear()  # before beating: a nudge during the beat triggers the next one
-            try:
-                self.beat()
-            except redis_lib.RedisError as exc:
-                log.warning("heartbeat of %s failed (%s); retrying", self.source.node, exc)
+            if self.on_tick is not None:
+                self._guarded("tick", self.on_tick)
+            self._guarded("beat", self.beat)
+            if time.monotonic() >= self._next_housekeeping:
+                self._next_housekeeping = time.monotonic() + housekeeping_interval_s
+                self._guarded("housekeeping", self.housekeeping)
             self._nudge.wait(self.interval_s)
+
+    def _guarded(self, step: str, fn: Callable[[], None]) -> None:
+        """Run one step; never let an exception end the loop, and never log the same failure twice in a row."""
+        try:
+            fn()
+        except Exception as exc:
+            self.errors += 1
+            signature = f"{type(exc).__name__}: {exc}"
+            if self._failing.get(step) != signature:
+                self._failing[step] = signature
+                redis_error = isinstance(exc, redis_lib.RedisError)
+                log.warning("heartbeat %s of %s failed (%s); retrying", step, self.source.node, signature,
+                            exc_info=not redis_error)
+        else:
+            if self._failing.get(step) is not None:
+                log.warning("heartbeat %s of %s works again", step, self.source.node)
+            self._failing[step] = None
 
     def beat(self) -> None:
         source = self.source
@@ -89,8 +123,9 @@ class Heartbeat(threading.Thread):
         if not still_registered:
             log.warning("worker %s was reaped while cut off from the broker; registering again", source.node)
             source.register()
-        if time.monotonic() >= self._next_housekeeping:
-            self._next_housekeeping = time.monotonic() + housekeeping_interval_s
-            self.sessions.prune_worker(source.node)
-            reap_dead_workers(self.registry.redis, source.pool_name)
-            source.housekeeping()
+
+    def housekeeping(self) -> None:
+        """Prune this worker's expired sessions, reap dead peers, then the worker's own sweep."""
+        self.sessions.prune_worker(self.source.node)
+        reap_dead_workers(self.registry.redis, self.source.pool_name)
+        self.source.housekeeping()

@@ -20,7 +20,7 @@ HEARTBEAT_KEY = PREFIX + ":hb:{node}"
 POOL_WORKERS_KEY = PREFIX + ":pool:{pool}:workers"
 #: Set of session ids bound to a worker; its size is the worker's load.
 WORKER_SESSIONS_KEY = PREFIX + ":worker:{node}:sessions"
-#: Hash of a session record.
+#: Hash of a session record. Session ids never contain ":" (``routing.validate``): no id names another's sub-key.
 SESSION_KEY = PREFIX + ":session:{session_id}"
 #: Set of all session ids (entries may outlive expired records until swept).
 SESSIONS_KEY = PREFIX + ":sessions"
@@ -40,6 +40,10 @@ CLAIM_KEY = PREFIX + ":claim:{session_id}:{claim_id}"
 DEADLETTER_KEY = PREFIX + ":deadletter"
 #: Hash of fleet-wide reliability counters (dead-lettered, answered from the store, reruns, resent, ...).
 STATS_KEY = PREFIX + ":stats"
+#: Message header of a call a producer sent again (same task id) after it was lost in a worker's death.
+RESENT_HEADER = "flagship_resent"
+#: List of call executions recorded by the ``record`` operation (chaos tests and ``flagship bench chaos``).
+EXECUTIONS_KEY = PREFIX + ":executions"
 
 
 def qualify_node(name: str) -> str:

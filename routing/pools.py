@@ -42,6 +42,18 @@ class PoolKind(str, Enum):
 DEFAULT_CONCURRENCY: dict[PoolKind, int] = {PoolKind.LM: 64, PoolKind.CPU: 2}
 
 
+#: ``queue_timeout_s`` of a pool that names none, by affinity. Strict calls wait for one worker, so a
+#: call stuck behind a long one fails after 10 s (Snakepit's default) instead of waiting forever; hint
+#: calls wait for any worker of the pool (the shared queue), bounded by ``max_queued`` instead.
+DEFAULT_QUEUE_TIMEOUT_S: dict[Affinity, float | None] = {
+    Affinity.STRICT_QUEUE: 10.0, Affinity.STRICT_FAIL_FAST: 10.0, Affinity.HINT: None,
+}
+#: Calls that may wait in one worker's direct queue before the next is refused (``PoolSaturated``).
+DEFAULT_MAX_QUEUED = 1000
+#: ``Pool(queue_timeout_s=...)`` placeholder: the affinity's default (see ``DEFAULT_QUEUE_TIMEOUT_S``).
+AFFINITY_DEFAULT = -1.0
+
+
 @dataclass(frozen=True)
 class Pool:
     name: str
@@ -53,13 +65,36 @@ class Pool:
     #: Capabilities a worker must prove at start-up to serve the pool.
     requires: tuple[str, ...] = ()
     kind: PoolKind = PoolKind.CPU
+    #: Seconds a call may wait to start (in a queue, or on its worker for its session's turn) before it
+    #: fails with ``QueueTimeout`` and is never run; None (or 0): no limit. Default: the affinity's.
+    queue_timeout_s: float | None = AFFINITY_DEFAULT
+    #: Calls that may wait in one worker's direct queue (the shared queue: this many per live worker)
+    #: before the next fails at once with ``PoolSaturated``; None (or 0): no limit.
+    max_queued: int | None = DEFAULT_MAX_QUEUED
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "affinity", Affinity(self.affinity))
         object.__setattr__(self, "kind", PoolKind(self.kind))
         if not self.concurrency:
             object.__setattr__(self, "concurrency", self.kind.default_concurrency)
         if self.size < 0 or self.concurrency < 1:
             raise ValueError(f"pool {self.name}: size must be >= 0 and concurrency >= 1")
+        timeout = self.queue_timeout_s
+        if timeout == AFFINITY_DEFAULT and not isinstance(timeout, bool):
+            timeout = DEFAULT_QUEUE_TIMEOUT_S[self.affinity]
+        object.__setattr__(self, "queue_timeout_s", _limit(self.name, "queue_timeout_s", timeout, float))
+        object.__setattr__(self, "max_queued", _limit(self.name, "max_queued", self.max_queued, int))
+
+
+def _limit(pool: str, key: str, value: Any, kind: type[int] | type[float]) -> Any:
+    """A positive limit, or None for "no limit" (None or 0); anything else is a ``ValueError``."""
+    if value is None or (value == 0 and not isinstance(value, bool)):
+        return None
+    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+    if not valid or (kind is int and value != int(value)):
+        raise ValueError(f"pool {pool}: {key} must be a positive {kind.__name__}, or 0/null for no limit "
+                         f"(got {value!r})")
+    return kind(value)
 
 
 DEFAULT_POOLS: tuple[Pool, ...] = (
@@ -82,6 +117,12 @@ def _pool_from_mapping(name: str, data: Mapping[str, Any], base: Pool | None) ->
         raise ValueError(f"pool {name}: concurrency must be >= 1 (leave it out for the kind's default)")
     if "requires" in data:
         changes["requires"] = tuple(data["requires"])
+    if "queue_timeout_s" in data:
+        changes["queue_timeout_s"] = _limit(name, "queue_timeout_s", data["queue_timeout_s"], float)
+    elif "affinity" in data:  # a new affinity brings its own default
+        changes["queue_timeout_s"] = AFFINITY_DEFAULT
+    if "max_queued" in data:
+        changes["max_queued"] = _limit(name, "max_queued", data["max_queued"], int)
     if "kind" in data:
         changes["kind"] = PoolKind(data["kind"])
         if "concurrency" not in data:  # a new kind brings its own default
@@ -109,7 +150,8 @@ class PoolTable:
         """The whole table in the form ``load`` reads (to hand it to child processes)."""
         return json.dumps({
             p.name: {"affinity": p.affinity.value, "kind": p.kind.value, "size": p.size,
-                     "concurrency": p.concurrency, "requires": list(p.requires)}
+                     "concurrency": p.concurrency, "requires": list(p.requires),
+                     "queue_timeout_s": p.queue_timeout_s, "max_queued": p.max_queued}
             for p in self.pools.values()
         })
 
@@ -121,9 +163,12 @@ class PoolTable:
         """Defaults, updated by ``config``: a path to a JSON file or a JSON string.
 
         The JSON maps pool names to fields (``affinity``, ``kind``, ``size``,
-        ``concurrency``, ``requires``); unknown names add pools, ``null`` removes one.
-        A pool without ``concurrency`` gets its kind's default (``lm``: 64 threads,
-        ``cpu``: 2); a new pool's kind defaults to ``cpu``.
+        ``concurrency``, ``requires``, ``queue_timeout_s``, ``max_queued``); unknown
+        names add pools, ``null`` removes one. A pool without ``concurrency`` gets its
+        kind's default (``lm``: 64 threads, ``cpu``: 2); a new pool's kind defaults to
+        ``cpu``. Without ``queue_timeout_s`` a pool gets its affinity's default (10 s
+        for the strict ones, none for ``hint``); ``max_queued`` defaults to 1,000 per
+        worker; ``null`` or 0 turns either limit off.
         """
         pools = {p.name: p for p in DEFAULT_POOLS}
         if not config:

@@ -11,6 +11,11 @@ A strict call moved this way is refused by the worker that receives it (its
 session's state is gone); a hint call simply runs there. Calls a worker received
 in its last heartbeat interval and held from the shared queue come back when
 kombu's visibility timeout expires.
+
+Every un-acknowledged delivery moved this way counts in the message's
+``flagship_deliveries`` header; at ``FLAGSHIP_MAX_DELIVERIES`` the message goes to the
+dead-letter list (``routing.deadletter``) instead, and its call fails with
+``DeadLettered``: a message that kills each worker taking it kills only that many.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import redis as redis_lib
 from redis import Redis
 
 from routing import names
+from routing.deadletter import DELIVERIES_HEADER, DeadLetterSettings, Letter, announce, deliveries, record
 from routing.registry import remove_worker
 
 log = logging.getLogger(__name__)
@@ -39,18 +45,48 @@ UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
 
 
-def _retarget(raw: str, queue: str) -> str:
-    """Point a queued Celery message at ``queue`` so a later redelivery goes there too."""
-    message = json.loads(raw)
-    info = message.setdefault("properties", {}).setdefault("delivery_info", {})
-    info["exchange"] = queue
-    info["routing_key"] = queue
-    return json.dumps(message)
+def _retarget(raw: str, queue: str, delivered: bool = False) -> str:
+    """Point a queued Celery message at ``queue`` so a later redelivery goes there too.
+
+    ``delivered``: a worker took it and died before completing it; count that delivery (and mark it
+    redelivered, as kombu's own restore does). What is not an envelope moves unchanged: the worker
+    that takes it next dead-letters it.
+    """
+    try:
+        message = json.loads(raw)
+        properties = message.setdefault("properties", {})
+        info = properties.setdefault("delivery_info", {})
+        info["exchange"] = queue
+        info["routing_key"] = queue
+        if delivered:
+            headers = message.setdefault("headers", {})
+            headers[DELIVERIES_HEADER] = deliveries(headers) + 1
+            headers["redelivered"] = info["redelivered"] = True
+        return json.dumps(message)
+    except (ValueError, TypeError, AttributeError):
+        return raw
+
+
+def _over_delivered(raw: str, settings: DeadLetterSettings) -> Letter | None:
+    """A dead-letter entry for a taken message whose next delivery would exceed ``max_deliveries``."""
+    try:
+        message = json.loads(raw)
+        headers = message["headers"]
+        count = deliveries(headers) + 1
+        queue = message["properties"]["delivery_info"]["routing_key"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if count < settings.max_deliveries or not isinstance(headers, dict):
+        return None
+    task_id, task = headers.get("id"), headers.get("task")
+    return Letter(str(queue), f"delivered {count} times without completing (limit {settings.max_deliveries}); "
+                  "each time its worker died", raw, task_id if isinstance(task_id, str) else None,
+                  task if isinstance(task, str) else None)
 
 
 def _move_one(redis: Redis, watched: str, read: Callable[[Redis], str | None],
-              take: Callable[[Redis], None], target: str) -> bool | None:
-    """Atomically take one message (read under WATCH) and push it to ``target``.
+              take: Callable[[Redis], None], place: Callable[[Redis, str], Letter | None]) -> bool | None:
+    """Atomically take one message (read under WATCH) and ``place`` it (push it on, or dead-letter it).
 
     Returns True if moved, False if there was nothing to move, None on a conflict (retry).
     """
@@ -62,27 +98,43 @@ def _move_one(redis: Redis, watched: str, read: Callable[[Redis], str | None],
                 return False
             pipe.multi()
             take(pipe)
-            pipe.lpush(target, _retarget(raw, target))
+            letter = place(pipe, raw)
             pipe.execute()
-            return True
         except redis_lib.WatchError:
             return None
+    if letter is not None:
+        announce(letter)
+    return True
 
 
 def move_queue(redis: Redis, source: str, target: str) -> int:
     """Move every message from ``source`` to ``target``, oldest first, each move atomic."""
+
+    def place(pipe: Redis, raw: str) -> None:
+        pipe.lpush(target, _retarget(raw, target))
+
     moved = 0
     while (result := _move_one(redis, source, lambda p: p.lindex(source, -1), lambda p: p.rpop(source),
-                               target)) is not False:
+                               place)) is not False:
         moved += bool(result)
     return moved
 
 
 def move_unacked(redis: Redis, wanted: Callable[[str, str], bool], target: str) -> int:
-    """Requeue un-acknowledged deliveries for which ``wanted(delivery_tag, routing_key)`` holds."""
+    """Requeue un-acknowledged deliveries for which ``wanted(delivery_tag, routing_key)`` holds.
+
+    Each counts as a delivery that did not complete; one that reaches ``FLAGSHIP_MAX_DELIVERIES``
+    is dead-lettered instead (a message that kills every worker that takes it stops there).
+    Returns how many were requeued.
+    """
+    settings = DeadLetterSettings.from_env()
     moved = 0
     for tag, raw in redis.hscan_iter(UNACKED_KEY):
-        payload, _exchange, routing_key = json.loads(raw)
+        try:
+            _payload, _exchange, routing_key = json.loads(raw)
+        except (ValueError, TypeError):
+            log.warning("un-acked entry %s is not kombu's [message, exchange, routing_key]; left alone", tag)
+            continue
         if not wanted(tag, routing_key):
             continue
 
@@ -94,9 +146,21 @@ def move_unacked(redis: Redis, wanted: Callable[[str, str], bool], target: str) 
             pipe.hdel(UNACKED_KEY, tag)
             pipe.zrem(UNACKED_INDEX_KEY, tag)
 
-        while (result := _move_one(redis, UNACKED_KEY, read, take, target)) is None:
+        requeued = True
+
+        def place(pipe: Redis, raw: str) -> Letter | None:
+            nonlocal requeued
+            letter = _over_delivered(raw, settings)
+            requeued = letter is None
+            if letter is None:
+                pipe.lpush(target, _retarget(raw, target, delivered=True))
+            else:
+                record(pipe, letter, settings)
+            return letter
+
+        while (result := _move_one(redis, UNACKED_KEY, read, take, place)) is None:
             pass
-        moved += bool(result)
+        moved += bool(result) and requeued
     return moved
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 
-from routing import names
+from routing import names, validate
 from routing.errors import NoCapableWorker, SessionNotFound
 from routing.pools import Affinity, Pool
 from routing.scripts import Scripts
@@ -44,6 +44,12 @@ class SessionRecord:
         )
 
 
+def check_record(session_id: str, ttl_s: float) -> None:
+    """Refuse, before anything is written, an id that could collide in the key space or a TTL Redis would reject."""
+    validate.session_id(session_id)
+    validate.ttl(ttl_s)
+
+
 class SessionStore:
     def __init__(self, redis: Redis, scripts: Scripts | None = None) -> None:
         self.redis = redis
@@ -51,6 +57,7 @@ class SessionStore:
 
     def create(self, session_id: str, pool: Pool, affinity: Affinity, ttl_s: float) -> None:
         """Write an unbound record (lazy binding binds on the first call)."""
+        check_record(session_id, ttl_s)
         now = time.time()
         key = names.session_key(session_id)
         pipe = self.redis.pipeline()
@@ -72,6 +79,7 @@ class SessionStore:
         exclude: str | None = None,
     ) -> tuple[str, str]:
         """Keep a usable binding, else bind to the least-loaded live worker; returns (node, incarnation)."""
+        check_record(session_id, ttl_s)
         status, value, *incarnation = self.scripts.bind_session(
             keys=[names.pool_workers_key(pool.name), names.session_key(session_id), names.SESSIONS_KEY],
             args=[session_id, pool.name, affinity.value, time.time(), int(ttl_s * 1000),

@@ -63,6 +63,10 @@ class Settings:
     pools_config: str | None = None
     #: A call argument at least this big (bytes of JSON) travels by reference: a Redis key, not the message.
     claim_threshold_bytes: int = 64 * 1024
+    #: Largest module input field (and text argument) a call may carry, in bytes (UTF-8 of a string, else JSON).
+    max_input_bytes: int = 1 << 20
+    #: Largest ``session.context(text)`` (and any other single argument), in bytes.
+    max_context_bytes: int = 64 << 20
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -78,4 +82,6 @@ class Settings:
             visibility_timeout_s=env_number(env, "FLAGSHIP_VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s, float),
             pools_config=env.get("FLAGSHIP_POOLS") or None,
             claim_threshold_bytes=env_number(env, "FLAGSHIP_CLAIM_THRESHOLD_BYTES", cls.claim_threshold_bytes, int),
+            max_input_bytes=env_number(env, "FLAGSHIP_MAX_INPUT_BYTES", cls.max_input_bytes, int),
+            max_context_bytes=env_number(env, "FLAGSHIP_MAX_CONTEXT_BYTES", cls.max_context_bytes, int),
         )

@@ -8,10 +8,20 @@ from typing import Any
 from redis import Redis
 
 from routing import names
+from routing.deadletter import summary as deadletter_summary
 from routing.pools import PoolTable
 from routing.registry import Registry
 from routing.sessions import SessionStore
 from routing.settings import Settings
+
+#: Fleet-wide counters in ``names.STATS_KEY``, shown even before they first count.
+RELIABILITY_COUNTERS = ("dead_lettered", "answered_from_store", "reruns", "resent", "orphans_requeued")
+
+
+def reliability_counters(redis: Redis) -> dict[str, int]:
+    """What the fleet did to lose nothing: dead letters, calls answered from the store, reruns, resends."""
+    counted = {name: int(value) for name, value in redis.hgetall(names.STATS_KEY).items()}
+    return {**dict.fromkeys(RELIABILITY_COUNTERS, 0), **counted}
 
 
 def snapshot(redis: Redis, settings: Settings, pools: PoolTable) -> dict[str, Any]:
@@ -46,4 +56,8 @@ def snapshot(redis: Redis, settings: Settings, pools: PoolTable) -> dict[str, An
              "idle_s": round(now - s.last_used, 1), "ttl_s": s.ttl_s}
             for s in sessions
         ],
+        # Messages no worker could run: held in the list, dead-lettered ever, the newest few.
+        "deadletter": deadletter_summary(redis),
+        # reruns: calls a dead worker had taken that ran again (possible duplicate executions, an upper bound).
+        "reliability": reliability_counters(redis),
     }

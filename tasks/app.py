@@ -23,15 +23,17 @@ app = Celery("flagship")
 # Evaluated lazily, when Celery first reads its configuration (not at import).
 app.add_defaults(_config)
 
-from tasks.ops import analytics, batch, context, modules, refs, rlm, session  # noqa: E402, F401  (the operation allow-list)
-from tasks.worker import hooks  # noqa: E402  (Celery signals: registration, heartbeat, in-flight counts)
+from tasks.ops import analytics, batch, context, modules, record, refs, rlm, session  # noqa: E402, F401  (the operation allow-list)
+from tasks.worker import hooks, redelivery  # noqa: E402  (Celery signals; effectively once for completed work)
 from tasks.worker.calls import execute_call  # noqa: E402
 
 
 @app.task(name=names.CALL_TASK, bind=True, throws=(FlagshipError,))
 def run_call(self: Any, session_id: str, op: str, kwargs: dict[str, Any], route: dict[str, Any]) -> dict[str, Any]:
     """One call of a session: the allow-listed operation ``op(**kwargs)``, on the worker holding its state."""
-    return execute_call(hooks.current_worker(), self.request.id, session_id, op, kwargs, route)
+    worker = hooks.current_worker()
+    redelivery.answer_from_store(self, worker.redis)  # a call that comes again after it completed does not run
+    return execute_call(worker, self.request.id, session_id, op, kwargs, route)
 
 
 @app.task(name=names.NOOP_TASK)

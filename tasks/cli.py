@@ -11,27 +11,41 @@ import socket
 import sys
 import time
 
-from routing.embedded import ensure_server, read_record, stop_server
+from routing.broker_errors import check_broker, translated
+from routing.embedded import ensure_server, read_record, resolve_url, stop_server
+from routing.errors import ServerUnavailable
 from routing.pools import PoolTable
 from routing.settings import Settings, redact_url
+from tasks.worker.refusal import EXIT_UNAVAILABLE
 
 
 def _worker(args: argparse.Namespace) -> int:
     """Become ``celery worker`` for one pool (exec: same pid, so signals and Flower see it as usual)."""
     settings = Settings.from_env()
     pool = PoolTable.load(settings.pools_config).get(args.pool)
-    os.environ["REDIS_URL"] = ensure_server(settings)
-    os.environ["FLAGSHIP_POOL"] = pool.name
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     from routing.names import pool_queue, qualify_node, worker_queue
 
     node = qualify_node(args.name or f"{pool.name.removesuffix('_pool')}-{os.getpid()}")
+    url = ensure_server(settings)
+    try:  # before exec'ing Celery, which would log a traceback and retry the broker 100 times
+        check_broker(url)
+    except ServerUnavailable as exc:
+        print(f"worker {node} cannot start: {exc}", file=sys.stderr, flush=True)
+        return EXIT_UNAVAILABLE
+    os.environ["REDIS_URL"] = url
+    os.environ["FLAGSHIP_POOL"] = pool.name
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-P", "threads",
             "-c", str(args.concurrency or pool.concurrency), "-n", node,
             "-Q", f"{pool_queue(pool.name)},{worker_queue(node)}",
-            "--without-mingle", "--without-gossip", "-l", args.loglevel, *args.celery_args]
+            "--without-mingle", "--without-gossip", "-l", args.loglevel, *_passed_on(args.celery_args)]
     os.execv(sys.executable, argv)
     return 0  # pragma: no cover
+
+
+def _passed_on(celery_args: list[str]) -> list[str]:
+    """``flagship worker ... -- --include mod``: options after ``--`` go to Celery as they are."""
+    return celery_args[1:] if celery_args[:1] == ["--"] else celery_args
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -49,8 +63,11 @@ def _server(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from tasks.local.status_view import render_status
 
+    url = resolve_url(Settings.from_env())
+    check_broker(url)
     while True:
-        render_status(as_json=args.json)
+        with translated(url):
+            render_status(as_json=args.json)
         if not args.watch:
             return 0
         time.sleep(args.watch)
@@ -100,6 +117,7 @@ BENCHES = {
     "batch": "tasks.local.bench_batch",
     "payload": "tasks.local.bench_payload",
     "scale": "tasks.local.bench_scale",
+    "chaos": "tasks.local.bench_chaos",
     "all": "tasks.local.bench_all",
 }
 
@@ -165,6 +183,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except ServerUnavailable as exc:  # one line naming the cause (URL masked), not a traceback
+        print(f"{' '.join(['flagship', *argv[:1]])}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_UNAVAILABLE
+
+
+def _main(argv: list[str]) -> int:
     # `demo` and `bench <what>` parse their own options: hand them everything after the subcommand.
     if argv[:1] == ["demo"]:
         return _demo(argparse.Namespace(demo_args=argv[1:]))

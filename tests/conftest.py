@@ -31,6 +31,21 @@ TEST_POOLS = {
     "stop_pool": {"affinity": "hint", "size": 2},
     # Even spread (test_spread): sessions and hint calls over workers started per test.
     "spread_pool": {"affinity": "hint", "size": 2, "concurrency": 2},
+    # Backpressure (tests/reliability/test_backpressure.py): short queue timeouts, a small max_queued.
+    "bp_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 1, "queue_timeout_s": 1},
+    "bp_turn_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2, "queue_timeout_s": 3},
+    "bp_full_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 1, "queue_timeout_s": None,
+                     "max_queued": 5},
+    # Liveness under GIL-holding work, kill -9, SIGSTOP (tests/reliability/test_liveness.py).
+    "liveness_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2, "queue_timeout_s": None},
+    # Workers over TLS, as an ACL user, or refusing a broken broker (tests/reliability/test_startup.py).
+    "door_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2},
+    # Malformed messages pushed raw to a worker's queues (tests/reliability/test_poison.py).
+    "poison_pool": {"affinity": "hint", "size": 1, "concurrency": 2},
+    # No call lost (tests/reliability/test_no_loss.py, test_chaos.py): workers killed mid-pop, restarted.
+    "noloss_pool": {"affinity": "hint", "size": 2, "concurrency": 2},
+    "chaos_strict_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 4, "queue_timeout_s": None},
+    "chaos_hint_pool": {"affinity": "hint", "size": 2, "concurrency": 4},
 }
 
 #: Short liveness timings so death is noticed quickly in tests.

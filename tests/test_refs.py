@@ -193,7 +193,7 @@ def test_a_session_opened_with_rehydrate_survives_its_worker_dying_mid_call(
 def test_api_keys_are_masked_in_what_celery_shows_and_never_stored_in_recipes(
     client: Client, sessions: Callable[..., Session]
 ) -> None:
-    from routing.producer.router import redacted_argsrepr as _redacted_repr
+    from routing.producer.binding import redacted_argsrepr as _redacted_repr
 
     shown = _redacted_repr(["s", "lm", {"model": "m", "api_key": "sk-secret"}, {}])
     assert shown is not None and "sk-secret" not in shown and "***" in shown

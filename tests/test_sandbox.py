@@ -17,7 +17,7 @@ from typing import Any
 
 import dspy
 import pytest
-from dspy.primitives.code_interpreter import CodeExecutionError
+from dspy.primitives.code_interpreter import CodeExecutionError, CodeInterpreterError
 from dspy.utils import DummyLM
 
 from routing.errors import CodeFailed, SandboxCrashed, SandboxTimeout
@@ -28,8 +28,10 @@ from tasks.sandbox.setup import ensure_sandbox_cache
 
 pytestmark = pytest.mark.sandbox
 
-#: Execute limit of the shared pool: short, so the infinite-loop test is quick.
-EXECUTE_TIMEOUT_S = 2.0
+#: Execute limit of the shared pool: ample for imports on a loaded machine.
+EXECUTE_TIMEOUT_S = 30.0
+#: The infinite-loop test's own limit: short, so it is quick.
+LOOP_TIMEOUT_S = 2.0
 #: A value only the test process's environment holds.
 CANARY = "flagship-canary-7c1e"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -153,14 +155,16 @@ def test_infinite_loop_is_killed_within_the_limit_and_the_pool_serves_a_fresh_in
     pool: SandboxPool,
 ) -> None:
     looping = pool.acquire()
+    looping.execute_timeout_s = LOOP_TIMEOUT_S
     pid = looping.pid
     assert pid is not None
     started = time.monotonic()
     with pytest.raises(SandboxTimeout) as caught:
         looping.execute("while True:\n    pass")
     elapsed_s = time.monotonic() - started
-    assert caught.value.timeout_s == EXECUTE_TIMEOUT_S
-    assert EXECUTE_TIMEOUT_S <= elapsed_s < EXECUTE_TIMEOUT_S + 2.0
+    assert caught.value.timeout_s == LOOP_TIMEOUT_S
+    assert isinstance(caught.value, CodeInterpreterError)  # terminal, per DSPy's protocol: RLM lets it through
+    assert LOOP_TIMEOUT_S <= elapsed_s < LOOP_TIMEOUT_S + 10.0  # the kill itself is immediate; slack for load
     assert not looping.alive
     assert wait_until(lambda: process_gone(pid))
     pool.release(looping)
@@ -176,8 +180,9 @@ def test_infinite_loop_is_killed_within_the_limit_and_the_pool_serves_a_fresh_in
 def test_deno_exiting_is_reported_as_sandbox_crashed(pool: SandboxPool) -> None:
     doomed = pool.acquire()
     try:
-        with pytest.raises(SandboxCrashed):
+        with pytest.raises(SandboxCrashed) as caught:
             doomed.execute("import js\njs.Deno.exit(3)")
+        assert isinstance(caught.value, CodeInterpreterError) and not isinstance(caught.value, CodeExecutionError)
         assert not doomed.alive
     finally:
         pool.release(doomed)

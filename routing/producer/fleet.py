@@ -18,10 +18,19 @@ from concurrent.futures import wait as wait_any
 from dataclasses import dataclass, field
 from typing import Any
 
-from routing.errors import CallTimeout, FlagshipError, NoCapableWorker, SessionWorkerUnavailable, error_from_json
+from routing import arguments, validate
+from routing.errors import (
+    CallTimeout,
+    FlagshipError,
+    InvalidArgument,
+    NoCapableWorker,
+    SessionWorkerUnavailable,
+    error_from_json,
+)
 from routing.producer.future import CallFuture
 from routing.producer.handles import LMRef, ModuleRef
 from routing.producer.session import Session
+from routing.validate import SizeLimits
 
 #: Chunks each worker holds at once: one running, one queued behind it.
 chunks_in_flight = 2
@@ -125,6 +134,30 @@ class FleetMap:
         if self.on_progress is not None:
             self.on_progress(len(replies))
         return True
+
+
+#: Keyword arguments ``Client.map``'s ``lm`` may name (those of ``session.lm``).
+LM_ARGUMENTS = frozenset({"model", "temperature", "max_tokens", "api_base", "api_key", "default"})
+
+
+def check_map_arguments(limits: SizeLimits, signature: Any, examples: Any, module: Any, lm: Any, instructions: Any,
+                        chunk_size: Any, progress: Any, timeout_s: Any) -> list[dict[str, Any]]:
+    """``Client.map``'s arguments checked before any session opens; returns the examples as a list."""
+    validate.choice(module, "map", "module", ("predict", "chain_of_thought"))
+    arguments.call_arguments(module, {"signature": signature, "instructions": instructions}, limits)
+    if lm is not None:
+        if not isinstance(lm, dict) or not set(lm) <= LM_ARGUMENTS:
+            raise InvalidArgument("map", f"lm must be a dict of session.lm arguments ({sorted(LM_ARGUMENTS)})")
+        arguments.call_arguments("lm", lm, limits)
+    items = validate.item_list(examples, "map", "examples")
+    for example in items:
+        validate.input_fields("map", example, limits, "an example")
+    if chunk_size is not None:
+        validate.number("map", "chunk_size", chunk_size, 1, validate.max_items, integer=True)
+    if progress is not None:
+        validate.flag(progress, "map", "progress")
+    validate.timeout(timeout_s, "map", "timeout_s")
+    return items
 
 
 def progress_bar(total: int, enabled: bool | None) -> tuple[Callable[[int], None] | None, Callable[[], None]]:

@@ -10,7 +10,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from routing.errors import CallTimeout, SessionWorkerUnavailable
-from routing.producer.router import Binding, Router, Sent
+from routing.producer.binding import Binding, Sent
+from routing.producer.router import Router
 
 
 class CallFuture(Future[Any]):

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
+from routing import validate
+from routing.errors import InvalidArgument
 from routing.producer.future import CallFuture
 from routing.producer.prediction import Prediction
 
@@ -122,7 +124,8 @@ class ModuleRef:
         once. A failing example raises its typed error once all ran, or stands
         in its place with ``return_exceptions=True``.
         """
-        items = [{"ref": self.ref_id, "inputs": example} for example in examples]
+        checked = validate.item_list(examples, "batch", "examples")
+        items = [{"ref": self.ref_id, "inputs": example} for example in checked]
         replies = self.session.map("call", items, return_exceptions=return_exceptions, chunk_size=chunk_size,
                                    num_threads=num_threads, timeout_s=timeout_s)
         return [reply if isinstance(reply, Exception) else Prediction(reply["outputs"]) for reply in replies]
@@ -130,13 +133,24 @@ class ModuleRef:
     async def abatch(self, examples: Iterable[dict[str, Any]], *, num_threads: int = 16,
                      return_exceptions: bool = False, chunk_size: int | None = None) -> list[Any]:
         """``batch`` for asyncio."""
-        items = [{"ref": self.ref_id, "inputs": example} for example in examples]
+        checked = validate.item_list(examples, "batch", "examples")
+        items = [{"ref": self.ref_id, "inputs": example} for example in checked]
         replies = await self.session.amap("call", items, return_exceptions=return_exceptions,
                                           chunk_size=chunk_size, num_threads=num_threads)
         return [reply if isinstance(reply, Exception) else Prediction(reply["outputs"]) for reply in replies]
 
     def release(self) -> None:
         self.session.release(self.handle)
+
+
+def ref_of(op: str, name: str, handle: Any, optional: bool = True) -> str | None:
+    """The ref id of a handle argument (``None`` allowed when ``optional``); anything else is refused."""
+    if handle is None and optional:
+        return None
+    if not isinstance(handle, RefHandle):
+        raise InvalidArgument(op, f"{name} must be a ref handle{' or None' if optional else ''}, "
+                                  f"got {type(handle).__name__}")
+    return handle.ref_id
 
 
 class RefMethods:
@@ -158,11 +172,11 @@ class RefMethods:
 
     def configure(self, lm: RefHandle) -> None:
         """Make ``lm`` the session default: ``dspy.configure(lm=...)`` scoped to this session."""
-        self.call("set_default_lm", lm=lm.ref_id)
+        self.call("set_default_lm", lm=ref_of("set_default_lm", "lm", lm, optional=False))
 
     def _module(self, kind: str, signature: str | dict[str, Any], lm: RefHandle | None,
                 instructions: str | None) -> ModuleRef:
-        reply = self.call(kind, signature=signature, lm=lm.ref_id if lm else None, instructions=instructions)
+        reply = self.call(kind, signature=signature, lm=ref_of(kind, "lm", lm), instructions=instructions)
         return ModuleRef(self, RefHandle.from_reply(reply))  # type: ignore[arg-type]
 
     def predict(self, signature: str | dict[str, Any], *, lm: RefHandle | None = None,
@@ -177,18 +191,18 @@ class RefMethods:
             max_output_chars: int = 4000, lm: RefHandle | None = None, sub_lm: RefHandle | None = None) -> ModuleRef:
         """A ``dspy.RLM`` on an RLM worker; its code runs in that worker's Deno sandbox."""
         reply = self.call("rlm", signature=signature, max_iters=max_iters, max_llm_calls=max_llm_calls,
-                          max_output_chars=max_output_chars, lm=lm.ref_id if lm else None,
-                          sub_lm=sub_lm.ref_id if sub_lm else None)
+                          max_output_chars=max_output_chars, lm=ref_of("rlm", "lm", lm),
+                          sub_lm=ref_of("rlm", "sub_lm", sub_lm))
         return ModuleRef(self, RefHandle.from_reply(reply))  # type: ignore[arg-type]
 
     def release(self, ref: RefHandle | ModuleRef) -> None:
         handle = ref.handle if isinstance(ref, ModuleRef) else ref
-        self.call("release_ref", ref=handle.ref_id)
+        self.call("release_ref", ref=ref_of("release_ref", "ref", handle, optional=False))
 
     def refs(self) -> list[RefHandle]:
         return [RefHandle.from_reply(r) for r in self.call("refs")]
 
     def history(self, lm: RefHandle | None = None, n: int = 6) -> dict[str, Any]:
         """The session's last ``n`` LM calls, read on the worker that owns them."""
-        reply: dict[str, Any] = self.call("history", lm=lm.ref_id if lm else None, n=n)
+        reply: dict[str, Any] = self.call("history", lm=ref_of("history", "lm", lm), n=n)
         return reply

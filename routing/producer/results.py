@@ -111,6 +111,19 @@ class ResultListener:
         self._wake()
         return failed
 
+    def pending_where(self, wanted: Callable[[Any], bool]) -> dict[str, Any]:
+        """Task id -> tag of the pending calls whose tag ``wanted`` accepts (a snapshot)."""
+        with self._lock:
+            return {channel[len(RESULT_KEY_PREFIX):]: p.tag for channel, p in self._pending.items() if wanted(p.tag)}
+
+    def settle_stored(self, task_ids: list[str]) -> set[str]:
+        """Settle the calls among ``task_ids`` whose final result is stored (one ``MGET``); returns those settled."""
+        if not task_ids:
+            return set()
+        channels = [RESULT_KEY_PREFIX + task_id for task_id in task_ids]
+        return {task_id for task_id, channel, raw in zip(task_ids, channels, self.redis.mget(channels))
+                if raw is not None and self._settle(channel, raw)}
+
     def discard(self, task_id: str) -> None:
         """Stop waiting for a call that was never sent."""
         self._take(RESULT_KEY_PREFIX + task_id)

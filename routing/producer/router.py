@@ -14,9 +14,8 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
@@ -26,6 +25,9 @@ from redis import Redis
 from routing import claims, names, recipes, task_view
 from routing.errors import CallTimeout, InvalidArgument, SessionWorkerUnavailable, WorkerBusy
 from routing.pools import Affinity, PoolTable
+from routing.producer.backlog import Backlog
+from routing.producer.binding import Binding, Sent, Waiting, redacted_argsrepr
+from routing.producer.deadlines import UNTIMED_OPS, DeadlineSweeper, start_by
 from routing.producer.results import ResultListener
 from routing.producer.slots import DirectSlots, direct_hold_intervals
 from routing.producer.watch import WorkerWatch
@@ -36,53 +38,6 @@ log = logging.getLogger(__name__)
 
 #: Each recipe replayed during a rehydration must finish within this long.
 rehydrate_call_timeout_s = 120.0
-
-
-@dataclass
-class Binding:
-    """A session as its router sees it; ``worker``/``incarnation`` change only under ``lock``."""
-
-    session_id: str
-    pool: str
-    affinity: Affinity
-    ttl_s: float
-    #: Node name of the bound worker (None until a lazy session's first call).
-    worker: str | None = None
-    #: The run of that node holding the session's state (a restart under the same name loses it).
-    incarnation: str | None = None
-    #: How many times the session was rebuilt on a new worker through this binding.
-    rehydrations: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def holds_state_on(self, view: Liveness) -> bool:
-        """Whether the worker described by ``view`` can take this session's calls (strict sessions)."""
-        return view.accepting and view.same_run(self.incarnation)
-
-
-@dataclass(frozen=True)
-class Sent:
-    """One dispatched call: its task id, the worker run it was sent to (None: the shared queue), its reply."""
-
-    task_id: str
-    target: str | None
-    incarnation: str | None
-    #: Settled by the result listener with the reply envelope ``{"node", "value"}`` (or the call's error).
-    reply: Future[Any]
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """What the result listener keeps about a pending call, to fail it if its strict worker dies."""
-
-    session_id: str
-    strict: bool
-    target: str | None
-    incarnation: str | None
-
-
-def redacted_argsrepr(args: list[Any]) -> str:
-    """The short repr Celery shows for a call: session, pool, ref, arguments; secrets masked."""
-    return task_view.call_argsrepr(args)
 
 
 class Router:
@@ -101,6 +56,8 @@ class Router:
         self.direct_slots = DirectSlots(hold_s=direct_hold_intervals * watch.interval_s)
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self.backlog = Backlog(redis)
+        self.deadlines = DeadlineSweeper(results.redis, results.fail_where)
 
     # -- binding --------------------------------------------------------------
 
@@ -143,9 +100,10 @@ class Router:
         assert node is not None
         view = self.watch.get(node)
         if binding.affinity is Affinity.HINT:
-            # A slot of the bound worker held by the session or free on top of the view (see DirectSlots),
-            # else the shared queue, where the first free worker (a new one too) takes it.
-            placed = view is not None and self.direct_slots.take(node, binding.session_id, view)
+            # A slot of the bound worker held by the session or free on top of the view (see DirectSlots), and
+            # room in its direct queue (max_queued), else the shared queue, where the first free worker takes it.
+            placed = (view is not None and self.backlog.has_room(names.worker_queue(node))
+                      and self.direct_slots.take(node, binding.session_id, view))
             return node if placed else None
         if view is None or not binding.holds_state_on(view):
             raise SessionWorkerUnavailable(binding.session_id, node)
@@ -166,14 +124,20 @@ class Router:
                  incarnation: str | None) -> Sent:
         """Send to ``node``'s direct queue (None: the pool's shared queue), no routing decision.
 
-        Big arguments go by reference (``routing.claims``): stored first, named in the route.
+        Big arguments go by reference (``routing.claims``): stored first, named in the route. Backpressure:
+        ``PoolSaturated`` before anything is written (``max_queued``); ``QueueTimeout`` (see ``deadlines``).
         """
+        spec = self.pools.get(binding.pool)
+        self.backlog.admit(binding.pool, node, spec.max_queued)
         queue = names.worker_queue(node) if node else names.pool_queue(binding.pool)
         moved = claims.offload(self.redis, binding.session_id, op, kwargs, self.claim_threshold_bytes, binding.ttl_s)
-        route = self._route_header(binding, node, incarnation)
+        queue_timeout_s = None if op in UNTIMED_OPS else spec.queue_timeout_s
+        route = self._route_header(binding, node, incarnation, queue_timeout_s)
         args = [binding.session_id, op, moved.kwargs, {**route, "claims": moved.claims} if moved.claims else route]
         task_id = str(uuid.uuid4())
-        reply = self.results.expect(task_id, Waiting(binding.session_id, binding.affinity.strict, node, incarnation))
+        waiting = Waiting(binding.session_id, binding.affinity.strict, node, incarnation,
+                          binding.pool, None if binding.affinity.strict else args)
+        reply = self.results.expect(task_id, waiting)
         try:
             self.app.send_task(names.CALL_TASK, args=args, queue=queue, task_id=task_id,
                                shadow=task_view.task_name(op, kwargs), argsrepr=redacted_argsrepr(args))
@@ -184,16 +148,21 @@ class Router:
         except BaseException:
             claims.discard(self.redis, binding.session_id, moved.claims)
             raise
+        if queue_timeout_s is not None:
+            self.deadlines.track(task_id, reply, waiting, (queue, names.pool_queue(binding.pool)),
+                                 queue_timeout_s, binding.session_id, op, moved.claims)
         sent = Sent(task_id, node, incarnation, reply)
         if self.worker_gone(binding, sent):  # died before the listener knew of this call
             self.results.fail_where(self._lost_on(node))
         return sent
 
     @staticmethod
-    def _route_header(binding: Binding, node: str | None, incarnation: str | None) -> dict[str, Any]:
-        """What the worker checks: a strict call runs only on the run of the node holding its state."""
+    def _route_header(binding: Binding, node: str | None, incarnation: str | None,
+                      queue_timeout_s: float | None = None) -> dict[str, Any]:
+        """What the worker checks: a strict call runs only on the run of the node holding its state,
+        and (``queue_timeout_s``) any call only if it starts by ``deadline`` (epoch seconds, this host's clock)."""
         return {"node": node, "pool": binding.pool, "affinity": binding.affinity.value, "ttl_s": binding.ttl_s,
-                "incarnation": incarnation if node else None}
+                "incarnation": incarnation if node else None, **start_by(queue_timeout_s)}
 
     # -- waiting ---------------------------------------------------------------
 
@@ -275,6 +244,7 @@ class Router:
         self.app.control.revoke(task_id)
 
     def shutdown(self) -> None:
+        self.deadlines.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 

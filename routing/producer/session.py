@@ -7,12 +7,15 @@ from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
+from routing import arguments, validate
+from routing.broker_errors import translating
 from routing.errors import SessionClosed, SessionWorkerUnavailable
 from routing.pools import Affinity
 from routing.producer import batching
+from routing.producer.binding import Binding
 from routing.producer.future import CallFuture
 from routing.producer.handles import RefMethods
-from routing.producer.router import Binding, Router
+from routing.producer.router import Router
 
 
 class Session(RefMethods):
@@ -25,10 +28,13 @@ class Session(RefMethods):
     for submitting; wait on futures from one thread.
     """
 
-    def __init__(self, router: Router, binding: Binding, rehydrate: bool = False) -> None:
+    def __init__(self, router: Router, binding: Binding, rehydrate: bool = False,
+                 limits: validate.SizeLimits | None = None) -> None:
         self.router = router
         self.binding = binding
         self.closed = False
+        #: Size limits checked before a call is sent (the client's settings; the worker checks its own too).
+        self.limits: validate.SizeLimits = limits or validate.Limits()
         #: Rebuild the session on a live worker when its strict worker is gone (see ``submit``).
         self.rehydrate = rehydrate
 
@@ -66,6 +72,7 @@ class Session(RefMethods):
     def __repr__(self) -> str:
         return f"<Session {self.id} pool={self.pool} affinity={self.affinity.value} worker={self.worker}>"
 
+    @translating(lambda session: session.router.app.conf.broker_url)
     def submit(self, op: str, /, *, rehydrate: bool | None = None, **kwargs: Any) -> CallFuture:
         """Send ``op(**kwargs)`` to the session's worker; returns at once.
 
@@ -76,7 +83,8 @@ class Session(RefMethods):
         """
         if self.closed:
             raise SessionClosed(self.id)
-        rehydrate = self.rehydrate if rehydrate is None else rehydrate
+        arguments.call_arguments(op, kwargs, self.limits)
+        rehydrate = self.rehydrate if rehydrate is None else validate.flag(rehydrate, op, "rehydrate")
         incarnation = self.binding.incarnation
         try:
             sent = self.router.send(self.binding, op, kwargs)
@@ -90,7 +98,8 @@ class Session(RefMethods):
     def call(self, op: str, /, *, timeout: float | None = None, timeout_s: float | None = None,
              rehydrate: bool | None = None, **kwargs: Any) -> Any:
         """Run ``op(**kwargs)`` on the session's worker and return its JSON result (``timeout_s``: alias)."""
-        return self.submit(op, rehydrate=rehydrate, **kwargs).result(timeout if timeout is not None else timeout_s)
+        wait_s = validate.timeout(timeout_s if timeout is None else timeout, str(op))
+        return self.submit(op, rehydrate=rehydrate, **kwargs).result(wait_s)
 
     async def acall(self, op: str, /, *, rehydrate: bool | None = None, **kwargs: Any) -> Any:
         """``await session.acall(op, **kwargs)``: the call's result, without a thread per pending call.
@@ -105,7 +114,8 @@ class Session(RefMethods):
     async def amap(self, op: str, kwargs_list: Iterable[dict[str, Any]], *, return_exceptions: bool = False,
                    chunk_size: int | None = None, num_threads: int = 1) -> list[Any]:
         """``map`` for asyncio: chunks sent from the default executor, awaited on the loop."""
-        parts = batching.chunks(op, kwargs_list, chunk_size)
+        return_exceptions = validate.flag(return_exceptions, "map", "return_exceptions")
+        parts = self._chunks(op, kwargs_list, chunk_size, num_threads)
         loop = asyncio.get_running_loop()
         futures = await loop.run_in_executor(None, lambda: [
             self.submit("map", op=op, items=items, num_threads=num_threads) for items in parts])
@@ -121,10 +131,22 @@ class Session(RefMethods):
         runs a chunk's items concurrently). A failing item raises its typed error
         once every item ran, or stands in its place with ``return_exceptions=True``.
         """
-        parts = batching.chunks(op, kwargs_list, chunk_size)
+        return_exceptions = validate.flag(return_exceptions, "map", "return_exceptions")
+        timeout_s = validate.timeout(timeout_s, "map", "timeout_s")
+        parts = self._chunks(op, kwargs_list, chunk_size, num_threads)
         futures = [self.submit("map", op=op, items=items, num_threads=num_threads) for items in parts]
         return batching.collect(futures, timeout_s, return_exceptions)
 
+    def _chunks(self, op: str, kwargs_list: Iterable[dict[str, Any]], chunk_size: int | None,
+                num_threads: int) -> list[list[dict[str, Any]]]:
+        """A map's items in message-sized chunks, every one's size checked before the first chunk is sent."""
+        items = validate.item_list(kwargs_list, "map")
+        arguments.call_arguments("map", {"op": op, "items": [], "num_threads": num_threads}, self.limits)
+        for kwargs in items:  # sizes only: anything else about an item is its own typed error when it runs
+            arguments.item_sizes(op, kwargs, self.limits)
+        return batching.chunks(op, items, chunk_size)
+
+    @translating(lambda session: session.router.app.conf.broker_url)
     def close(self) -> None:
         """Delete the session record and free its objects on the worker."""
         if not self.closed:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import redis as redis_lib
 from redis import Redis
 
+from routing import names
 from routing.reaper import reap_dead_workers
 from routing.registry import Liveness, Registry
 
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: A node dead this long is dropped from the view (calls to it then fail as if it were never known).
 forget_dead_after_s = 60.0
+#: How often the members of followed pools (see :meth:`WorkerWatch.follow_pools`) are re-read.
+pool_members_every_s = 1.0
 
 
 class WorkerWatch:
@@ -35,6 +38,37 @@ class WorkerWatch:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pools: Callable[[], Iterable[str]] | None = None
+        self._members_read_at = 0.0
+
+    def follow_pools(self, pools: Callable[[], Iterable[str]]) -> None:
+        """Also watch every worker of the pools ``pools()`` names (asked every ``pool_members_every_s``).
+
+        For hint calls: any worker of their pool may have taken one from the shared
+        queue, so the death of any of them must be seen.
+        """
+        self._pools = pools
+
+    def _add_pool_members(self) -> None:
+        """Start watching workers of followed pools not in the view yet (one ``SMEMBERS`` per pool).
+
+        A newcomer enters the view as live: if it is in fact dead (not reaped yet),
+        the refresh that follows reports its death.
+        """
+        now = time.monotonic()
+        if self._pools is None or now - self._members_read_at < pool_members_every_s:
+            return
+        self._members_read_at = now
+        pools = sorted(set(self._pools()))
+        if not pools:
+            return
+        pipe = self.registry.redis.pipeline(transaction=False)
+        for pool in pools:
+            pipe.smembers(names.pool_workers_key(pool))
+        members = set().union(*pipe.execute())
+        with self._lock:
+            for node in members - set(self._view):
+                self._view[node] = Liveness(live=True, in_flight=0, concurrency=1)
 
     def watch(self, node: str, liveness: Liveness | None = None) -> None:
         with self._lock:
@@ -48,6 +82,7 @@ class WorkerWatch:
         return self._view.get(node)
 
     def refresh(self) -> None:
+        self._add_pool_members()
         with self._lock:
             nodes = list(self._view)
         if not nodes:

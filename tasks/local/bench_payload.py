@@ -144,9 +144,12 @@ def held_context(client: Client, plain: Celery, pool: str, chars: int, queries: 
 def run(calls: int, block: int, mb: float, context_mb: float, queries: int) -> dict[str, Any]:
     base = Settings.from_env()
     table = PoolTable.load(base.pools_config).with_pool(BENCH_POOL)
-    settings = replace(base, pools_config=table.to_json())
+    # The inline comparison sends the whole context as one module input: allow it (1 MiB per input by default).
+    max_input = int((max(mb, context_mb) + 1) * 1024 * 1024)
+    settings = replace(base, pools_config=table.to_json(), max_input_bytes=max_input)
     payload = log_text(int(mb * 1024 * 1024))
-    with Stack(settings, env={"FLAGSHIP_POOLS": table.to_json()}, loglevel="warning") as stack:
+    env = {"FLAGSHIP_POOLS": table.to_json(), "FLAGSHIP_MAX_INPUT_BYTES": str(max_input)}
+    with Stack(settings, env=env, loglevel="warning") as stack:
         stack.start_pools(pools=[BENCH_POOL.name])
         rlm_worker = stack.start_worker(RLM_POOL, wait=False)
         rlm_ok = not stack.wait_ready([rlm_worker], allow_refused=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 from celery import Celery
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -79,6 +79,12 @@ def fleet_families(fleet: gauges.FleetGauges, sessions: gauges.SessionGauges) ->
                   ["pool", "queue", "kind"], [([q.pool, q.queue, q.kind], q.depth) for q in fleet.queues])
     yield _family("flagship_deadletter_messages", f"Messages in the dead-letter list {names.DEADLETTER_KEY}",
                   [], [([], fleet.deadletter)])
+    events = CounterMetricFamily(
+        "flagship_reliability_events", "What the fleet did to lose nothing: dead_lettered, answered_from_store, "
+        "reruns (possible duplicate executions), resent, orphans_requeued", labels=["event"])
+    for event, count in sorted(fleet.reliability.items()):
+        events.add_metric([event], count)
+    yield events
     known = sorted({p.name for p in pools} | set(sessions.sessions))
     yield _family("flagship_sessions", "Open sessions per pool", ["pool"],
                   [([p], sessions.sessions.get(p, 0)) for p in known])

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
+from typing import Any
 
 from redis import Redis
 from rich.console import Console
 from rich.table import Table
 
+from routing import names
 from routing.embedded import resolve_url
 from routing.pools import PoolTable
 from routing.settings import Settings, redact_url
@@ -44,5 +47,20 @@ def render_status(as_json: bool = False) -> None:
         sessions.add_column(col)
     for s in data["sessions"]:
         sessions.add_row(s["id"], s["pool"], s["affinity"], s["worker"] or "(unbound)", str(s["idle_s"]))
-    for table in (pools, workers, sessions):
+    counters = Table(title="reliability counters (fleet, ever)")
+    for name in data["reliability"]:
+        counters.add_column(name.replace("_", " "))
+    counters.add_row(*(str(value) for value in data["reliability"].values()))
+    for table in (pools, workers, sessions, deadletter_table(data["deadletter"]), counters):
         console.print(table)
+
+
+def deadletter_table(summary: dict[str, Any]) -> Table:
+    """The newest dead-lettered messages, under a title with the counts."""
+    table = Table(title=f"dead letters: {summary['held']} held ({names.DEADLETTER_KEY}), {summary['total']} ever")
+    for col in ("at (UTC)", "queue", "task id", "reason"):
+        table.add_column(col)
+    for entry in summary["recent"]:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(entry.get("at") or 0)))
+        table.add_row(at, str(entry.get("queue")), str(entry.get("task_id") or "-"), str(entry.get("reason")))
+    return table

@@ -13,17 +13,11 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from routing.errors import FlagshipError, InvalidArgument, OperationFailed, error_to_json
-from tasks.worker.allowlist import CallContext, check_number, dispatch, operation
+from routing.errors import FlagshipError, OperationFailed, error_to_json
+from tasks.worker.allowlist import CallContext, dispatch, operation
 
 log = logging.getLogger(__name__)
 
-#: Most items one ``map`` message may carry.
-max_items = 10_000
-#: Most threads one ``map`` call may use on the worker.
-max_threads = 64
-#: Operations that may not be mapped (they act on the session as a whole).
-UNMAPPABLE = frozenset({"map", "release_session"})
 
 
 def _run_item(ctx: CallContext, op: str, kwargs: Any) -> dict[str, Any]:
@@ -38,12 +32,11 @@ def _run_item(ctx: CallContext, op: str, kwargs: Any) -> dict[str, Any]:
 
 @operation("map")
 def map_items(ctx: CallContext, op: str, items: list[Any], num_threads: int = 1) -> list[dict[str, Any]]:
-    """``[{"ok": result} | {"error": {"type", "args"}}, ...]``, one entry per item, in order."""
-    if not isinstance(op, str) or op in UNMAPPABLE:
-        raise InvalidArgument("map", f"op must name an operation other than {sorted(UNMAPPABLE)}")
-    if not isinstance(items, list) or len(items) > max_items:
-        raise InvalidArgument("map", f"items must be a list of at most {max_items} argument objects")
-    check_number("map", "num_threads", num_threads, 1, max_threads, integer=True, optional=False)
+    """``[{"ok": result} | {"error": {"type", "args"}}, ...]``, one entry per item, in order.
+
+    ``op``, ``items`` (at most ``routing.validate.max_items``) and ``num_threads`` were
+    checked by the allow-list (``routing.validate.ARGUMENTS``); each item is checked as it runs.
+    """
     if num_threads == 1 or len(items) < 2:
         return [_run_item(ctx, op, kwargs) for kwargs in items]
     with ThreadPoolExecutor(min(num_threads, len(items)), thread_name_prefix="flagship-map") as pool:

@@ -17,7 +17,7 @@ from routing.errors import InvalidArgument, LMError, RefError
 from tasks.lm.offline import OfflineLM
 from tasks.lm.provider import build_lm, translate_lm_error
 from tasks.ops.signatures import build_signature
-from tasks.worker.allowlist import CallContext, check_number, operation
+from tasks.worker.allowlist import CallContext, operation
 from tasks.worker.ref_store import RefEntry, RefStore
 
 #: A module input naming a context ref held by the session: ``{"$ref": "<ref id>"}``.
@@ -45,12 +45,10 @@ def remember(ctx: CallContext, entry: RefEntry) -> None:
 def create_lm(ctx: CallContext, model: str | None = None, temperature: float | None = None,
               max_tokens: int | None = None, api_base: str | None = None, api_key: str | None = None,
               default: bool = False, ref_id: str | None = None) -> dict[str, Any]:
-    """An LM for this session; ``default=True`` (or being the first) makes it the session default."""
-    check_number("lm", "temperature", temperature, 0.0, 2.0)
-    check_number("lm", "max_tokens", max_tokens, 1, 1_000_000)
-    for name, value in (("model", model), ("api_base", api_base), ("api_key", api_key)):
-        if value is not None and not isinstance(value, str):
-            raise InvalidArgument("lm", f"{name} must be a string")
+    """An LM for this session; ``default=True`` (or being the first) makes it the session default.
+
+    Types and bounds of the arguments were checked by the allow-list (``routing.validate.ARGUMENTS``).
+    """
     if api_base is not None and not ctx.settings.lm.api_base_allowed(api_base):
         raise InvalidArgument("lm", f"api_base {api_base!r} is not allowed on this worker; "
                                     "list it in FLAGSHIP_LM_API_BASES (comma-separated prefixes, or *)")

@@ -27,7 +27,7 @@ from tasks.ops.modules import (
     store,
 )
 from tasks.ops.signatures import build_signature
-from tasks.worker.allowlist import CallContext, check_number, operation
+from tasks.worker.allowlist import CallContext, operation
 from tasks.worker.ref_store import RefEntry
 
 #: Characters of each code cell and output kept in the trajectory summary.
@@ -41,9 +41,6 @@ def create_rlm(ctx: CallContext, signature: Any = "context, query -> output", ma
     sandboxes = ctx.worker.services.get("sandboxes")
     if sandboxes is None:
         raise NoCapableWorker(ctx.worker.pool.name, ["deno"])
-    check_number("rlm", "max_iters", max_iters, 1, 50, integer=True, optional=False)
-    check_number("rlm", "max_llm_calls", max_llm_calls, 1, 500, integer=True, optional=False)
-    check_number("rlm", "max_output_chars", max_output_chars, 100, 1_000_000, integer=True, optional=False)
     sig = build_signature(signature)
     refs = store(ctx)
     if lm is not None:

@@ -15,13 +15,15 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from routing.errors import SandboxCrashed, SandboxError
+from routing.errors import SandboxError
+from tasks.sandbox.errors import SandboxClosed
 from tasks.sandbox.interpreter import (
     SandboxInterpreter,
     default_execute_timeout_s,
     default_heap_mb,
     default_start_timeout_s,
 )
+from tasks.sandbox.settings import SandboxSettings
 
 __all__ = ["PoolStats", "SandboxPool"]
 
@@ -59,6 +61,7 @@ class SandboxPool:
         heap_mb: int = default_heap_mb,
         *,
         start_timeout_s: float = default_start_timeout_s,
+        wasm_mb: int | None = None,
         deno_dir: Path | None = None,
     ) -> None:
         if size < 0:
@@ -66,6 +69,8 @@ class SandboxPool:
         self.size = size
         self.execute_timeout_s = execute_timeout_s
         self.heap_mb = heap_mb
+        #: WebAssembly memory cap of each sandbox; None: ``FLAGSHIP_SANDBOX_WASM_MB`` (default 512).
+        self.wasm_mb = SandboxSettings.from_env().wasm_mb if wasm_mb is None else wasm_mb
         self.start_timeout_s = start_timeout_s
         self.deno_dir = deno_dir
         self._cond = threading.Condition()
@@ -173,6 +178,7 @@ class SandboxPool:
             execute_timeout_s=self.execute_timeout_s,
             start_timeout_s=start_timeout_s,
             heap_mb=self.heap_mb,
+            wasm_mb=self.wasm_mb,
             deno_dir=self.deno_dir,
         )
 
@@ -198,7 +204,7 @@ class SandboxPool:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise SandboxCrashed("the sandbox pool is shut down")
+            raise SandboxClosed("the sandbox pool is shut down")
 
     def _refill_forever(self) -> None:
         failures = 0

@@ -1,11 +1,14 @@
 // Wraps Pyodide's loadPyodide for DSPy's runner.js (mapped in by the import map).
 //
-// Why: when sandbox code calls a Deno API that the permissions deny (for example
-// `js.Deno.env.get("HOME")`), Python sees a JsException whose args hold a JS
-// object. runner.js then json.dumps those args, which throws outside its
-// try/catch and ends the Deno process: a denied call would kill the sandbox
-// instead of coming back to the model as an error. Turning the args into
-// strings keeps it an ordinary, recoverable code error.
+// 1. When sandbox code calls a Deno API that the permissions deny (for example
+//    `js.Deno.env.get("HOME")`), Python sees a JsException whose args hold a JS
+//    object. runner.js then json.dumps those args, which throws outside its
+//    try/catch and ends the Deno process: a denied call would kill the sandbox
+//    instead of coming back to the model as an error. Turning the args into
+//    strings keeps it an ordinary, recoverable code error.
+// 2. Python's raw stdout and stderr (`sys.__stdout__`, `os.write(1, ...)`) go to
+//    Deno's stderr, which the host drains: stdout carries the JSON-RPC protocol
+//    only, so code cannot flood it with lines the host must skip.
 import pyodideModule from "flagship:pyodide";
 
 const SANITIZE_PY = `
@@ -20,8 +23,12 @@ def _flagship_sanitize_last_exc():
         sys.last_exc = RuntimeError(*(str(arg) for arg in exc.args))
 `;
 
+const toStderr = { write: (buffer) => Deno.stderr.writeSync(buffer), isatty: false };
+
 async function loadPyodide(options) {
   const pyodide = await pyodideModule.loadPyodide(options);
+  pyodide.setStdout(toStderr);
+  pyodide.setStderr(toStderr);
   const namespace = pyodide.globals.get("dict")();
   pyodide.runPython(SANITIZE_PY, { globals: namespace });
   const sanitize = namespace.get("_flagship_sanitize_last_exc");

@@ -20,8 +20,13 @@ class SandboxSettings:
     pool_size: int | None = None
     #: Each ``execute`` is killed after this long.
     execute_timeout_s: float = 30.0
-    #: V8 heap cap of each sandbox.
+    #: V8 heap cap of each sandbox (JS objects; Pyodide's WebAssembly memory is not in it).
     heap_mb: int = 512
+    #: WebAssembly memory cap of each sandbox, where Pyodide's Python heap lives
+    #: (``$FLAGSHIP_SANDBOX_WASM_MB``). Pyodide starts with 20 MB (it cannot start
+    #: under ~24); a 10 MB context split and counted over 8 RLM iterations peaked
+    #: at ~250 MB. Code that needs more gets ``MemoryError``.
+    wasm_mb: int = 512
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SandboxSettings:
@@ -34,4 +39,5 @@ class SandboxSettings:
             pool_size=size or None,
             execute_timeout_s=env_number(env, "FLAGSHIP_SANDBOX_TIMEOUT_S", cls.execute_timeout_s, float),
             heap_mb=env_number(env, "FLAGSHIP_SANDBOX_HEAP_MB", cls.heap_mb, int),
+            wasm_mb=env_number(env, "FLAGSHIP_SANDBOX_WASM_MB", cls.wasm_mb, int),
         )

@@ -1,7 +1,9 @@
 """The allow-list of operations a producer may call; nothing else runs on a worker.
 
-Each operation is a plain function ``op(ctx, **kwargs) -> JSON``; arguments are
-checked against its signature before it runs.
+Each operation is a plain function ``op(ctx, **kwargs) -> JSON``. Before it runs,
+the session id and the arguments are checked by :mod:`routing.validate` and
+:mod:`routing.arguments` (types, bounds, sizes: the worker is the authority,
+whatever the producer checked) and against the function's signature.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from routing import arguments, validate
 from routing.errors import InvalidArgument, UnknownOperation
 from tasks.worker.settings import WorkerSettings
 from tasks.worker.state import WorkerState
@@ -54,8 +57,8 @@ def dispatch(ctx: CallContext, op: str, kwargs: dict[str, Any]) -> Any:
     fn = _OPERATIONS.get(op) if isinstance(op, str) else None
     if fn is None:
         raise UnknownOperation(op, known_operations())
-    if not isinstance(kwargs, dict):
-        raise InvalidArgument(op, "arguments must be a JSON object of keyword arguments")
+    validate.session_id(ctx.session_id, op)
+    arguments.call_arguments(op, kwargs, ctx.settings.routing, items=False)  # a map's items: each as it runs
     try:
         _SIGNATURES[op].bind(ctx, **kwargs)
     except TypeError as exc:
@@ -66,9 +69,4 @@ def dispatch(ctx: CallContext, op: str, kwargs: dict[str, Any]) -> Any:
 def check_number(op: str, name: str, value: Any, low: float, high: float, *, integer: bool = False,
                  optional: bool = True) -> None:
     """Refuse a non-number (bools included), a float where an integer is due, or a value outside [low, high]."""
-    if value is None and optional:
-        return
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise InvalidArgument(op, f"{name} must be {kind} between {low} and {high}")
+    validate.number(op, name, value, low, high, integer=integer, optional=optional)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from celery.worker import state as celery_state
 
 from routing import claims
-from routing.errors import CallCancelled, FlagshipError, InvalidArgument, OperationFailed, SessionWorkerUnavailable
+from routing.errors import (
+    CallCancelled,
+    FlagshipError,
+    InvalidArgument,
+    OperationFailed,
+    QueueTimeout,
+    SessionWorkerUnavailable,
+)
 from routing.pools import Affinity
 from tasks.worker.allowlist import SESSIONLESS, CallContext, dispatch
 from tasks.worker.state import WorkerState
@@ -25,6 +33,9 @@ class Route:
     affinity: Affinity
     incarnation: str | None
     ttl_s: float | None
+    #: The call must start by this time (seconds since the epoch), else ``QueueTimeout`` (None: no limit).
+    deadline: float | None = None
+    queue_timeout_s: float | None = None
 
     @classmethod
     def parse(cls, raw: Any) -> Route:
@@ -34,8 +45,17 @@ class Route:
             affinity = Affinity(raw.get("affinity", Affinity.STRICT_QUEUE.value))
         except ValueError:
             raise InvalidArgument("route", f"unknown affinity {raw.get('affinity')!r}") from None
-        ttl_s = raw.get("ttl_s")
-        return cls(raw.get("node"), affinity, raw.get("incarnation"), float(ttl_s) if ttl_s else None)
+        return cls(raw.get("node"), affinity, raw.get("incarnation"), _number(raw, "ttl_s") or None,
+                   _number(raw, "deadline"), _number(raw, "queue_timeout_s"))
+
+
+def _number(raw: dict[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument("route", f"{key} must be a number")
+    return float(value)
 
 
 def execute_call(
@@ -59,6 +79,9 @@ def execute_call(
             if call_id in celery_state.revoked:
                 # Cancelled by its producer while it waited for the session's turn: never run.
                 raise CallCancelled(session_id, op)
+            if where.deadline is not None and time.time() > where.deadline:
+                # Its turn came after its pool's queue timeout (queued, or behind the session's calls): never run.
+                raise QueueTimeout(session_id, op, where.queue_timeout_s)
             if op not in SESSIONLESS:
                 worker.book.ensure(session_id, where.ttl_s or worker.book.default_ttl_s)
             if held:

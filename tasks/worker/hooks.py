@@ -18,13 +18,16 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from redis import Redis
 
 from routing import names
+from routing.broker_errors import check_broker
+from routing.errors import ServerUnavailable
 from routing.pools import Pool, PoolKind, PoolTable
 from routing.registry import Registry
 from tasks.lm.dspy_caches import freeze_proxy_environment, preload_prices
 from tasks.sandbox.pool import SandboxPool
 from tasks.worker.capabilities import probe_capabilities
+from tasks.worker.poison import PoisonGuarded
 from tasks.worker.ref_store import RefStore
-from tasks.worker.refusal import refuse
+from tasks.worker.refusal import cannot_start, refuse
 from tasks.worker.settings import WorkerSettings
 from tasks.worker.state import WorkerState
 
@@ -37,8 +40,8 @@ _node: str | None = None
 TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 
-class Consumer(CeleryConsumer):  # type: ignore[misc]
-    """Celery's consumer, publishing the buffered task events at most every ``event_flush_s``.
+class Consumer(PoisonGuarded, CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, poison-proof (:class:`PoisonGuarded`), publishing task events at most every ``event_flush_s``.
 
     Celery buffers task events and publishes them on the next turn of the event
     loop: under load that is one Redis ``PUBLISH`` (and one kombu publish, the
@@ -120,6 +123,10 @@ def _pool_for(queues: set[str], pools: PoolTable, configured: str | None) -> Poo
 def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
     global _state, _node
     _node = sender
+    try:  # a wrong password, an unreachable broker, a TLS mismatch: one line and exit, not Celery's retries
+        check_broker(conf.broker_url)
+    except ServerUnavailable as exc:
+        cannot_start(sender, exc)
     settings = WorkerSettings.from_env()
     tune_worker(conf, settings.task_log)
     pools = PoolTable.load(settings.routing.pools_config)
@@ -143,7 +150,7 @@ def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
         if queue not in consumed:
             queues.select_add(queue)
     _state = WorkerState(node=sender, pool=pool, settings=settings, redis=redis,
-                         concurrency=int(instance.concurrency), capabilities=capabilities)
+                         concurrency=int(instance.concurrency), capabilities=capabilities, redis_url=conf.broker_url)
     install_services(_state)
 
 
@@ -165,7 +172,7 @@ def install_services(state: WorkerState) -> None:
         sandbox = state.settings.sandbox
         state.services["sandboxes"] = SandboxPool(
             size=sandbox.pool_size or default_sandboxes(state.concurrency),
-            execute_timeout_s=sandbox.execute_timeout_s, heap_mb=sandbox.heap_mb,
+            execute_timeout_s=sandbox.execute_timeout_s, heap_mb=sandbox.heap_mb, wasm_mb=sandbox.wasm_mb,
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+from routing import validate
 from routing.errors import SessionNotFound
 from routing.sessions import SessionStore
 
@@ -23,7 +24,15 @@ class SessionBook:
         self._seqs: dict[str, int] = {}
 
     def ensure(self, session_id: str, ttl_s: float) -> None:
-        """Refuse calls of sessions that were closed or expired; note live ones for a TTL renewal."""
+        """Refuse calls of sessions that were closed or expired; note live ones for a TTL renewal.
+
+        A raw message may carry any JSON: an id that is not a valid session id (an int
+        would share a key with the string session of the same digits, and break
+        sorting in housekeeping) or a TTL Redis would refuse is an ``InvalidArgument``,
+        refused before anything is noted.
+        """
+        session_id = validate.session_id(session_id, "call")
+        ttl_s = validate.ttl(ttl_s, "call", "the route's ttl_s")
         now = time.monotonic()
         if self._known.get(session_id, 0.0) < now:
             if not self.store.exists(session_id):

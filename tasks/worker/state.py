@@ -14,6 +14,7 @@ from redis import Redis
 from routing import names
 from routing.heartbeat import Heartbeat
 from routing.pools import Pool
+from routing.pulse import Pulse, stall_limit_s
 from routing.reaper import reap_lock, reap_lock_ttl_s, reap_node
 from routing.registry import Registry, WorkerInfo
 from routing.sessions import SessionStore
@@ -44,6 +45,8 @@ class WorkerState:
     started: float = field(default_factory=time.time)
     #: Counters published with every heartbeat (e.g. ``refs``), by name.
     gauges: dict[str, Callable[[], int]] = field(default_factory=dict)
+    #: The broker's URL, for the liveness pulse (None: no pulse, the heartbeat thread alone keeps liveness).
+    redis_url: str | None = None
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.redis, self.settings.routing)
@@ -51,7 +54,12 @@ class WorkerState:
         self.book = SessionBook(self.sessions, self.settings.routing.session_ttl_s)
         #: Differs between runs of a node under the same name; strict calls check it.
         self.incarnation = f"{os.getpid()}-{int(self.started * 1000)}"
-        self.heartbeat = Heartbeat(self.registry, self.sessions, self, self.settings.routing.heartbeat_interval_s)
+        routing = self.settings.routing
+        self.pulse = None if self.redis_url is None else Pulse(
+            self.redis_url, names.heartbeat_key(self.node), self.incarnation, ttl_s=routing.heartbeat_ttl_s,
+            interval_s=routing.heartbeat_interval_s, stall_s=stall_limit_s(os.environ))
+        self.heartbeat = Heartbeat(self.registry, self.sessions, self, routing.heartbeat_interval_s,
+                                   on_tick=None if self.pulse is None else self.pulse.feed)
         self.calls = InFlight(self.concurrency, self.heartbeat.nudge)
 
     @property
@@ -61,11 +69,13 @@ class WorkerState:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
-        """Requeue what a previous run under this name left behind, then register and heartbeat."""
+        """Requeue what a previous run under this name left behind, then register, pulse and heartbeat."""
         with reap_lock(self.redis, self.node, wait_s=reap_lock_ttl_s):
             reap_node(self.redis, self.node, self.pool.name)
             self.redis.delete(names.worker_sessions_key(self.node))
             self.register()
+        if self.pulse is not None:
+            self.pulse.start()
         self.heartbeat.start()
 
     def register(self) -> None:
@@ -81,9 +91,17 @@ class WorkerState:
         self.heartbeat.nudge()
 
     def stop(self) -> None:
-        """Calls finished (or went back to the queue): stop heartbeating, deregister, free services."""
+        """Calls finished (or went back to the queue): stop heartbeating, deregister, free services.
+
+        The pulse stops after deregistering: it only ever renews a key that names
+        this run, so it cannot bring the deleted heartbeat back.
+        """
         self.heartbeat.stop()
-        self.registry.deregister(self.node, self.pool.name)
+        try:
+            self.registry.deregister(self.node, self.pool.name)
+        finally:
+            if self.pulse is not None:
+                self.pulse.stop()
         for service in self.services.values():
             shutdown = getattr(service, "shutdown", None)
             if shutdown is not None:

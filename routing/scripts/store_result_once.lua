@@ -1,0 +1,8 @@
+-- Store a task result the way Celery's Redis backend does (SET + PUBLISH on the key's channel),
+-- unless a result is already stored: a call that completed keeps its result.
+-- KEYS[1] celery-task-meta-<id>; ARGV[1] the encoded result, ARGV[2] expiry (s)
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('PUBLISH', KEYS[1], ARGV[1])
+  return 1
+end
+return 0

@@ -1,0 +1,175 @@
+"""No hint call lost, effectively once for completed work: each mechanism on its own, against real workers.
+
+The chaos test (test_chaos.py) shows them together at random moments; here each
+case is set up exactly: a worker killed between the broker's pop and kombu's
+un-acked record, an un-acked call no live worker holds, a completed call delivered
+again, a redelivered call that never completed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from collections.abc import Callable
+
+from helpers import wait_until
+
+from routing import Client, Session, names
+from routing.producer.binding import Waiting
+from routing.reaper import UNACKED_INDEX_KEY, UNACKED_KEY
+from tasks.local.stack import WorkerProcess
+
+StartWorkers = Callable[..., list[WorkerProcess]]
+POOL = "noloss_pool"
+#: A queue no worker consumes: messages are built there, then placed by hand.
+HOLD_QUEUE = "flagship.test.hold"
+
+
+def stat(client: Client, name: str) -> int:
+    return int(client.redis.hget(names.STATS_KEY, name) or 0)
+
+
+def executions(client: Client, task_id: str) -> list[dict[str, str]]:
+    entries = [json.loads(raw) for raw in client.redis.lrange(names.EXECUTIONS_KEY, 0, -1)]
+    return [e for e in entries if e["task_id"] == task_id]
+
+
+def nowhere(client: Client, task_id: str) -> bool:
+    """The call's message is in no queue of the pool and not un-acked (it sits in a process's socket)."""
+    queues = [names.pool_queue(POOL), *(names.worker_queue(n) for n in client.redis.smembers(
+        names.pool_workers_key(POOL)))]
+    listed = [raw for q in queues for raw in client.redis.lrange(q, 0, -1)] + client.redis.hvals(UNACKED_KEY)
+    return not any(task_id in raw for raw in listed)
+
+
+def built_message(client: Client, session: Session, marker: str, task_id: str, track: bool) -> dict[str, object]:
+    """A real call message for ``session`` (as the router sends it), taken from a queue nobody reads.
+
+    ``track``: the client waits for it like for any hint call it sent (what the sweep looks after).
+    """
+    route = {"node": None, "pool": POOL, "affinity": "hint", "ttl_s": session.ttl_s, "incarnation": None}
+    args = [session.id, "record", {"marker": marker}, route]
+    if track:
+        client.results.expect(task_id, Waiting(session.id, False, None, None, POOL, args))
+    client.app.send_task(names.CALL_TASK, args=args, queue=HOLD_QUEUE, task_id=task_id)
+    raw = client.redis.rpop(HOLD_QUEUE)
+    assert raw is not None
+    message: dict[str, object] = json.loads(raw)
+    return message
+
+
+def delivered_again(message: dict[str, object], queue: str) -> str:
+    """The message as kombu restores it (``redelivered``), routed to ``queue``."""
+    headers, properties = message["headers"], message["properties"]
+    assert isinstance(headers, dict) and isinstance(properties, dict)
+    headers["redelivered"] = True
+    properties["delivery_info"] = {"exchange": queue, "routing_key": queue, "redelivered": True}
+    return json.dumps(message)
+
+
+def test_a_hint_call_popped_by_a_worker_killed_before_recording_it_is_resent_and_runs_once(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    workers = {w.node: w for w in pool_workers(POOL, 2)}
+    session = sessions(POOL)
+    doomed = session.worker
+    assert doomed is not None
+    other = next(n for n in workers if n != doomed)
+    session.call("ping", timeout_s=10)
+    resent_before = stat(client, "resent")
+
+    # A stopped worker's pending BRPOP still pops: the message goes into its socket, and nowhere else.
+    os.kill(workers[doomed].pid, signal.SIGSTOP)
+    future = session.submit("record", marker=f"popped-{uuid.uuid4().hex[:8]}")
+    assert future.target == doomed
+    wait_until(lambda: nowhere(client, future.id), timeout_s=10, what="the message popped by the stopped worker")
+    workers[doomed].kill()
+
+    result = future.result(30)
+    assert result["node"] == other
+    assert [e["node"] for e in executions(client, future.id)] == [other]
+    assert stat(client, "resent") == resent_before + 1
+    assert session.call("ping", timeout_s=10)["node"] == other
+
+
+def test_a_hint_call_lost_by_a_worker_the_session_never_used_is_found_through_the_pool_watch(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    workers = {w.node: w for w in pool_workers(POOL, 2)}
+    hinted = sessions(POOL)
+    busy = hinted.worker
+    assert busy is not None
+    taker = next(n for n in workers if n != busy)
+    holders = [sessions(POOL, node=busy, affinity="strict_queue").submit("ping", sleep_s=3.0) for _ in range(2)]
+    wait_until(lambda: client.watch.get(busy).saturated, what="the bound worker saturated")
+
+    # The other worker, which no session of this client uses, pops the call from the shared queue and dies.
+    os.kill(workers[taker].pid, signal.SIGSTOP)
+    future = hinted.submit("record", marker=f"shared-{uuid.uuid4().hex[:8]}")
+    assert future.target is None
+    wait_until(lambda: nowhere(client, future.id), timeout_s=10, what="the message popped by the stopped worker")
+    # Followed within a membership read: the pool has a pending hint call.
+    wait_until(lambda: client.watch.get(taker) is not None, timeout_s=5, what="the watch follows the pool")
+    workers[taker].kill()
+
+    assert future.result(30)["node"] == busy
+    assert [e["node"] for e in executions(client, future.id)] == [busy]
+    for holder in holders:
+        holder.result(10)
+
+
+def test_an_unacked_call_no_live_worker_holds_is_moved_to_the_shared_queue_and_runs(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    pool_workers(POOL, 2)
+    session = sessions(POOL)
+    task_id = str(uuid.uuid4())
+    message = built_message(client, session, "orphan", task_id, track=True)
+    tag = f"dead-worker-tag-{uuid.uuid4().hex[:8]}"  # as if a worker died right after recording it
+    client.redis.hset(UNACKED_KEY, tag, json.dumps([message, POOL, POOL]))
+    client.redis.zadd(UNACKED_INDEX_KEY, {tag: 0})
+    requeued_before = stat(client, "orphans_requeued")
+
+    client.sweep.schedule([POOL])  # what a worker's death triggers
+    wait_until(lambda: executions(client, task_id), timeout_s=30, what="the orphan ran")
+    assert not client.redis.hexists(UNACKED_KEY, tag)
+    assert stat(client, "orphans_requeued") == requeued_before + 1
+    stored = client.results.settle_stored([task_id])  # settled already by the listener: nothing left to settle
+    assert stored == set() and len(executions(client, task_id)) == 1
+
+
+def test_a_completed_call_delivered_again_is_answered_from_the_store_not_run(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    (worker,) = pool_workers(POOL, 1)
+    session = sessions(POOL)
+    done = session.submit("record", marker="once")
+    assert done.result(10)["marker"] == "once"
+    stored = client.redis.get(f"celery-task-meta-{done.id}")
+    answered_before = stat(client, "answered_from_store")
+    message = built_message(client, session, "once", done.id, track=False)
+
+    client.redis.lpush(names.pool_queue(POOL), delivered_again(message, names.pool_queue(POOL)))
+    wait_until(lambda: stat(client, "answered_from_store") == answered_before + 1, timeout_s=15,
+               what="the worker answers from the store")
+    assert len(executions(client, done.id)) == 1
+    assert client.redis.get(f"celery-task-meta-{done.id}") == stored
+    wait_until(lambda: not any(done.id in raw for raw in client.redis.hvals(UNACKED_KEY)), what="acked")
+    assert worker.alive()
+
+
+def test_a_redelivered_call_without_a_stored_result_runs_and_counts_as_a_rerun(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    pool_workers(POOL, 1)
+    session = sessions(POOL)
+    task_id = str(uuid.uuid4())
+    message = built_message(client, session, "again", task_id, track=False)
+    reruns_before = stat(client, "reruns")
+
+    client.redis.lpush(names.pool_queue(POOL), delivered_again(message, names.pool_queue(POOL)))
+    wait_until(lambda: client.redis.get(f"celery-task-meta-{task_id}"), timeout_s=15, what="the result")
+    assert len(executions(client, task_id)) == 1
+    assert stat(client, "reruns") == reruns_before + 1
