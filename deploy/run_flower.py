@@ -66,9 +66,19 @@ def _weak_credentials(auth: str) -> list[str]:
     return weak
 
 
+#: Flower options that would override the checks below from the command line (auth belongs in the environment).
+AUTH_FLAGS = ("--basic_auth", "--basic-auth", "--auth", "--unauthenticated_api", "--unauthenticated-api")
+
+
 def flower_argv(args: argparse.Namespace, extra: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The command and environment to exec, or ``SystemExit`` when auth is missing."""
     env = dict(env)
+    overriding = sorted({arg.split("=", 1)[0] for arg in extra if arg.split("=", 1)[0] in AUTH_FLAGS})
+    if overriding:
+        print(f"refusing to start Flower: {', '.join(overriding)} on the command line would bypass the "
+              "authentication checks; set FLOWER_BASIC_AUTH (or FLAGSHIP_FLOWER_UNAUTHENTICATED=1) instead",
+              file=sys.stderr)
+        raise SystemExit(EXIT_NO_AUTH)
     auth = env.get("FLOWER_BASIC_AUTH", "").strip()
     if auth:
         weak = _weak_credentials(auth)

@@ -102,15 +102,18 @@ class Pulse:
     def feed(self) -> None:
         """One beat of the heartbeat thread: the worker is not hung. Restarts a pulse that died."""
         with self._lock:
-            if self._stopped or self.proc is None or self._feed_fd is None:
+            if self._stopped or self.proc is None:
                 return
-            if self.proc.poll() is not None:
+            if self.proc.poll() is not None or self._feed_fd is None:
                 log.warning("liveness pulse of %s exited (%s); starting another", self.key, self.proc.returncode)
-                os.close(self._feed_fd)
-                self._spawn()
+                if self._feed_fd is not None:
+                    fd, self._feed_fd = self._feed_fd, None  # never left naming a closed descriptor
+                    os.close(fd)
+                self._spawn()  # if this fails, the next beat tries again
+            assert self._feed_fd is not None
             try:
                 os.write(self._feed_fd, b".")
-            except (BlockingIOError, BrokenPipeError):
+            except OSError:
                 pass  # a full pipe is fed already; a broken one is restarted on the next beat
 
     def stop(self) -> None:
@@ -194,9 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     if not url:
         _say(args.key, f"{URL_ENV} is not set")
         return 2
-    # The worker decides when the pulse ends (by closing the pipe): Ctrl-C in a terminal is for the worker.
+    # The worker decides when the pulse ends (by closing the pipe, or by dying). Signals sent to the whole
+    # process group (Ctrl-C, systemd or honcho stopping the worker with SIGTERM) are for the worker: its warm
+    # shutdown still runs calls, so its heartbeat must not vanish before it deregisters.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # still deletes the key on the way out
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     timeout_s = max(0.5, min(5.0, args.ttl_ms / 2000))
     redis = redis_lib.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     run(redis, sys.stdin.fileno(), args.key, args.incarnation, args.ttl_ms, args.interval_s, args.stall_s)

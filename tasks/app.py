@@ -32,7 +32,7 @@ from tasks.worker.calls import execute_call  # noqa: E402
 def run_call(self: Any, session_id: str, op: str, kwargs: dict[str, Any], route: dict[str, Any]) -> dict[str, Any]:
     """One call of a session: the allow-listed operation ``op(**kwargs)``, on the worker holding its state."""
     worker = hooks.current_worker()
-    redelivery.answer_from_store(self, worker.redis)  # a call that comes again after it completed does not run
+    redelivery.answer_from_store(self, worker.redis, route)  # a call that comes again after it completed does not run
     return execute_call(worker, self.request.id, session_id, op, kwargs, route)
 
 

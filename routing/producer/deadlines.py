@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 #: ``ModuleRef.batch``, ``Client.map``), so they are bounded by ``max_queued``, not by the queue timeout.
 UNTIMED_OPS = frozenset({"map"})
 
+#: Deadlines this close together share one sweep (one read of each queue): a call fails at most this late.
+batch_window_s = 0.1
+
 #: First look again for a call a worker held at its deadline after this long; doubling up to the maximum.
 recheck_after_s = 0.5
 recheck_max_s = 5.0
@@ -138,14 +141,14 @@ class DeadlineSweeper:
                 while self._due and self._due[0][2] not in self._tracked:
                     heapq.heappop(self._due)
                 now = time.monotonic()
-                if self._due and self._due[0][0] <= now:
+                if self._due and self._due[0][0] + batch_window_s <= now:
                     due = []
                     while self._due and self._due[0][0] <= now:
                         entry = self._tracked.get(heapq.heappop(self._due)[2])
                         if entry is not None:
                             due.append(entry)
                     return due
-                self._cond.wait(self._due[0][0] - now if self._due else None)
+                self._cond.wait(self._due[0][0] + batch_window_s - now if self._due else None)
         return None
 
     def _sweep(self, due: list[_Tracked]) -> None:

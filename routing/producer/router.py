@@ -10,8 +10,10 @@ fresh, one round trip, by definition.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +25,7 @@ from kombu.exceptions import EncodeError
 from redis import Redis
 
 from routing import claims, names, recipes, task_view
-from routing.errors import CallTimeout, InvalidArgument, SessionWorkerUnavailable, WorkerBusy
+from routing.errors import CallTimeout, InvalidArgument, PoolSaturated, SessionWorkerUnavailable, WorkerBusy
 from routing.pools import Affinity, PoolTable
 from routing.producer.backlog import Backlog
 from routing.producer.binding import Binding, Sent, Waiting, redacted_argsrepr
@@ -116,9 +118,14 @@ class Router:
         return node
 
     def send(self, binding: Binding, op: str, kwargs: dict[str, Any]) -> Sent:
-        """Route, then dispatch."""
+        """Route, then dispatch (a hint call whose worker's direct queue turns out full goes to the shared queue)."""
         node = self.route(binding)
-        return self.dispatch(binding, op, kwargs, node, binding.incarnation)
+        try:
+            return self.dispatch(binding, op, kwargs, node, binding.incarnation)
+        except PoolSaturated:
+            if node is None or binding.affinity is not Affinity.HINT:
+                raise
+            return self.dispatch(binding, op, kwargs, None, binding.incarnation)
 
     def dispatch(self, binding: Binding, op: str, kwargs: dict[str, Any], node: str | None,
                  incarnation: str | None) -> Sent:
@@ -135,8 +142,9 @@ class Router:
         route = self._route_header(binding, node, incarnation, queue_timeout_s)
         args = [binding.session_id, op, moved.kwargs, {**route, "claims": moved.claims} if moved.claims else route]
         task_id = str(uuid.uuid4())
+        # A resend must send these arguments as they are now, not as the caller's objects may become.
         waiting = Waiting(binding.session_id, binding.affinity.strict, node, incarnation,
-                          binding.pool, None if binding.affinity.strict else args)
+                          binding.pool, None if binding.affinity.strict else copy.deepcopy(args))
         reply = self.results.expect(task_id, waiting)
         try:
             self.app.send_task(names.CALL_TASK, args=args, queue=queue, task_id=task_id,
@@ -162,7 +170,8 @@ class Router:
         """What the worker checks: a strict call runs only on the run of the node holding its state,
         and (``queue_timeout_s``) any call only if it starts by ``deadline`` (epoch seconds, this host's clock)."""
         return {"node": node, "pool": binding.pool, "affinity": binding.affinity.value, "ttl_s": binding.ttl_s,
-                "incarnation": incarnation if node else None, **start_by(queue_timeout_s)}
+                "incarnation": incarnation if node else None, "sent_at": round(time.time(), 3),
+                **start_by(queue_timeout_s)}
 
     # -- waiting ---------------------------------------------------------------
 

@@ -45,6 +45,12 @@ lost_grace_s = 1.0
 sweep_window_s = 6.0
 #: A sweep never goes on longer than this after the last death.
 max_sweep_s = 60.0
+#: Beats of every live worker (after the first look) that must pass without it listing an un-acked call.
+beats_to_wait = 2
+#: After ``max_sweep_s``, a pool with calls still suspect is swept this often until they resolve.
+slow_pass_s = 5.0
+#: Resent task ids are remembered this long (``names.RESENT_KEY``), for a late original to find.
+resent_retention_s = 3600.0
 
 
 def task_id_of(raw: Any) -> str | None:
@@ -108,14 +114,19 @@ class Suspect:
     missing: bool
     since: float
     tag: str | None = None
-    #: Live node -> its last beat when the call was first seen un-held (the baseline for "two heartbeats").
-    beats: dict[str, str] = field(default_factory=dict)
+    #: Live node -> the distinct beats seen since the call was first seen un-held (the first is the baseline).
+    beats: dict[str, set[str]] = field(default_factory=dict)
 
     def beaten_since(self, where: Whereabouts) -> bool:
-        """Every live worker beat again since the call was first seen un-held (a newcomer starts its baseline)."""
-        fresh = {node: beat for node, (_, beat) in where.holders.items() if node not in self.beats}
-        self.beats.update(fresh)
-        return not fresh and all(self.beats[node] != beat for node, (_, beat) in where.holders.items())
+        """Every live worker beat twice since the call was first seen un-held, never listing it.
+
+        Twice, not once: a worker lists a call from Celery's ``task_received``, a moment
+        after kombu's un-acked record; one beat may fall in between (a newcomer starts
+        its baseline).
+        """
+        for node, (_, beat) in where.holders.items():
+            self.beats.setdefault(node, set()).add(beat)
+        return all(len(self.beats[node]) > beats_to_wait for node in where.holders)
 
 
 class OrphanSweep:
@@ -130,6 +141,7 @@ class OrphanSweep:
         self._lock = threading.Lock()
         self._due: dict[str, tuple[float, float]] = {}  # pool -> (sweep at least until, never after)
         self._suspects: dict[str, dict[str, Suspect]] = {}  # pool -> task id -> suspicion
+        self._last_pass: dict[str, float] = {}  # pool -> when it was last swept (monotonic)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -170,12 +182,15 @@ class OrphanSweep:
             with self._lock:
                 due = dict(self._due)
             for pool, (until, limit) in due.items():
+                if now > limit and now - self._last_pass.get(pool, 0.0) < slow_pass_s:
+                    continue  # suspects outlived the window: keep looking, slowly, until they resolve
+                self._last_pass[pool] = now
                 try:
                     suspects = self.sweep(pool)
                 except Exception:  # the sweep must survive anything; the next pass retries
                     log.exception("sweeping pool %s for lost calls failed", pool)
                     suspects = 1
-                if now > limit or (now > until and not suspects):
+                if now > until and not suspects:
                     with self._lock:
                         if self._due.get(pool) == (until, limit):
                             del self._due[pool]
@@ -204,7 +219,7 @@ class OrphanSweep:
             suspect = suspects.get(task_id)
             if suspect is None or suspect.missing != (tag is None) or suspect.tag != tag:
                 suspects[task_id] = Suspect(tag is None, now, tag,
-                                            {node: beat for node, (_, beat) in where.holders.items()})
+                                            {node: {beat} for node, (_, beat) in where.holders.items()})
             elif tag is not None and suspect.beaten_since(where):
                 orphans[task_id] = tag
             elif tag is None and now - suspect.since >= lost_grace_s:
@@ -245,6 +260,11 @@ class OrphanSweep:
         """
         args = waiting.args
         assert args is not None and waiting.pool is not None
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)  # before sending: a late original must find the mark
+        pipe.zadd(names.RESENT_KEY, {task_id: now})
+        pipe.zremrangebyscore(names.RESENT_KEY, 0, now - resent_retention_s)
+        pipe.execute()
         self.app.send_task(names.CALL_TASK, args=args, queue=names.pool_queue(waiting.pool), task_id=task_id,
                            shadow=task_view.task_name(args[1], args[2]), argsrepr=redacted_argsrepr(args),
                            headers={names.RESENT_HEADER: 1})

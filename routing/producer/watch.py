@@ -40,6 +40,8 @@ class WorkerWatch:
         self._thread: threading.Thread | None = None
         self._pools: Callable[[], Iterable[str]] | None = None
         self._members_read_at = 0.0
+        #: Deaths whose handler failed (a Redis blip): handled again on the next refresh, never forgotten.
+        self._unhandled: set[str] = set()
 
     def follow_pools(self, pools: Callable[[], Iterable[str]]) -> None:
         """Also watch every worker of the pools ``pools()`` names (asked every ``pool_members_every_s``).
@@ -99,7 +101,18 @@ class WorkerWatch:
                     del self._view[node], self._dead_since[node]
         for node in died:
             log.warning("worker %s stopped heartbeating (or restarted)", node)
-            self.on_death(node)
+        self._report_deaths([*died, *(self._unhandled - set(died))])
+
+    def _report_deaths(self, nodes: list[str]) -> None:
+        """Call ``on_death`` for each node; one whose handler fails is retried on the next refresh."""
+        for node in nodes:
+            try:
+                self.on_death(node)
+            except Exception:  # the pending calls waiting on this death must not be forgotten
+                log.exception("handling the death of %s failed; retrying on the next refresh", node)
+                self._unhandled.add(node)
+            else:
+                self._unhandled.discard(node)
 
     @staticmethod
     def _ended(before: Liveness | None, now: Liveness) -> bool:
@@ -119,6 +132,8 @@ class WorkerWatch:
                 self.refresh()
             except redis_lib.RedisError as exc:
                 log.warning("worker watch refresh failed: %s", exc)
+            except Exception:  # the watch thread is every pending call's liveness: it must survive anything
+                log.exception("worker watch refresh failed")
 
 
 def reap_on_death(redis: Redis) -> Callable[[str], None]:

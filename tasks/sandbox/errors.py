@@ -67,7 +67,7 @@ class SandboxTimeout(errors.SandboxTimeout, InterpreterFailure):
     __module__ = _WIRE_MODULE
 
 
-class SandboxClosed(errors.SandboxClosed, InterpreterFailure):
+class SandboxClosed(errors.SandboxClosed, SandboxCrashed):
     """The interpreter or its pool was shut down; DSPy's protocol: it does not restart."""
 
     __module__ = _WIRE_MODULE

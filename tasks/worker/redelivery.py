@@ -14,6 +14,7 @@ before (the upper bound on duplicate executions that ``flagship status`` shows).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import states
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 DELIVERIES_HEADER = "flagship_deliveries"
 
 
+#: A call reaching its worker this long after it was sent may be the late original of a resent copy
+#: (a producer resends a call it found nowhere for ``routing.producer.sweep.lost_grace_s``, 1 s): checked too.
+late_after_s = 0.5
+
+
 def delivered_before(request: Any) -> bool:
     """Whether the message was delivered to a worker before, or resent by its producer."""
     info = getattr(request, "delivery_info", None) or {}
@@ -35,15 +41,33 @@ def delivered_before(request: Any) -> bool:
                 or getattr(request, DELIVERIES_HEADER, None) or getattr(request, names.RESENT_HEADER, None))
 
 
-def answer_from_store(task: Any, redis: Redis) -> None:
-    """Raise ``Ignore`` if this call was delivered before and its result is stored; count reruns otherwise."""
+def arrived_late(route: Any) -> bool:
+    """Whether the call was sent long enough ago that a producer may have resent it meanwhile."""
+    sent_at = route.get("sent_at") if isinstance(route, dict) else None
+    return isinstance(sent_at, (int, float)) and time.time() - sent_at > late_after_s
+
+
+def answer_from_store(task: Any, redis: Redis, route: Any = None) -> None:
+    """Raise ``Ignore`` if this call may have run before and its result is stored; count reruns otherwise.
+
+    Checked (one pipelined round trip) only for a message delivered before or resent,
+    and for one that arrives late (it may be the original of a resent copy, held
+    by a worker that was paused or starved between the broker's pop and its
+    un-acked record): the normal path costs nothing.
+    """
     request = task.request
-    if not delivered_before(request):
+    again = delivered_before(request)
+    if not (again or arrived_late(route)):
         return
-    meta = task.backend.get_task_meta(request.id, cache=False)
+    pipe = redis.pipeline(transaction=False)
+    pipe.get(task.backend.get_key_for_task(request.id))
+    pipe.zscore(names.RESENT_KEY, request.id)
+    stored, resent_at = pipe.execute()
+    meta = task.backend.decode_result(stored) if stored else {}
     if meta.get("status") in states.READY_STATES:
         redis.hincrby(names.STATS_KEY, "answered_from_store", 1)
         log.info("call %s came again after it completed (%s): answered from the store", request.id, meta["status"])
         raise Ignore()
-    redis.hincrby(names.STATS_KEY, "reruns", 1)
-    log.warning("call %s came again without a stored result: running it again", request.id)
+    if again or resent_at is not None:
+        redis.hincrby(names.STATS_KEY, "reruns", 1)
+        log.warning("call %s came again without a stored result: running it again", request.id)

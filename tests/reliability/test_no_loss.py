@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import uuid
 from collections.abc import Callable
 
@@ -44,12 +45,14 @@ def nowhere(client: Client, task_id: str) -> bool:
     return not any(task_id in raw for raw in listed)
 
 
-def built_message(client: Client, session: Session, marker: str, task_id: str, track: bool) -> dict[str, object]:
+def built_message(client: Client, session: Session, marker: str, task_id: str, track: bool,
+                  sent_at: float | None = None) -> dict[str, object]:
     """A real call message for ``session`` (as the router sends it), taken from a queue nobody reads.
 
     ``track``: the client waits for it like for any hint call it sent (what the sweep looks after).
     """
-    route = {"node": None, "pool": POOL, "affinity": "hint", "ttl_s": session.ttl_s, "incarnation": None}
+    route = {"node": None, "pool": POOL, "affinity": "hint", "ttl_s": session.ttl_s, "incarnation": None,
+             "sent_at": time.time() if sent_at is None else sent_at}
     args = [session.id, "record", {"marker": marker}, route]
     if track:
         client.results.expect(task_id, Waiting(session.id, False, None, None, POOL, args))
@@ -173,3 +176,52 @@ def test_a_redelivered_call_without_a_stored_result_runs_and_counts_as_a_rerun(
     wait_until(lambda: client.redis.get(f"celery-task-meta-{task_id}"), timeout_s=15, what="the result")
     assert len(executions(client, task_id)) == 1
     assert stat(client, "reruns") == reruns_before + 1
+
+
+def test_the_late_original_of_a_resent_call_is_answered_from_the_store_not_run_again(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    """A worker paused between the broker's pop and its un-acked record delivers the original after the resend ran."""
+    pool_workers(POOL, 1)
+    session = sessions(POOL)
+    resent = session.submit("record", marker="resent copy")
+    assert resent.result(10)["marker"] == "resent copy"
+    client.redis.zadd(names.RESENT_KEY, {resent.id: time.time()})  # what the sweep records before resending
+    answered_before = stat(client, "answered_from_store")
+    original = built_message(client, session, "resent copy", resent.id, track=False, sent_at=time.time() - 30)
+
+    client.redis.lpush(names.pool_queue(POOL), json.dumps(original))  # no redelivery mark: only its age tells
+    wait_until(lambda: stat(client, "answered_from_store") == answered_before + 1, timeout_s=15,
+               what="the worker answers the late original from the store")
+    assert len(executions(client, resent.id)) == 1
+
+
+def test_a_late_original_running_beside_its_resent_copy_counts_as_a_rerun(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    pool_workers(POOL, 1)
+    session = sessions(POOL)
+    task_id = str(uuid.uuid4())
+    client.redis.zadd(names.RESENT_KEY, {task_id: time.time()})
+    original = built_message(client, session, "late", task_id, track=False, sent_at=time.time() - 30)
+    reruns_before = stat(client, "reruns")
+
+    client.redis.lpush(names.pool_queue(POOL), json.dumps(original))
+    wait_until(lambda: client.redis.get(f"celery-task-meta-{task_id}"), timeout_s=15, what="the result")
+    assert len(executions(client, task_id)) == 1
+    assert stat(client, "reruns") == reruns_before + 1
+
+
+def test_a_late_call_that_was_never_resent_runs_once_and_is_not_counted(
+    client: Client, sessions: Callable[..., Session], pool_workers: StartWorkers
+) -> None:
+    pool_workers(POOL, 1)
+    session = sessions(POOL)
+    task_id = str(uuid.uuid4())
+    original = built_message(client, session, "slow queue", task_id, track=False, sent_at=time.time() - 30)
+    reruns_before, answered_before = stat(client, "reruns"), stat(client, "answered_from_store")
+
+    client.redis.lpush(names.pool_queue(POOL), json.dumps(original))
+    wait_until(lambda: client.redis.get(f"celery-task-meta-{task_id}"), timeout_s=15, what="the result")
+    assert len(executions(client, task_id)) == 1
+    assert (stat(client, "reruns"), stat(client, "answered_from_store")) == (reruns_before, answered_before)

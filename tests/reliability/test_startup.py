@@ -261,3 +261,13 @@ def test_flower_refuses_a_credential_without_a_user_or_a_password(auth: str) -> 
     assert done.returncode == 2
     assert len(lines) == 1 and "refusing to start Flower" in lines[0], lines
     assert "s3cret" not in lines[0]
+
+
+@pytest.mark.parametrize("flag", ["--basic_auth=ops:", "--unauthenticated_api", "--unauthenticated_api=true"])
+def test_flower_refuses_command_line_flags_that_would_bypass_its_auth_checks(flag: str) -> None:
+    env = {**os.environ, "FLOWER_BASIC_AUTH": "ops:s3cret"}
+    done = subprocess.run([sys.executable, str(ROOT / "deploy" / "run_flower.py"), flag], env=env,
+                          capture_output=True, text=True, timeout=60)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2
+    assert len(lines) == 1 and "bypass the authentication checks" in lines[0], lines
