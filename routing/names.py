@@ -42,6 +42,8 @@ DEADLETTER_KEY = PREFIX + ":deadletter"
 STATS_KEY = PREFIX + ":stats"
 #: Message header of a call a producer sent again (same task id) after it was lost in a worker's death.
 RESENT_HEADER = "flagship_resent"
+#: Sorted set: task id -> when a worker ran it again (a possible duplicate execution; the newest 100,000 kept).
+RERUNS_KEY = PREFIX + ":reruns"
 #: Sorted set: task id -> when a producer resent it (a late original of a resent call checks it; pruned after an hour).
 RESENT_KEY = PREFIX + ":resent"
 #: List of call executions recorded by the ``record`` operation (chaos tests and ``flagship bench chaos``).

@@ -184,6 +184,7 @@ class Chaos:
 
     def report(self, before: dict[str, int], wall_s: float) -> dict[str, Any]:
         entries = [json.loads(raw) for raw in self.client.redis.lrange(names.EXECUTIONS_KEY, 0, -1)]
+        reruns = self.client.redis.zrange(names.RERUNS_KEY, 0, -1)
         per_task = Counter(e["task_id"] for e in entries)
         tasks_per_marker: dict[str, set[str]] = {}
         for e in entries:
@@ -200,6 +201,8 @@ class Chaos:
             "completed_without_execution": len(tally.markers - set(tasks_per_marker)),
             "executions": len(entries),
             "duplicate_executions": sum(n - 1 for n in per_task.values()),
+            # A task id that ran twice must be one a worker counted as a rerun (0 here, or the accounting lies).
+            "uncounted_duplicates": len({t for t, n in per_task.items() if n > 1} - set(reruns)),
             "rehydration_reruns": sum(len(ids) - 1 for ids in tasks_per_marker.values()),
             "system": {name: after[name] - before[name] for name in STATS},
             "p99_settle_s": round(settle[int(0.99 * (len(settle) - 1))], 3) if settle else None,
@@ -216,7 +219,8 @@ def render(report: dict[str, Any]) -> str:
         f"untyped errors {sum(report['untyped_errors'].values())}",
         f"typed errors: {typed}",
         f"executions {report['executions']}: duplicate executions {report['duplicate_executions']} "
-        f"(reruns counted by workers {system['reruns']}); strict reruns after rehydration "
+        f"(reruns counted by workers {system['reruns']}, uncounted {report['uncounted_duplicates']}); "
+        f"strict reruns after rehydration "
         f"{report['rehydration_reruns']}",
         f"answered from the store {system['answered_from_store']}, resent {system['resent']}, "
         f"orphans requeued {system['orphans_requeued']}",
@@ -240,6 +244,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
         ["executions recorded", f"{report['executions']:,}"],
         ["duplicate executions (same task id ran twice)", report["duplicate_executions"]],
         ["reruns counted by workers (bound on duplicates)", system["reruns"]],
+        ["duplicate executions not counted as reruns", report["uncounted_duplicates"]],
         ["strict reruns after rehydration (new task ids)", report["rehydration_reruns"]],
         ["answered from the store / resent / orphans requeued / dead-lettered",
          f"{system['answered_from_store']} / {system['resent']} / {system['orphans_requeued']} / "
@@ -277,5 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, indent=2) if args.json else render(report))
     if args.write_docs:
         update_section("chaos", markdown(report, f"flagship bench chaos --minutes {args.minutes:g}"), RELIABILITY_DOC)
-    clean = report["lost"] == 0 and not report["untyped_errors"] and report["completed_without_execution"] == 0
+    clean = (report["lost"] == 0 and not report["untyped_errors"] and report["completed_without_execution"] == 0
+             and report["uncounted_duplicates"] == 0)
     return 0 if clean else 1

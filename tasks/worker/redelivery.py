@@ -32,6 +32,8 @@ DELIVERIES_HEADER = "flagship_deliveries"
 #: A call reaching its worker this long after it was sent may be the late original of a resent copy
 #: (a producer resends a call it found nowhere for ``routing.producer.sweep.lost_grace_s``, 1 s): checked too.
 late_after_s = 0.5
+#: Task ids of reruns kept in ``names.RERUNS_KEY`` (the newest).
+reruns_kept = 100_000
 
 
 def delivered_before(request: Any) -> bool:
@@ -69,5 +71,9 @@ def answer_from_store(task: Any, redis: Redis, route: Any = None) -> None:
         log.info("call %s came again after it completed (%s): answered from the store", request.id, meta["status"])
         raise Ignore()
     if again or resent_at is not None:
-        redis.hincrby(names.STATS_KEY, "reruns", 1)
+        pipe = redis.pipeline(transaction=False)
+        pipe.hincrby(names.STATS_KEY, "reruns", 1)
+        pipe.zadd(names.RERUNS_KEY, {request.id: time.time()})  # which calls: a duplicate is accounted per id
+        pipe.zremrangebyrank(names.RERUNS_KEY, 0, -reruns_kept - 1)
+        pipe.execute()
         log.warning("call %s came again without a stored result: running it again", request.id)

@@ -39,4 +39,5 @@ def test_chaos_loses_no_call_hangs_none_and_counts_every_duplicate(
     # Every duplicate execution of a task id is one the workers counted as a rerun (a call delivered
     # again without a stored result); completed calls delivered again were answered from the store.
     assert report["duplicate_executions"] <= report["system"]["reruns"], report
+    assert report["uncounted_duplicates"] == 0, report  # per task id: each one that ran twice was counted
     assert report["max_settle_s"] <= SETTLE_BOUND_S, report
