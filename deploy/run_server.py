@@ -35,6 +35,7 @@ from pathlib import Path
 
 import redis as redis_lib
 
+from routing.connect import redis_client
 from routing.embedded import ensure_server, read_record, stop_server
 from routing.settings import Settings
 
@@ -47,7 +48,7 @@ default_drain_s = 4.0
 def drain(url: str, timeout_s: float) -> int:
     """Wait until no other client is connected (or ``timeout_s``); returns how many still are."""
     deadline = time.monotonic() + timeout_s
-    r = redis_lib.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    r = redis_client(url, socket_timeout=1, socket_connect_timeout=1)
     try:
         while True:
             others = len(r.client_list()) - 1

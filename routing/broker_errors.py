@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import redis as redis_lib
 from kombu.exceptions import OperationalError
 
+from routing.connect import redis_client
 from routing.errors import ServerUnavailable
 from routing.settings import redact_url
 
@@ -85,7 +86,7 @@ def translating(url_of: Callable[[Any], str]) -> Callable[[F], F]:
 def check_broker(url: str, timeout_s: float = check_timeout_s) -> None:
     """Connect, authenticate and ``PING`` once; ``ServerUnavailable`` naming the cause if that fails."""
     try:
-        client = redis_lib.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        client = redis_client(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     except ValueError as exc:  # a malformed URL or query option
         raise ServerUnavailable(redact_url(url), f"invalid URL: {exc}") from exc
     try:

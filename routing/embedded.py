@@ -21,6 +21,7 @@ from pathlib import Path
 
 import redis as redis_lib
 
+from routing.connect import redis_client
 from routing.errors import ServerUnavailable
 from routing.settings import Settings
 from routing.tls import tls_url
@@ -58,7 +59,7 @@ def pid_alive(pid: int) -> bool:
 
 def _answers(url: str) -> bool:
     try:
-        return bool(redis_lib.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1).ping())
+        return bool(redis_client(url, socket_timeout=1, socket_connect_timeout=1).ping())
     except redis_lib.RedisError:
         return False
 

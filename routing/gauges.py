@@ -1,4 +1,4 @@
-"""The fleet's numbers read from Redis for ``flagship metrics``: pools, workers, queues, sessions.
+"""The fleet's numbers read from Redis for ``flagship metrics``: pools, workers, queues, sessions (per broker).
 
 :func:`fleet` costs two pipelined round trips plus one ``SMEMBERS`` per pool,
 whatever the number of sessions. :func:`sessions` walks every session record
@@ -127,3 +127,26 @@ def sessions(redis: Redis, batch: int = 1000) -> SessionGauges:
     if ids:
         flush()
     return SessionGauges(dict(counts), dict(rehydrations))
+
+
+def merged(parts: list[FleetGauges]) -> FleetGauges:
+    """Several brokers' gauges as one fleet (pools and workers are each on one broker; counts add up)."""
+    if len(parts) == 1:
+        return parts[0]
+    reliability: Counter[str] = Counter()
+    for part in parts:
+        reliability.update(part.reliability)
+    return FleetGauges(
+        pools=[p for part in parts for p in part.pools], workers=[w for part in parts for w in part.workers],
+        queues=[q for part in parts for q in part.queues], deadletter=sum(part.deadletter for part in parts),
+        reliability=dict(reliability))
+
+
+def merged_sessions(parts: list[SessionGauges]) -> SessionGauges:
+    """Several brokers' session gauges as one (a pool's sessions are all on its broker)."""
+    sessions: Counter[str] = Counter()
+    rehydrations: Counter[str] = Counter()
+    for part in parts:
+        sessions.update(part.sessions)
+        rehydrations.update(part.rehydrations)
+    return SessionGauges(dict(sessions), dict(rehydrations))

@@ -8,8 +8,14 @@ stops being live). Under CPU load it may lag; only liveness must not.
 
 The loop survives anything: a failed beat or housekeeping round is logged once
 per distinct error (and once when it recovers) and retried on the next tick
-(redis-py reconnects). A worker that peers reaped while it was cut off (its
-record deleted) registers again, so it becomes live and bindable again.
+(redis-py reconnects; with Sentinel, to the current primary). A worker that
+peers reaped while it was cut off (its record deleted) registers again, so it
+becomes live and bindable again.
+
+After an outage (a Sentinel failover too) every worker's heartbeat key may have
+expired while nobody could renew it. So a worker that was cut off reaps no peer
+for one heartbeat TTL after it beats again: the peers are renewing their keys
+too, and only one still silent after that is dead.
 """
 
 from __future__ import annotations
@@ -72,6 +78,9 @@ class Heartbeat(threading.Thread):
         self._failing: dict[str, str | None] = {}
         #: Failed steps since start (beats, housekeeping rounds, ticks).
         self.errors = 0
+        #: Reaping peers waits until then (monotonic): one TTL after this worker beat again after an outage.
+        self.reap_after = 0.0
+        self._cut_off = False
 
     def nudge(self) -> None:
         """Publish soon: something producers route on changed."""
@@ -88,14 +97,19 @@ class Heartbeat(threading.Thread):
             self._nudge.clear()  # before beating: a nudge during the beat triggers the next one
             if self.on_tick is not None:
                 self._guarded("tick", self.on_tick)
-            self._guarded("beat", self.beat)
+            if self._guarded("beat", self.beat):
+                if self._cut_off:  # back after an outage: the peers' keys may have lapsed meanwhile
+                    self._cut_off = False
+                    self.reap_after = time.monotonic() + self.registry.settings.heartbeat_ttl_s
+            else:
+                self._cut_off = True
             if time.monotonic() >= self._next_housekeeping:
                 self._next_housekeeping = time.monotonic() + housekeeping_interval_s
                 self._guarded("housekeeping", self.housekeeping)
             self._nudge.wait(self.interval_s)
 
-    def _guarded(self, step: str, fn: Callable[[], None]) -> None:
-        """Run one step; never let an exception end the loop, and never log the same failure twice in a row."""
+    def _guarded(self, step: str, fn: Callable[[], None]) -> bool:
+        """Run one step (True if it worked); never let an exception end the loop, nor log a failure twice in a row."""
         try:
             fn()
         except Exception as exc:
@@ -106,10 +120,11 @@ class Heartbeat(threading.Thread):
                 redis_error = isinstance(exc, redis_lib.RedisError)
                 log.warning("heartbeat %s of %s failed (%s); retrying", step, self.source.node, signature,
                             exc_info=not redis_error)
-        else:
-            if self._failing.get(step) is not None:
-                log.warning("heartbeat %s of %s works again", step, self.source.node)
-            self._failing[step] = None
+            return False
+        if self._failing.get(step) is not None:
+            log.warning("heartbeat %s of %s works again", step, self.source.node)
+        self._failing[step] = None
+        return True
 
     def beat(self) -> None:
         source = self.source
@@ -127,5 +142,6 @@ class Heartbeat(threading.Thread):
     def housekeeping(self) -> None:
         """Prune this worker's expired sessions, reap dead peers, then the worker's own sweep."""
         self.sessions.prune_worker(self.source.node)
-        reap_dead_workers(self.registry.redis, self.source.pool_name)
+        if time.monotonic() >= self.reap_after:
+            reap_dead_workers(self.registry.redis, self.source.pool_name)
         self.source.housekeeping()

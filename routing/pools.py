@@ -71,6 +71,9 @@ class Pool:
     #: Calls that may wait in one worker's direct queue (the shared queue: this many per live worker)
     #: before the next fails at once with ``PoolSaturated``; None (or 0): no limit.
     max_queued: int | None = DEFAULT_MAX_QUEUED
+    #: The pool's own broker (a Redis or Sentinel URL); None: the default (``REDIS_URL`` or the embedded
+    #: server). Its workers, queues, sessions and keys live only there (see ``routing.brokers``).
+    broker: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "affinity", Affinity(self.affinity))
@@ -84,6 +87,21 @@ class Pool:
             timeout = DEFAULT_QUEUE_TIMEOUT_S[self.affinity]
         object.__setattr__(self, "queue_timeout_s", _limit(self.name, "queue_timeout_s", timeout, float))
         object.__setattr__(self, "max_queued", _limit(self.name, "max_queued", self.max_queued, int))
+        object.__setattr__(self, "broker", _broker(self.name, self.broker))
+
+
+#: URL schemes a pool's ``broker`` may use (those ``routing.connect.redis_client`` knows).
+BROKER_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
+
+
+def _broker(pool: str, url: Any) -> str | None:
+    """A pool's broker URL, or None (null, absent or empty: the default broker)."""
+    if url is None or url == "":
+        return None
+    if not isinstance(url, str) or not url.strip().startswith(BROKER_SCHEMES):
+        raise ValueError(f"pool {pool}: broker must be a URL starting with one of {', '.join(BROKER_SCHEMES)}, "
+                         f"or null for the default broker (got {url!r})")
+    return url.strip()
 
 
 def _limit(pool: str, key: str, value: Any, kind: type[int] | type[float]) -> Any:
@@ -123,6 +141,8 @@ def _pool_from_mapping(name: str, data: Mapping[str, Any], base: Pool | None) ->
         changes["queue_timeout_s"] = AFFINITY_DEFAULT
     if "max_queued" in data:
         changes["max_queued"] = _limit(name, "max_queued", data["max_queued"], int)
+    if "broker" in data:
+        changes["broker"] = _broker(name, data["broker"])
     if "kind" in data:
         changes["kind"] = PoolKind(data["kind"])
         if "concurrency" not in data:  # a new kind brings its own default
@@ -151,7 +171,8 @@ class PoolTable:
         return json.dumps({
             p.name: {"affinity": p.affinity.value, "kind": p.kind.value, "size": p.size,
                      "concurrency": p.concurrency, "requires": list(p.requires),
-                     "queue_timeout_s": p.queue_timeout_s, "max_queued": p.max_queued}
+                     "queue_timeout_s": p.queue_timeout_s, "max_queued": p.max_queued,
+                     **({"broker": p.broker} if p.broker else {})}
             for p in self.pools.values()
         })
 
@@ -163,12 +184,13 @@ class PoolTable:
         """Defaults, updated by ``config``: a path to a JSON file or a JSON string.
 
         The JSON maps pool names to fields (``affinity``, ``kind``, ``size``,
-        ``concurrency``, ``requires``, ``queue_timeout_s``, ``max_queued``); unknown
+        ``concurrency``, ``requires``, ``queue_timeout_s``, ``max_queued``, ``broker``); unknown
         names add pools, ``null`` removes one. A pool without ``concurrency`` gets its
         kind's default (``lm``: 64 threads, ``cpu``: 2); a new pool's kind defaults to
         ``cpu``. Without ``queue_timeout_s`` a pool gets its affinity's default (10 s
         for the strict ones, none for ``hint``); ``max_queued`` defaults to 1,000 per
-        worker; ``null`` or 0 turns either limit off.
+        worker; ``null`` or 0 turns either limit off. ``broker`` (a Redis or Sentinel
+        URL) puts the pool on its own server; ``null`` or absent: the default one.
         """
         pools = {p.name: p for p in DEFAULT_POOLS}
         if not config:

@@ -19,7 +19,10 @@ heartbeat interval while its parent lives:
 The child runs this file by path in isolated mode (``python -I .../pulse.py``):
 it imports only the standard library and redis-py, not the ``routing`` package.
 The Redis URL travels in the environment (``FLAGSHIP_PULSE_REDIS_URL``), never on
-the command line, since it may hold a password.
+the command line, since it may hold a password. A Sentinel URL
+(``sentinel://h1:26379;sentinel://h2:26379/0``) works too: the pulse asks the
+sentinels for the primary (``FLAGSHIP_SENTINEL_MASTER``, ``FLAGSHIP_SENTINEL_PASSWORD``,
+inherited from the worker's environment) on every new connection, so it follows a failover.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import redis as redis_lib
+from redis.sentinel import Sentinel
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +190,42 @@ def run(redis: redis_lib.Redis, feed_fd: int, key: str, incarnation: str, ttl_ms
             _say(key, f"could not delete the heartbeat on exit ({exc}); it expires with its TTL")
 
 
+def sentinel_address(url: str) -> tuple[list[tuple[str, int]], int, str | None, str | None]:
+    """Sentinels, database, user and password of a ``sentinel://...;sentinel://.../db`` URL.
+
+    The same reading as ``routing.connect.parse_sentinel_url`` (this file cannot import ``routing``;
+    a test checks the two agree).
+    """
+    hosts: list[tuple[str, int]] = []
+    db, username, password = 0, None, None
+    for part in filter(None, (p.strip() for p in url.split(";"))):
+        parts = urlsplit(part)
+        if parts.scheme != "sentinel" or not parts.hostname:
+            raise ValueError(f"not a sentinel URL: {part!r} (expected sentinel://host:port[/db])")
+        hosts.append((parts.hostname, parts.port or 26379))
+        if parts.path.strip("/"):
+            db = int(parts.path.strip("/"))
+        username = unquote(parts.username) if parts.username else username
+        password = unquote(parts.password) if parts.password else password
+    if not hosts:
+        raise ValueError("a sentinel URL names at least one sentinel")
+    return hosts, db, username, password
+
+
+def connect(url: str, env: Mapping[str, str], timeout_s: float) -> redis_lib.Redis:
+    """A client for ``url``; for a Sentinel URL, one that always talks to the current primary."""
+    if not url.startswith("sentinel://"):
+        return redis_lib.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    hosts, db, username, password = sentinel_address(url)
+    sentinel_kwargs: dict[str, object] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if env.get("FLAGSHIP_SENTINEL_PASSWORD"):
+        sentinel_kwargs["password"] = env["FLAGSHIP_SENTINEL_PASSWORD"]
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(env.get("FLAGSHIP_SENTINEL_MASTER") or "mymaster", redis_class=redis_lib.Redis,
+                               db=db, username=username, password=password, socket_timeout=timeout_s,
+                               socket_connect_timeout=timeout_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="renew a flagship worker's heartbeat while its parent lives")
     parser.add_argument("--key", required=True)
@@ -203,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     timeout_s = max(0.5, min(5.0, args.ttl_ms / 2000))
-    redis = redis_lib.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    redis = connect(url, os.environ, timeout_s)
     run(redis, sys.stdin.fileno(), args.key, args.incarnation, args.ttl_ms, args.interval_s, args.stall_s)
     return 0
 

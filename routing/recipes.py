@@ -4,6 +4,7 @@ A session's recipes live in one Redis hash (ref id -> JSON ``{"seq", "op",
 "kwargs"}``) that expires with the session. Secrets are never written: an
 ``api_key`` passed to ``lm`` is dropped (a rebuilt LM uses the worker's
 configured key), and the same names are masked wherever a call is shown.
+With Sentinel a recipe write waits for a replica (``routing.connect.execute_replicated``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from redis import Redis
 
 from routing import names
+from routing.connect import execute_replicated
 
 #: Argument names whose values are never stored in a recipe nor shown in task events, Flower or logs.
 SECRET_ARGUMENTS = frozenset({"api_key"})
@@ -42,10 +44,10 @@ def record(redis: Redis, session_id: str, ref_id: str, op: str, kwargs: dict[str
     safe = {k: v for k, v in kwargs.items() if k not in SECRET_ARGUMENTS and k != "ref_id"}
     existing = redis.hget(key, ref_id)
     seq = json.loads(existing)["seq"] if existing else time.time_ns()
-    pipe = redis.pipeline()
+    pipe = redis.pipeline(transaction=False)  # with Sentinel, WAIT for a replica covers both writes
     pipe.hset(key, ref_id, json.dumps({"seq": seq, "op": op, "kwargs": safe}))
     pipe.pexpire(key, int(ttl_s * 1000))
-    pipe.execute()
+    execute_replicated(redis, pipe)
 
 
 def forget(redis: Redis, session_id: str, ref_id: str) -> None:

@@ -1,4 +1,8 @@
-"""Session records in Redis: open, bind to the least-loaded live worker, rebind, close."""
+"""Session records in Redis: open, bind to the least-loaded live worker, rebind, close.
+
+With Sentinel, writing a record (open, bind, rebind) waits for a replica
+(``routing.connect.execute_replicated``), so a failover right after keeps it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 from redis import Redis
 
 from routing import names, validate
+from routing.connect import execute_replicated
 from routing.errors import NoCapableWorker, SessionNotFound
 from routing.pools import Affinity, Pool
 from routing.scripts import Scripts
@@ -60,13 +65,13 @@ class SessionStore:
         check_record(session_id, ttl_s)
         now = time.time()
         key = names.session_key(session_id)
-        pipe = self.redis.pipeline()
+        pipe = self.redis.pipeline(transaction=False)  # one connection, in order; WAIT covers it
         pipe.hsetnx(key, "created", now)
         pipe.hset(key, mapping={"id": session_id, "pool": pool.name, "affinity": affinity.value,
                                 "ttl_s": ttl_s, "last_used": now})
         pipe.pexpire(key, int(ttl_s * 1000))
         pipe.sadd(names.SESSIONS_KEY, session_id)
-        pipe.execute()
+        execute_replicated(self.redis, pipe)
 
     def bind(
         self,
@@ -80,12 +85,15 @@ class SessionStore:
     ) -> tuple[str, str]:
         """Keep a usable binding, else bind to the least-loaded live worker; returns (node, incarnation)."""
         check_record(session_id, ttl_s)
-        status, value, *incarnation = self.scripts.bind_session(
+        pipe = self.redis.pipeline(transaction=False)
+        self.scripts.bind_session(
             keys=[names.pool_workers_key(pool.name), names.session_key(session_id), names.SESSIONS_KEY],
             args=[session_id, pool.name, affinity.value, time.time(), int(ttl_s * 1000),
                   json.dumps(list(pool.requires)), _WORKER_PREFIX, _HEARTBEAT_PREFIX,
                   prefer or "", exclude or "", ttl_s],
+            client=pipe,
         )
+        status, value, *incarnation = execute_replicated(self.redis, pipe)[0]
         if status != "ok":
             raise NoCapableWorker(pool.name, list(pool.requires))
         return str(value), str(incarnation[0])
@@ -118,9 +126,12 @@ class SessionStore:
 
     def rebind(self, session_id: str, node: str, incarnation: str) -> str | None:
         """Point the session at ``node``; returns the previous node (None if the session is gone)."""
-        previous = self.scripts.rebind_session(
-            keys=[names.session_key(session_id)], args=[session_id, node, _WORKER_PREFIX, time.time(), incarnation]
+        pipe = self.redis.pipeline(transaction=False)
+        self.scripts.rebind_session(
+            keys=[names.session_key(session_id)], args=[session_id, node, _WORKER_PREFIX, time.time(), incarnation],
+            client=pipe,
         )
+        previous = execute_replicated(self.redis, pipe)[0]
         return previous or None
 
     def close(self, session_id: str) -> str | None:

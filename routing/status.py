@@ -1,4 +1,4 @@
-"""A snapshot of pools, workers, sessions and queue depths (for `flagship status`)."""
+"""A snapshot of pools, workers, sessions and queue depths (for `flagship status`), on every broker."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from typing import Any
 from redis import Redis
 
 from routing import names
+from routing.broker_errors import translated
+from routing.brokers import by_broker
+from routing.connect import redis_client, server_address
 from routing.deadletter import summary as deadletter_summary
 from routing.pools import PoolTable
 from routing.registry import Registry
 from routing.sessions import SessionStore
-from routing.settings import Settings
+from routing.settings import Settings, redact_url
 
 #: Fleet-wide counters in ``names.STATS_KEY``, shown even before they first count.
 RELIABILITY_COUNTERS = ("dead_lettered", "answered_from_store", "reruns", "resent", "orphans_requeued")
@@ -61,3 +64,45 @@ def snapshot(redis: Redis, settings: Settings, pools: PoolTable) -> dict[str, An
         # reruns: calls a dead worker had taken that ran again (possible duplicate executions, an upper bound).
         "reliability": reliability_counters(redis),
     }
+
+
+def fleet_snapshot(default_url: str, settings: Settings, pools: PoolTable) -> dict[str, Any]:
+    """:func:`snapshot` of each broker (the default one, then each pool's own), merged.
+
+    Pools, workers and sessions each name their ``broker`` (password masked);
+    ``brokers`` lists every broker with its pools, current server (``primary``),
+    dead letters and counters; the top-level ``deadletter`` and ``reliability``
+    add up all brokers (with one broker: exactly its own).
+    """
+    parts = []
+    for url, table in by_broker(pools, default_url):
+        with translated(url):
+            redis = redis_client(url, decode_responses=True)
+            try:
+                parts.append((redact_url(url), url, table, snapshot(redis, settings, table)))
+            finally:
+                redis.close()
+    merged: dict[str, Any] = {"pools": [], "workers": [], "sessions": [], "brokers": []}
+    for shown, url, table, data in parts:
+        for key in ("pools", "workers", "sessions"):
+            merged[key] += [{**entry, "broker": shown} for entry in data[key]]
+        merged["brokers"].append({
+            "url": shown, "primary": server_address(url), "pools": [p.name for p in table],
+            "workers": len(data["workers"]), "sessions": len(data["sessions"]),
+            "deadletter": data["deadletter"], "reliability": data["reliability"]})
+    order = {name: i for i, name in enumerate(p.name for p in pools)}
+    merged["pools"].sort(key=lambda p: order[p["name"]])
+    merged["deadletter"] = _added_deadletters([data["deadletter"] for *_, data in parts])
+    merged["reliability"] = {name: sum(data["reliability"].get(name, 0) for *_, data in parts)
+                             for name in dict.fromkeys(n for *_, data in parts for n in data["reliability"])}
+    merged["redis_url"] = redact_url(default_url)
+    return merged
+
+
+def _added_deadletters(summaries: list[dict[str, Any]], newest: int = 5) -> dict[str, Any]:
+    """Dead-letter summaries of several brokers as one: counts added, the newest entries of all."""
+    if len(summaries) == 1:
+        return summaries[0]
+    recent = sorted((e for s in summaries for e in s["recent"]), key=lambda e: -float(e.get("at") or 0))
+    return {"held": sum(s["held"] for s in summaries), "total": sum(s["total"] for s in summaries),
+            "recent": recent[:newest]}

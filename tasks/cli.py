@@ -12,6 +12,7 @@ import sys
 import time
 
 from routing.broker_errors import check_broker, translated
+from routing.brokers import broker_url
 from routing.embedded import ensure_server, read_record, resolve_url, stop_server
 from routing.errors import ServerUnavailable
 from routing.pools import PoolTable
@@ -26,7 +27,9 @@ def _worker(args: argparse.Namespace) -> int:
     from routing.names import pool_queue, qualify_node, worker_queue
 
     node = qualify_node(args.name or f"{pool.name.removesuffix('_pool')}-{os.getpid()}")
-    url = ensure_server(settings)
+    # Everything of the worker (broker, results, registry, heartbeat) on its pool's broker; the embedded
+    # server is started only for a pool on the default broker.
+    url = broker_url(pool, "") or ensure_server(settings)
     try:  # before exec'ing Celery, which would log a traceback and retry the broker 100 times
         check_broker(url)
     except ServerUnavailable as exc:
@@ -79,6 +82,9 @@ def _up(args: argparse.Namespace) -> int:
 
     stack = Stack()
     print(f"server: {redact_url(stack.redis_url)}")
+    for pool in stack.pools:
+        if pool.broker:  # a pool on its own broker: its workers go there (the server must be running)
+            print(f"server of {pool.name}: {redact_url(stack.broker_of(pool.name))}")
     stopping = False
 
     def _stop(*_: object) -> None:
@@ -117,6 +123,7 @@ BENCHES = {
     "batch": "tasks.local.bench_batch",
     "payload": "tasks.local.bench_payload",
     "scale": "tasks.local.bench_scale",
+    "broker": "tasks.local.bench_broker",
     "chaos": "tasks.local.bench_chaos",
     "all": "tasks.local.bench_all",
 }

@@ -46,6 +46,9 @@ TEST_POOLS = {
     "noloss_pool": {"affinity": "hint", "size": 2, "concurrency": 2},
     "chaos_strict_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 4, "queue_timeout_s": None},
     "chaos_hint_pool": {"affinity": "hint", "size": 2, "concurrency": 4},
+    # Sentinel failover (tests/test_sentinel.py): workers on their own primary + replica + sentinels.
+    "sentinel_strict_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 4, "queue_timeout_s": None},
+    "sentinel_hint_pool": {"affinity": "hint", "size": 2, "concurrency": 4},
 }
 
 #: Short liveness timings so death is noticed quickly in tests.

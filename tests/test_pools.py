@@ -12,7 +12,13 @@ import pytest
 from celery import Celery
 
 from routing import Client, Pool, PoolTable, Settings
-from routing.celery_config import SHARED_CLIENT_TRANSPORT, TLS_TRANSPORT, SharedClientChannel, celery_config
+from routing.celery_config import (
+    SENTINEL_TRANSPORT,
+    SHARED_CLIENT_TRANSPORT,
+    TLS_TRANSPORT,
+    SharedClientChannel,
+    celery_config,
+)
 from routing.pools import DEFAULT_CONCURRENCY, PoolKind
 from tasks.local.stack import Stack
 from tasks.worker.hooks import (
@@ -102,10 +108,10 @@ def test_task_info_lines_are_off_unless_asked_for() -> None:
             logging.getLogger(name).setLevel(level)
 
 
-def test_redis_and_rediss_urls_get_the_shared_client_transport_and_sentinel_keeps_kombus() -> None:
+def test_redis_rediss_and_sentinel_urls_each_get_the_shared_client_transport() -> None:
     assert celery_config(Settings(), "redis://127.0.0.1:6379/0")["broker_transport"] == SHARED_CLIENT_TRANSPORT
     assert celery_config(Settings(), "rediss://127.0.0.1:6380/0")["broker_transport"] == TLS_TRANSPORT
-    assert "broker_transport" not in celery_config(Settings(), "sentinel://127.0.0.1:26379")
+    assert celery_config(Settings(), "sentinel://127.0.0.1:26379")["broker_transport"] == SENTINEL_TRANSPORT
 
 
 def test_the_broker_channel_reuses_one_redis_client_and_still_delivers(stack: Stack) -> None:

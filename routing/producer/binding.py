@@ -52,7 +52,8 @@ class Waiting:
     strict: bool
     target: str | None
     incarnation: str | None
-    #: The call's pool and task arguments, kept for hint calls only: what a resend needs (``routing.producer.sweep``).
+    #: The call's pool and task arguments: what a resend needs (``routing.producer.sweep``). Kept for hint calls,
+    #: and for strict calls too with Sentinel (a failover may lose any call; see ``Router.keep_strict_args``).
     pool: str | None = None
     args: list[Any] | None = None
 

@@ -1,30 +1,31 @@
-"""The producer's entry point: connections, and opening or attaching sessions."""
+"""The producer's entry point: a link per broker, and opening or attaching sessions."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Sequence
-from operator import attrgetter
 from typing import Any
 
 from celery import Celery
 from redis import Redis
 
 from routing import validate
-from routing.broker_errors import check_broker, translating
-from routing.celery_config import celery_config
+from routing.broker_errors import translated
+from routing.brokers import broker_url, by_broker, server_of
 from routing.embedded import resolve_url
-from routing.errors import NoCapableWorker, SessionWorkerUnavailable
+from routing.errors import NoCapableWorker, ServerUnavailable, SessionNotFound, SessionWorkerUnavailable
 from routing.pools import Affinity, PoolTable
 from routing.producer.binding import Binding
 from routing.producer.fleet import FleetMap, MapResult, Worker, check_map_arguments, progress_bar
-from routing.producer.results import ResultListener, listener_backend_url
+from routing.producer.link import Link
+from routing.producer.results import ResultListener
 from routing.producer.router import Router
 from routing.producer.session import Session
 from routing.producer.sweep import OrphanSweep
-from routing.producer.watch import WorkerWatch, reap_on_death
+from routing.producer.watch import WorkerWatch
 from routing.registry import Registry
-from routing.sessions import SessionStore
+from routing.sessions import SessionRecord, SessionStore
 from routing.settings import Settings
 from routing.tls import tls_url
 
@@ -32,33 +33,21 @@ from routing.tls import tls_url
 class Client:
     """Opens sessions and sends their calls; one per producer process is enough.
 
-    Holds the connections (Redis, the Celery app), the producer's cached view of
-    the workers it routes to, and the :class:`~routing.producer.router.Router`
-    every session of this client uses.
+    Holds a :class:`~routing.producer.link.Link` per broker: the default one
+    (``redis_url``) from the start, and one for each other broker the pool table
+    names (a pool's ``broker``), made the first time a session of such a pool is
+    opened or attached. A session routes through its pool's link for good, so
+    the call path is the same whatever the number of brokers.
     """
 
     def __init__(self, redis_url: str, settings: Settings | None = None, pools: PoolTable | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self.pools = pools or PoolTable.load(self.settings.pools_config)
-        redis_url = tls_url(redis_url)
-        check_broker(redis_url)  # a wrong password, an unreachable server, a TLS mismatch: ServerUnavailable now
-        self.redis_url = redis_url
-        self.redis = Redis.from_url(redis_url, decode_responses=True)
-        self.sessions = SessionStore(self.redis)
-        self.registry = Registry(self.redis, self.settings)
-        self.watch = WorkerWatch(self.registry, self.settings.watch_interval_s, self._on_worker_death)
-        self.app = Celery("flagship-client", set_as_current=False)
-        self.app.conf.update(celery_config(self.settings, redis_url))
-        # Results come through the listener's subscriptions, not Celery's own result consumer.
-        self.app.conf.result_backend = listener_backend_url(redis_url)
-        self.app.conf.result_backend_thread_safe = True  # one backend for every producer thread
-        self.results = ResultListener(self.app, redis_url)
-        self.router = Router(self.app, self.redis, self.sessions, self.registry, self.watch, self.pools,
-                             self.results, claim_threshold_bytes=self.settings.claim_threshold_bytes)
-        self._reap = reap_on_death(self.redis)
-        # Hint calls a dead worker took with it come back (see routing/producer/sweep.py).
-        self.sweep = OrphanSweep(self.app, self.redis, self.results, self.settings.heartbeat_interval_s)
-        self.watch.follow_pools(self.sweep.pools_pending)
+        self.redis_url = tls_url(redis_url)
+        self._links_lock = threading.Lock()
+        #: The default broker's link: made now, so a broker that cannot be used is ``ServerUnavailable`` here.
+        self.default = Link(self.redis_url, self.settings, self.pools)
+        self._links: dict[tuple[object, ...], Link] = {server_of(self.redis_url): self.default}
 
     @classmethod
     def from_env(cls, settings: Settings | None = None) -> Client:
@@ -66,7 +55,58 @@ class Client:
         settings = settings or Settings.from_env()
         return cls(resolve_url(settings), settings)
 
-    @translating(attrgetter("redis_url"))
+    # The default broker's parts (what a single-broker client always had).
+    @property
+    def redis(self) -> Redis:
+        return self.default.redis
+
+    @property
+    def app(self) -> Celery:
+        return self.default.app
+
+    @property
+    def router(self) -> Router:
+        return self.default.router
+
+    @property
+    def registry(self) -> Registry:
+        return self.default.registry
+
+    @property
+    def sessions(self) -> SessionStore:
+        return self.default.sessions
+
+    @property
+    def watch(self) -> WorkerWatch:
+        return self.default.watch
+
+    @property
+    def results(self) -> ResultListener:
+        return self.default.results
+
+    @property
+    def sweep(self) -> OrphanSweep:
+        return self.default.sweep
+
+    @property
+    def links(self) -> list[Link]:
+        """The links made so far, the default first."""
+        with self._links_lock:
+            return list(self._links.values())
+
+    def link(self, pool: str) -> Link:
+        """The link to ``pool``'s broker (made on first use)."""
+        spec = validate.pool(pool, self.pools)
+        return self.default if spec.broker is None else self._link_at(broker_url(spec, self.redis_url))
+
+    def _link_at(self, url: str) -> Link:
+        key = server_of(url)
+        with self._links_lock:
+            link = self._links.get(key)
+            if link is None:
+                link = self._links[key] = Link(url, self.settings, self.pools)
+            return link
+
     def session(
         self,
         pool: str,
@@ -78,7 +118,7 @@ class Client:
         node: str | None = None,
         rehydrate: bool = False,
     ) -> Session:
-        """Open a session on ``pool``.
+        """Open a session on ``pool`` (on the pool's broker).
 
         ``bind="eager"`` binds now to the least-loaded live worker (``node`` asks
         for a specific one); ``"lazy"`` binds on the first call. ``rehydrate=True``
@@ -90,33 +130,54 @@ class Client:
         ttl = self.settings.session_ttl_s if ttl_s is None else validate.ttl(ttl_s)
         validate.choice(bind, "session", "bind", ("eager", "lazy"))
         node = None if node is None else validate.node(node)
-        binding = Binding(sid, spec.name, mode, ttl)
-        session = Session(self.router, binding, validate.flag(rehydrate, "session", "rehydrate"), self.settings)
-        if bind == "lazy":
-            self.sessions.create(binding.session_id, spec, mode, binding.ttl_s)
-        else:
-            self.router.bind(binding, prefer=node)
-            if node and binding.worker != node:
-                session.close()
-                raise SessionWorkerUnavailable(binding.session_id, node)
+        rehydrate = validate.flag(rehydrate, "session", "rehydrate")
+        link = self.link(spec.name)
+        with translated(link.url):
+            binding = Binding(sid, spec.name, mode, ttl)
+            session = Session(link.router, binding, rehydrate, self.settings)
+            if bind == "lazy":
+                link.sessions.create(binding.session_id, spec, mode, binding.ttl_s)
+            else:
+                link.router.bind(binding, prefer=node)
+                if node and binding.worker != node:
+                    session.close()
+                    raise SessionWorkerUnavailable(binding.session_id, node)
         return session
 
-    @translating(attrgetter("redis_url"))
-    def attach(self, session_id: str, *, rehydrate: bool = False) -> Session:
-        """A handle on an existing session (opened by this or another producer)."""
-        record = self.sessions.get(validate.session_id(session_id, "attach"))
-        binding = Binding(record.id, record.pool, record.affinity, record.ttl_s, record.worker, record.incarnation)
+    def attach(self, session_id: str, *, rehydrate: bool = False, pool: str | None = None) -> Session:
+        """A handle on an existing session (opened by this or another producer).
+
+        The record is looked up on ``pool``'s broker when given, else on the
+        default broker, then on each other broker of the pool table.
+        """
+        session_id = validate.session_id(session_id, "attach")
         rehydrate = validate.flag(rehydrate, "attach", "rehydrate")
-        self.router.follow(binding)
-        return Session(self.router, binding, rehydrate, self.settings)
+        link, record = self._find(session_id, pool)
+        with translated(link.url):
+            binding = Binding(record.id, record.pool, record.affinity, record.ttl_s, record.worker, record.incarnation)
+            link.router.follow(binding)
+        return Session(link.router, binding, rehydrate, self.settings)
 
-    def _on_worker_death(self, node: str) -> None:
-        """Called by the watch: fail the dead run's pending strict calls, move what it held, find lost hint calls."""
-        self.router.on_worker_death(node)
-        self._reap(node)
-        self.sweep.on_death(node)
+    def _find(self, session_id: str, pool: str | None) -> tuple[Link, SessionRecord]:
+        """The link whose broker holds ``session_id``'s record, and the record."""
+        if pool is not None:
+            urls = [broker_url(validate.pool(pool, self.pools), self.redis_url)]
+        else:
+            urls = [url for url, _ in by_broker(self.pools, self.redis_url)]  # the default first
+        unreachable: ServerUnavailable | None = None
+        for url in urls:
+            try:
+                link = self._link_at(url)
+                with translated(url):
+                    return link, link.sessions.get(session_id)
+            except SessionNotFound:
+                continue
+            except ServerUnavailable as exc:  # look on the other brokers; say so if it is nowhere else
+                unreachable = unreachable or exc
+        if unreachable is not None:
+            raise unreachable
+        raise SessionNotFound(session_id)
 
-    @translating(attrgetter("redis_url"))
     def map(self, pool: str, signature: str | dict[str, Any], examples: Sequence[dict[str, Any]], *,
             module: str = "predict", lm: dict[str, Any] | None = None, instructions: str | None = None,
             chunk_size: int | None = None, progress: bool | None = None,
@@ -133,34 +194,33 @@ class Client:
         spec = validate.pool(pool, self.pools)
         examples = check_map_arguments(self.settings, signature, examples, module, lm, instructions, chunk_size,
                                        progress, timeout_s)
-        infos = [info for info in self.registry.workers([spec.name]) if info.live]
-        workers: list[Worker] = []
-        try:
-            for info in infos:
-                try:
-                    session = self.session(spec.name, node=info.node, affinity=Affinity.STRICT_QUEUE)
-                except (SessionWorkerUnavailable, NoCapableWorker):
-                    continue  # gone or draining since we looked
-                workers.append(Worker(session, session.lm(**lm) if lm else None, module, signature,
-                                      instructions, info.concurrency))
-            if not workers:
-                raise NoCapableWorker(spec.name, list(spec.requires))
-            advance, stop = progress_bar(len(examples), progress)
+        link = self.link(spec.name)
+        with translated(link.url):
+            infos = [info for info in link.registry.workers([spec.name]) if info.live]
+            workers: list[Worker] = []
             try:
-                return FleetMap(workers, examples, chunk_size, advance).run(timeout_s)
+                for info in infos:
+                    try:
+                        session = self.session(spec.name, node=info.node, affinity=Affinity.STRICT_QUEUE)
+                    except (SessionWorkerUnavailable, NoCapableWorker):
+                        continue  # gone or draining since we looked
+                    workers.append(Worker(session, session.lm(**lm) if lm else None, module, signature,
+                                          instructions, info.concurrency))
+                if not workers:
+                    raise NoCapableWorker(spec.name, list(spec.requires))
+                advance, stop = progress_bar(len(examples), progress)
+                try:
+                    return FleetMap(workers, examples, chunk_size, advance).run(timeout_s)
+                finally:
+                    stop()
             finally:
-                stop()
-        finally:
-            for worker in workers:
-                worker.session.close()
+                for worker in workers:
+                    worker.session.close()
 
     def close(self) -> None:
-        self.watch.close()
-        self.sweep.close()
-        self.router.shutdown()
-        self.results.close()
-        self.app.close()
-        self.redis.close()
+        """Close every link (each broker's threads and connections)."""
+        for link in self.links:
+            link.close()
 
     def __enter__(self) -> Client:
         return self

@@ -7,6 +7,9 @@ reads the key once (the result may have been stored before), then settles the
 call's :class:`concurrent.futures.Future`. A thread waiting on a call sleeps on
 that future's condition: no polling, and no Redis command per waiting call.
 After a lost connection the listener resubscribes and re-reads every pending key.
+With a Sentinel URL the new connection goes to the current primary, so a failover
+is followed without a restart; ``on_reconnect`` then tells the producer, whose
+orphan sweep looks for calls the dead primary took with it.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from typing import Any
 
 import redis as redis_lib
 from celery import Celery, states
-from celery.backends.redis import RedisBackend
-from redis import Redis
+from celery.backends.redis import RedisBackend, SentinelBackend
+
+from routing.connect import is_sentinel, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +53,17 @@ class ListenerBackend(RedisBackend):  # type: ignore[misc]
         return None
 
 
+class ListenerSentinelBackend(SentinelBackend):  # type: ignore[misc]
+    """The same over Sentinel (``result_backend_transport_options`` name the primary)."""
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
 def listener_backend_url(redis_url: str) -> str:
-    """The ``result_backend`` setting that makes a Celery app use :class:`ListenerBackend`."""
-    return f"{__name__}:{ListenerBackend.__name__}+{redis_url}"
+    """The ``result_backend`` setting that makes a Celery app use :class:`ListenerBackend` (or its Sentinel twin)."""
+    backend = ListenerSentinelBackend if is_sentinel(redis_url) else ListenerBackend
+    return f"{__name__}:{backend.__name__}+{redis_url}"
 
 
 @dataclass
@@ -64,7 +76,14 @@ class Pending:
 class ResultListener:
     def __init__(self, app: Celery, redis_url: str) -> None:
         self.app = app
-        self.redis = Redis.from_url(redis_url)
+        self.redis = redis_client(redis_url)
+        #: Called (on the listener thread; keep it short) once the listener is subscribed again after a lost
+        #: connection: the server may be a new primary that never saw some calls (``routing.producer.sweep``).
+        self.on_reconnect: Callable[[], None] | None = None
+        #: Set after a lost connection: the next confirmation of the home channel is a reconnect.
+        self._reconnected = False
+        #: Confirmations of the home channel on the current pub/sub object (a second one: redis-py reconnected it).
+        self._home_confirms = 0
         self._pubsub = self.redis.pubsub()
         self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
@@ -165,6 +184,7 @@ class ResultListener:
                 time.sleep(backoff)
                 backoff = min(max_reconnect_backoff_s, backoff * 2)
                 self._resubscribe_all()
+                self._reconnected = True
             except Exception:  # the listener must survive anything; pending calls are re-read
                 log.exception("result listener failed; restarting it")
                 time.sleep(backoff)
@@ -181,6 +201,7 @@ class ResultListener:
         with self._lock:
             self._subscribe = [self._home, *self._pending]
             self._settled = 0
+            self._home_confirms = 0
 
     def _serve(self) -> None:
         selector = selectors.DefaultSelector()
@@ -205,6 +226,18 @@ class ResultListener:
                 if key.fileobj == self._wake_r:
                     os.read(self._wake_r, 4096)
 
+    def _home_confirmed(self) -> None:
+        """The home channel's subscription confirmed: after a lost connection (ours or redis-py's), say so."""
+        self._home_confirms += 1
+        if not (self._reconnected or self._home_confirms > 1) or self.on_reconnect is None:
+            self._reconnected = False
+            return
+        self._reconnected = False
+        try:
+            self.on_reconnect()
+        except Exception:  # the listener outlives its callback
+            log.exception("result listener's reconnect callback failed")
+
     def _drain_messages(self) -> None:
         if self._pubsub.connection is None:
             return
@@ -212,6 +245,8 @@ class ResultListener:
         while (message := self._pubsub.get_message(timeout=0)) is not None:
             channel = message["channel"].decode()
             if channel == self._home:
+                if message["type"] == "subscribe":
+                    self._home_confirmed()
                 continue
             if message["type"] == "message":
                 self._settle(channel, message["data"])

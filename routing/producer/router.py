@@ -25,6 +25,7 @@ from kombu.exceptions import EncodeError
 from redis import Redis
 
 from routing import claims, names, recipes, task_view
+from routing.connect import follows_sentinel
 from routing.errors import CallTimeout, InvalidArgument, PoolSaturated, SessionWorkerUnavailable, WorkerBusy
 from routing.pools import Affinity, PoolTable
 from routing.producer.backlog import Backlog
@@ -60,6 +61,8 @@ class Router:
         self._executor_lock = threading.Lock()
         self.backlog = Backlog(redis)
         self.deadlines = DeadlineSweeper(results.redis, results.fail_where)
+        #: s1: with Sentinel, strict calls keep their arguments too, so a failover sweep can resend them.
+        self.keep_strict_args = follows_sentinel(redis)
 
     # -- binding --------------------------------------------------------------
 
@@ -143,8 +146,9 @@ class Router:
         args = [binding.session_id, op, moved.kwargs, {**route, "claims": moved.claims} if moved.claims else route]
         task_id = str(uuid.uuid4())
         # A resend must send these arguments as they are now, not as the caller's objects may become.
+        keep = self.keep_strict_args or not binding.affinity.strict  # s1: strict calls too with Sentinel
         waiting = Waiting(binding.session_id, binding.affinity.strict, node, incarnation,
-                          binding.pool, None if binding.affinity.strict else copy.deepcopy(args))
+                          binding.pool, copy.deepcopy(args) if keep else None)
         reply = self.results.expect(task_id, waiting)
         try:
             self.app.send_task(names.CALL_TASK, args=args, queue=queue, task_id=task_id,

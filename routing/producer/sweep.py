@@ -14,18 +14,23 @@ of its pending hint calls of that pool, a few times over the next seconds:
   milliseconds): lost in the dead worker's pop window; sent again to the shared
   queue with the same task id, marked resent (``names.RESENT_HEADER``).
 
+After a broker failover (the result listener is back on a server, maybe a new
+primary that never saw the last writes) the same sweep runs over **every** pool
+with pending calls, strict calls included: a strict call found nowhere is resent
+to its worker's direct queue (the same run: its route header names it), an
+orphaned one is moved back there. A call that cannot be resent within
+``max_sweep_s`` of the failover fails with ``ServerUnavailable`` (never a hang).
+
 A worker answers a resent or redelivered call whose result is already stored
 from the store (``tasks/worker/redelivery.py``), so completed work never runs twice.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis as redis_lib
@@ -33,9 +38,12 @@ from celery import Celery
 from redis import Redis
 
 from routing import names, task_view
+from routing.errors import ServerUnavailable
 from routing.producer.binding import Waiting, redacted_argsrepr
 from routing.producer.results import ResultListener
-from routing.reaper import UNACKED_KEY, move_unacked
+from routing.producer.whereabouts import Suspect, locate
+from routing.reaper import move_unacked
+from routing.settings import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -45,88 +53,10 @@ lost_grace_s = 1.0
 sweep_window_s = 6.0
 #: A sweep never goes on longer than this after the last death.
 max_sweep_s = 60.0
-#: Beats of every live worker (after the first look) that must pass without it listing an un-acked call.
-beats_to_wait = 2
 #: After ``max_sweep_s``, a pool with calls still suspect is swept this often until they resolve.
 slow_pass_s = 5.0
 #: Resent task ids are remembered this long (``names.RESENT_KEY``), for a late original to find.
 resent_retention_s = 3600.0
-
-
-def task_id_of(raw: Any) -> str | None:
-    """The task id in a kombu message envelope (None if it is not one: poison is someone else's business)."""
-    try:
-        envelope = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
-        task_id = envelope["headers"]["id"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    return task_id if isinstance(task_id, str) else None
-
-
-@dataclass
-class Whereabouts:
-    """Where a pool's calls are right now (read in this order: queues, un-acked, live holders)."""
-
-    queued: set[str]
-    #: Task id -> delivery tag of un-acknowledged deliveries.
-    unacked: dict[str, str]
-    #: Live node -> (delivery tags it reported holding, its last beat's timestamp).
-    holders: dict[str, tuple[set[str], str]]
-
-    def held(self, tag: str) -> bool:
-        return any(tag in tags for tags, _ in self.holders.values())
-
-
-def locate(redis: Redis, pool: str, task_ids: set[str]) -> Whereabouts:
-    """Scan the pool's queues, the un-acked hash and the live workers' reports for ``task_ids``."""
-    queues = [names.pool_queue(pool)] + [names.worker_queue(node) for node, p in
-                                         redis.hgetall(names.DIRECT_QUEUES_KEY).items() if p == pool]
-    pipe = redis.pipeline(transaction=False)
-    for queue in queues:
-        pipe.lrange(queue, 0, -1)
-    queued = {task_id for items in pipe.execute() for raw in items if (task_id := task_id_of(raw)) in task_ids}
-    unacked = {}
-    for tag, raw in redis.hscan_iter(UNACKED_KEY):
-        try:
-            task_id = task_id_of(json.loads(raw)[0])
-        except (ValueError, TypeError, KeyError, IndexError):
-            continue
-        if task_id in task_ids:
-            unacked[task_id] = tag
-    nodes = sorted(redis.smembers(names.pool_workers_key(pool)))
-    pipe = redis.pipeline(transaction=False)
-    for node in nodes:
-        pipe.exists(names.heartbeat_key(node))
-        pipe.hmget(names.worker_key(node), "holding", "last_beat")
-    replies = pipe.execute()
-    holders = {}
-    for i, node in enumerate(nodes):
-        live, (holding, last_beat) = replies[2 * i], replies[2 * i + 1]
-        if live and last_beat is not None:
-            holders[node] = (set(json.loads(holding or "[]")), last_beat)
-    return Whereabouts(queued, unacked, holders)
-
-
-@dataclass
-class Suspect:
-    """A pending call not where it should be, since ``since``."""
-
-    missing: bool
-    since: float
-    tag: str | None = None
-    #: Live node -> the distinct beats seen since the call was first seen un-held (the first is the baseline).
-    beats: dict[str, set[str]] = field(default_factory=dict)
-
-    def beaten_since(self, where: Whereabouts) -> bool:
-        """Every live worker beat twice since the call was first seen un-held, never listing it.
-
-        Twice, not once: a worker lists a call from Celery's ``task_received``, a moment
-        after kombu's un-acked record; one beat may fall in between (a newcomer starts
-        its baseline).
-        """
-        for node, (_, beat) in where.holders.items():
-            self.beats.setdefault(node, set()).add(beat)
-        return all(len(self.beats[node]) > beats_to_wait for node in where.holders)
 
 
 class OrphanSweep:
@@ -142,6 +72,10 @@ class OrphanSweep:
         self._due: dict[str, tuple[float, float]] = {}  # pool -> (sweep at least until, never after)
         self._suspects: dict[str, dict[str, Suspect]] = {}  # pool -> task id -> suspicion
         self._last_pass: dict[str, float] = {}  # pool -> when it was last swept (monotonic)
+        #: Pools swept after a failover: their strict calls are looked for too.
+        self._failover: set[str] = set()
+        # The listener says when it is back on a server after a lost connection (maybe a new primary).
+        results.on_reconnect = self.on_failover
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -158,11 +92,20 @@ class OrphanSweep:
             pool = None
         self.schedule([pool] if pool else self.pools_pending())
 
-    def schedule(self, pools: Iterable[str]) -> None:
+    def on_failover(self) -> None:
+        """The broker connection came back (a failover, a restart): look for every pending call, strict too."""
+        pools = {w.pool for w in self.results.pending_where(_carries_args).values()}
+        if pools:
+            log.warning("broker connection back: looking for lost calls of %s", ", ".join(sorted(pools)))
+        self.schedule(pools, failover=True)
+
+    def schedule(self, pools: Iterable[str], failover: bool = False) -> None:
         now = time.monotonic()
         with self._lock:
             for pool in pools:
                 self._due[pool] = (now + self.window_s, now + max_sweep_s)
+                if failover:
+                    self._failover.add(pool)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="flagship-sweep", daemon=True)
                 self._thread.start()
@@ -195,10 +138,12 @@ class OrphanSweep:
                         if self._due.get(pool) == (until, limit):
                             del self._due[pool]
                             self._suspects.pop(pool, None)
+                            self._failover.discard(pool)
 
     def sweep(self, pool: str) -> int:
-        """One pass over the pool's pending hint calls; returns how many are still suspect."""
-        pending = self.results.pending_where(lambda w: _resendable(w) and w.pool == pool)
+        """One pass over the pool's pending hint calls (all calls after a failover); returns how many are suspect."""
+        wanted = _carries_args if pool in self._failover else _resendable
+        pending = self.results.pending_where(lambda w: wanted(w) and w.pool == pool)
         suspects = self._suspects.setdefault(pool, {})
         for task_id in list(suspects):
             if task_id not in pending:
@@ -224,36 +169,59 @@ class OrphanSweep:
                 orphans[task_id] = tag
             elif tag is None and now - suspect.since >= lost_grace_s:
                 lost.append(task_id)
-        self._requeue(pool, orphans)
-        self._resend(pool, lost, pending)
+        self._requeue(pool, orphans, pending)
+        unsent = self._resend(pool, lost, pending)
         for task_id in [*orphans, *lost]:
-            suspects.pop(task_id, None)
+            if task_id not in unsent:  # one not resent stays suspect: the next pass tries again
+                suspects.pop(task_id, None)
         return len(suspects)
 
-    def _requeue(self, pool: str, orphans: dict[str, str]) -> None:
+    def _requeue(self, pool: str, orphans: dict[str, str], pending: dict[str, Any]) -> None:
         if not orphans:
             return
-        tags = set(orphans.values())
-        moved = move_unacked(self.redis, lambda tag, _routing_key: tag in tags, names.pool_queue(pool))
+        by_queue: dict[str, set[str]] = {}
+        for task_id, tag in orphans.items():
+            by_queue.setdefault(_queue_for(pending[task_id]), set()).add(tag)
+        moved = 0
+        for queue, tags in by_queue.items():
+            moved += move_unacked(self.redis, _tag_in(tags), queue)
         if moved:
             self.redis.hincrby(names.STATS_KEY, "orphans_requeued", moved)
-            log.warning("moved %d un-acked call(s) no live worker of %s holds to its shared queue", moved, pool)
+            log.warning("moved %d un-acked call(s) of %s no live worker holds back to a queue", moved, pool)
 
-    def _resend(self, pool: str, lost: list[str], pending: dict[str, Any]) -> None:
+    def _resend(self, pool: str, lost: list[str], pending: dict[str, Any]) -> set[str]:
+        """Resend the calls found nowhere; returns those that could not be sent."""
+        unsent: set[str] = set()
         if not lost:
-            return
+            return unsent
         settled = self.results.settle_stored(lost)  # a last look: a result may have landed meanwhile
         resent = [task_id for task_id in lost if task_id not in settled]
-        for task_id in resent:
-            self.resend(task_id, pending[task_id])
+        for task_id in list(resent):
+            try:
+                self.resend(task_id, pending[task_id])
+            except Exception as exc:  # the broker may still be changing hands: the next pass tries again
+                resent.remove(task_id)
+                unsent.add(task_id)
+                self._give_up_after_failover(pool, task_id, pending[task_id], exc)
         if resent:
             self.redis.hincrby(names.STATS_KEY, "resent", len(resent))
-            log.warning("resent %d hint call(s) of %s lost with a dead worker: %s", len(resent), pool,
+            log.warning("resent %d call(s) of %s lost with a dead worker or primary: %s", len(resent), pool,
                         ", ".join(resent[:5]))
+        return unsent
+
+    def _give_up_after_failover(self, pool: str, task_id: str, waiting: Waiting, exc: Exception) -> None:
+        """A lost call that could not be resent: retried on the next pass, failed once the sweep's limit passed."""
+        due = self._due.get(pool)
+        if due is None or time.monotonic() < due[1]:
+            log.warning("could not resend %s of %s (%s); retrying", task_id, pool, exc)
+            return
+        url = redact_url(str(self.app.conf.broker_url))
+        error = ServerUnavailable(url, f"call {task_id} was lost with the broker and could not be resent ({exc})")
+        self.results.fail_where(lambda w: error if w is waiting else None)
 
 
     def resend(self, task_id: str, waiting: Waiting) -> None:
-        """Send a lost hint call again to its pool's shared queue: the same task id, marked resent.
+        """Send a lost call again (hint: its pool's shared queue; strict: its worker's direct queue), same task id.
 
         The result listener still waits on that id; a worker that finds a stored
         result for a resent call answers from the store instead of running it.
@@ -265,10 +233,27 @@ class OrphanSweep:
         pipe.zadd(names.RESENT_KEY, {task_id: now})
         pipe.zremrangebyscore(names.RESENT_KEY, 0, now - resent_retention_s)
         pipe.execute()
-        self.app.send_task(names.CALL_TASK, args=args, queue=names.pool_queue(waiting.pool), task_id=task_id,
+        self.app.send_task(names.CALL_TASK, args=args, queue=_queue_for(waiting), task_id=task_id,
                            shadow=task_view.task_name(args[1], args[2]), argsrepr=redacted_argsrepr(args),
                            headers={names.RESENT_HEADER: 1})
 
 
 def _resendable(tag: Any) -> bool:
     return isinstance(tag, Waiting) and not tag.strict and tag.args is not None
+
+
+def _carries_args(tag: Any) -> bool:
+    """A call that can be resent, strict or hint (strict calls keep their arguments in Sentinel mode)."""
+    return isinstance(tag, Waiting) and tag.args is not None and tag.pool is not None
+
+
+def _tag_in(tags: set[str]) -> Callable[[str, str], bool]:
+    return lambda tag, _routing_key: tag in tags
+
+
+def _queue_for(waiting: Waiting) -> str:
+    """Where a lost call goes again: a strict call to its worker's direct queue, a hint call to the shared one."""
+    assert waiting.pool is not None
+    if waiting.strict and waiting.target:
+        return names.worker_queue(waiting.target)
+    return names.pool_queue(waiting.pool)

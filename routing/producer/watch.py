@@ -3,6 +3,12 @@
 Calls read this view instead of asking Redis, so routing adds no round trip; a
 worker whose heartbeat expires turns dead here within one refresh interval, and
 the first producer to see it reaps the dead worker's queue.
+
+A watch that lost Redis (an outage, a Sentinel failover) judges no death for one
+heartbeat TTL after it reads again: while nobody could reach the server, no
+worker could renew its key either, so keys may have lapsed on a live fleet (or a
+promoted replica may hold none). Workers beat again within an interval; a node
+still silent after the TTL is dead, and reported then.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ class WorkerWatch:
         self._members_read_at = 0.0
         #: Deaths whose handler failed (a Redis blip): handled again on the next refresh, never forgotten.
         self._unhandled: set[str] = set()
+        #: Set when a refresh fails; the next one that reads starts a quiet period (see the module docstring).
+        self._cut_off = False
+        self._quiet_until = 0.0
 
     def follow_pools(self, pools: Callable[[], Iterable[str]]) -> None:
         """Also watch every worker of the pools ``pools()`` names (asked every ``pool_members_every_s``).
@@ -91,6 +100,13 @@ class WorkerWatch:
             return
         fresh = self.registry.liveness(nodes)
         now = time.monotonic()
+        if self._cut_off:
+            self._cut_off = False
+            self._quiet_until = now + self.registry.settings.heartbeat_ttl_s
+            log.warning("worker watch reads Redis again: judging no death for %.1f s",
+                        self.registry.settings.heartbeat_ttl_s)
+        if now < self._quiet_until:
+            return  # the view keeps what it saw before the outage until the workers had time to beat
         with self._lock:
             died = [node for node, view in fresh.items() if self._ended(self._view.get(node), view)]
             self._view.update(fresh)
@@ -131,6 +147,7 @@ class WorkerWatch:
             try:
                 self.refresh()
             except redis_lib.RedisError as exc:
+                self._cut_off = True
                 log.warning("worker watch refresh failed: %s", exc)
             except Exception:  # the watch thread is every pending call's liveness: it must survive anything
                 log.exception("worker watch refresh failed")

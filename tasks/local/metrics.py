@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -29,7 +30,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from routing import gauges, names, task_view
+from routing.brokers import by_broker
 from routing.celery_config import celery_config
+from routing.connect import redis_client
 from routing.embedded import resolve_url
 from routing.errors import ServerUnavailable
 from routing.pools import PoolTable
@@ -92,43 +95,64 @@ def fleet_families(fleet: gauges.FleetGauges, sessions: gauges.SessionGauges) ->
                   ["pool"], [([p], sessions.rehydrations.get(p, 0)) for p in known])
 
 
-class FleetCollector:
-    """Reads Redis on each scrape (sessions at most every ``sessions_every_s``)."""
+@dataclass
+class Broker:
+    """One broker the metrics read: its URL (password masked), a client, the pools on it."""
 
-    def __init__(self, redis: Redis, settings: Settings, pools: PoolTable, sessions_every_s: float = 30.0) -> None:
-        self.redis, self.settings, self.pools = redis, settings, pools
+    shown: str
+    redis: Redis
+    pools: PoolTable
+    sessions: tuple[float, gauges.SessionGauges] | None = None
+
+
+class FleetCollector:
+    """Reads every broker on each scrape (sessions at most every ``sessions_every_s``)."""
+
+    def __init__(self, brokers: list[Broker], settings: Settings, sessions_every_s: float = 30.0) -> None:
+        self.brokers, self.settings = brokers, settings
         self.sessions_every_s = sessions_every_s
-        self._sessions: tuple[float, gauges.SessionGauges] | None = None
 
     def describe(self) -> list[Metric]:
         return []  # no scrape at registration
 
-    def sessions(self) -> gauges.SessionGauges:
+    def sessions(self, broker: Broker) -> gauges.SessionGauges:
         now = time.monotonic()
-        if self._sessions is None or now - self._sessions[0] >= self.sessions_every_s:
-            self._sessions = (now, gauges.sessions(self.redis))
-        return self._sessions[1]
+        if broker.sessions is None or now - broker.sessions[0] >= self.sessions_every_s:
+            broker.sessions = (now, gauges.sessions(broker.redis))
+        return broker.sessions[1]
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("flagship_redis_up", "1 when this scrape could read the fleet from Redis")
-        try:
-            fleet = gauges.fleet(self.redis, self.settings, self.pools)
-            sessions = self.sessions()
-        except Exception as exc:  # a scrape answers whatever happens: with flagship_redis_up 0
-            log.warning("scrape: cannot read the fleet from Redis: %s", exc, exc_info=not isinstance(exc, RedisError))
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
+        up = GaugeMetricFamily("flagship_redis_up", "1 when this scrape could read the fleet from every broker")
+        broker_up = GaugeMetricFamily("flagship_broker_up", "1 when this scrape could read the broker",
+                                      labels=["broker"])
+        fleets, sessions = [], []
+        for broker in self.brokers:
+            try:
+                fleet, counted = gauges.fleet(broker.redis, self.settings, broker.pools), self.sessions(broker)
+                fleets.append(fleet)
+                sessions.append(counted)
+                broker_up.add_metric([broker.shown], 1)
+            except Exception as exc:  # a scrape answers whatever happens: with the broker's up at 0
+                log.warning("scrape: cannot read the fleet from %s: %s", broker.shown, exc,
+                            exc_info=not isinstance(exc, RedisError))
+                broker_up.add_metric([broker.shown], 0)
+        up.add_metric([], int(len(fleets) == len(self.brokers)))
         yield up
-        yield from fleet_families(fleet, sessions)
+        if len(self.brokers) > 1:  # pools on their own brokers: which is where, and how each one is
+            yield broker_up
+            yield _family("flagship_pool_broker", "1 for the broker each pool lives on", ["pool", "broker"],
+                          [([p.name, b.shown], 1) for b in self.brokers for p in b.pools])
+        if fleets:
+            yield from fleet_families(gauges.merged(fleets), gauges.merged_sessions(sessions))
 
 
 class CallEvents:
-    """Call latency and outcomes from Celery's task events, by pool and operation."""
+    """Call latency and outcomes from Celery's task events, by pool and operation (one stream per broker)."""
 
-    def __init__(self, registry: CollectorRegistry, redis: Redis) -> None:
+    def __init__(self, registry: CollectorRegistry, redis: Redis, *others: Redis) -> None:
         self.redis = redis
+        #: Every broker's client, the default first: a node's pool is registered on its own broker.
+        self.brokers = (redis, *others)
         self.duration = Histogram("flagship_call_duration_seconds", "Time a call ran on its worker",
                                   ["pool", "operation"], buckets=BUCKETS, registry=registry)
         self.calls = Counter("flagship_calls", "Calls finished, by outcome (succeeded, failed)",
@@ -136,7 +160,7 @@ class CallEvents:
         self.pending: OrderedDict[str, list[Any]] = OrderedDict()
         self.operations: set[str] = set()
         self.node_pools: dict[str, tuple[str, float]] = {}
-        self.receiver: Any = None
+        self.receivers: list[Any] = []
 
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], None]]:
         return {"task-received": self.on_received, "task-started": self.on_started,
@@ -148,10 +172,14 @@ class CallEvents:
         cached = self.node_pools.get(node)
         if cached and (cached[0] != "unknown" or time.monotonic() < cached[1]):
             return cached[0]
-        try:
-            pool = self.redis.hget(names.DIRECT_QUEUES_KEY, node) or "unknown"
-        except RedisError:
-            pool = "unknown"
+        pool = "unknown"
+        for redis in self.brokers:
+            try:
+                pool = redis.hget(names.DIRECT_QUEUES_KEY, node) or "unknown"
+            except RedisError:
+                continue
+            if pool != "unknown":
+                break
         self.node_pools[node] = (str(pool), time.monotonic() + UNKNOWN_NODE_RETRY_S)
         return str(pool)
 
@@ -191,14 +219,15 @@ class CallEvents:
             self.duration.labels(pool, operation).observe(max(0.0, float(runtime)))
 
     def run(self, app: Celery, stop: threading.Event) -> None:
-        """Consume task events until ``stop``; reconnects after any error (a broker restart)."""
+        """Consume ``app``'s broker's task events until ``stop``; reconnects after any error (a broker restart)."""
         while not stop.is_set():
             try:
                 with app.connection_for_read() as conn:
-                    self.receiver = app.events.Receiver(conn, handlers=self.handlers())
+                    receiver = app.events.Receiver(conn, handlers=self.handlers())
+                    self.receivers.append(receiver)
                     if stop.is_set():
                         return
-                    self.receiver.capture(limit=None, timeout=None, wakeup=False)
+                    receiver.capture(limit=None, timeout=None, wakeup=False)
             except Exception as exc:  # the thread must survive anything; the scrape says if Redis is gone
                 if stop.is_set():
                     return
@@ -206,8 +235,8 @@ class CallEvents:
                 stop.wait(1.0)
 
     def stop(self) -> None:
-        if self.receiver is not None:
-            self.receiver.should_stop = True
+        for receiver in self.receivers:
+            receiver.should_stop = True
 
 
 def broker_url(settings: Settings, wait_s: float) -> str:
@@ -229,19 +258,25 @@ def serve(port: int, address: str, settings: Settings | None = None, *, wait_s: 
     settings = settings or Settings.from_env()
     pools = PoolTable.load(settings.pools_config)
     url = broker_url(settings, wait_s)
-    redis = Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
-    app = Celery("flagship-metrics", set_as_current=False)
-    app.conf.update(celery_config(settings, url))
+    brokers, apps = [], []
+    for broker, table in by_broker(pools, url):  # the default broker, then each pool's own
+        redis = redis_client(broker, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
+        brokers.append(Broker(redact_url(broker), redis, table))
+        app = Celery("flagship-metrics", set_as_current=False)
+        app.conf.update(celery_config(settings, broker))
+        apps.append(app)
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
-    registry.register(FleetCollector(redis, settings, pools, sessions_every_s))  # type: ignore[arg-type]
-    events = CallEvents(registry, redis)
+    registry.register(FleetCollector(brokers, settings, sessions_every_s))
+    events = CallEvents(registry, *(b.redis for b in brokers))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server, _ = start_http_server(port, addr=address, registry=registry)
-    threading.Thread(target=events.run, args=(app, stop), name="flagship-events", daemon=True).start()
-    log.info("serving metrics on http://%s:%d/metrics (broker %s)", address, port, redact_url(url))
+    for app in apps:
+        threading.Thread(target=events.run, args=(app, stop), name="flagship-events", daemon=True).start()
+    log.info("serving metrics on http://%s:%d/metrics (brokers %s)", address, port,
+             ", ".join(b.shown for b in brokers))
     stop.wait()
     events.stop()
     server.shutdown()

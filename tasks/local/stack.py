@@ -15,6 +15,8 @@ from pathlib import Path
 from redis import Redis
 
 from routing import names
+from routing.brokers import broker_url, server_of
+from routing.connect import redis_client
 from routing.embedded import ensure_server
 from routing.pools import PoolTable
 from routing.settings import Settings
@@ -69,7 +71,10 @@ class WorkerProcess:
 
 @dataclass
 class Stack:
-    """A Redis server (embedded unless ``REDIS_URL``) and worker processes started from here."""
+    """A Redis server (embedded unless ``REDIS_URL``) and worker processes started from here.
+
+    A pool the table gives its own ``broker`` gets its workers on that server (which must run already).
+    """
 
     settings: Settings = field(default_factory=Settings.from_env)
     env: dict[str, str] = field(default_factory=dict)
@@ -79,13 +84,29 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.redis_url = ensure_server(self.settings)
-        self.redis = Redis.from_url(self.redis_url, decode_responses=True)
+        self.redis = redis_client(self.redis_url, decode_responses=True)
         self.pools = PoolTable.load(self.settings.pools_config)
         self.log_dir = self.log_dir or self.settings.home / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        #: A client per broker the pool table names (the default's is ``self.redis``), made on first use.
+        self._brokers: dict[tuple[object, ...], Redis] = {server_of(self.redis_url): self.redis}
+
+    def broker_of(self, pool: str) -> str:
+        """The URL of ``pool``'s broker: its own (the pool table's ``broker``), else the default."""
+        return broker_url(self.pools.get(pool), self.redis_url)
+
+    def redis_for(self, pool: str) -> Redis:
+        """A client of ``pool``'s broker, where its workers register and heartbeat."""
+        url = self.broker_of(pool)
+        client = self._brokers.get(server_of(url))
+        if client is None:
+            client = self._brokers[server_of(url)] = redis_client(url, decode_responses=True)
+        return client
 
     def child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = {**os.environ, **self.env, **(extra or {})}
+        # Children read the pool table this stack routes by (workers of a pool go to its broker).
+        pools = {"FLAGSHIP_POOLS": self.settings.pools_config} if self.settings.pools_config else {}
+        env = {**os.environ, **pools, **self.env, **(extra or {})}
         env["REDIS_URL"] = self.redis_url
         env["FLAGSHIP_HOME"] = str(self.settings.home)
         env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -143,7 +164,7 @@ class Stack:
 
     def registered(self, worker: WorkerProcess) -> bool:
         """This process (not an earlier run under the same name) heartbeats: incarnations start with the pid."""
-        incarnation = self.redis.get(names.heartbeat_key(worker.node))
+        incarnation = self.redis_for(worker.pool).get(names.heartbeat_key(worker.node))
         return bool(incarnation) and str(incarnation).startswith(f"{worker.pid}-")
 
     def start_pools(self, per_pool: int | None = None, pools: list[str] | None = None,
@@ -168,7 +189,8 @@ class Stack:
         for worker in self.workers:
             worker.stop()
         self.workers.clear()
-        self.redis.close()
+        for client in self._brokers.values():
+            client.close()
 
     def __enter__(self) -> Stack:
         return self

@@ -6,34 +6,33 @@ import json
 import time
 from typing import Any
 
-from redis import Redis
 from rich.console import Console
 from rich.table import Table
 
 from routing import names
+from routing.connect import server_address
 from routing.embedded import resolve_url
 from routing.pools import PoolTable
-from routing.settings import Settings, redact_url
-from routing.status import snapshot
+from routing.settings import Settings
+from routing.status import fleet_snapshot
 
 
 def render_status(as_json: bool = False) -> None:
     settings = Settings.from_env()
     url = resolve_url(settings)
-    redis = Redis.from_url(url, decode_responses=True)
-    data = snapshot(redis, settings, PoolTable.load(settings.pools_config))
-    data["redis_url"] = redact_url(url)
-    redis.close()
+    data = fleet_snapshot(url, settings, PoolTable.load(settings.pools_config))  # every broker's
+    data["primary"] = server_address(url)  # with Sentinel: the primary the sentinels name now
     if as_json:
         print(json.dumps(data, indent=2))
         return
     console = Console()
-    pools = Table(title=f"pools @ {data['redis_url']}")
-    for col in ("pool", "affinity", "requires", "live workers", "queued (shared)"):
+    pools = Table(title=f"pools @ {data['redis_url']} (primary {data['primary']})")
+    several = len(data["brokers"]) > 1  # pools on their own brokers: say which is where
+    for col in ("pool", "affinity", "requires", "live workers", "queued (shared)", *(["broker"] if several else [])):
         pools.add_column(col)
     for p in data["pools"]:
         pools.add_row(p["name"], p["affinity"], ",".join(p["requires"]) or "-", str(p["live_workers"]),
-                      str(p["queued"]))
+                      str(p["queued"]), *([p["broker"]] if several else []))
     workers = Table(title="workers")
     for col in ("node", "pool", "pid", "live", "capabilities", "sessions", "refs", "in flight",
                 "queued (direct)", "heartbeat age s"):
@@ -53,6 +52,19 @@ def render_status(as_json: bool = False) -> None:
     counters.add_row(*(str(value) for value in data["reliability"].values()))
     for table in (pools, workers, sessions, deadletter_table(data["deadletter"]), counters):
         console.print(table)
+    if several:
+        console.print(brokers_table(data["brokers"]))
+
+
+def brokers_table(brokers: list[dict[str, Any]]) -> Table:
+    """Each broker: its pools, current server, workers, sessions and dead letters."""
+    table = Table(title="brokers")
+    for col in ("broker", "server", "pools", "workers", "sessions", "dead letters held"):
+        table.add_column(col)
+    for b in brokers:
+        table.add_row(b["url"], b["primary"], ",".join(b["pools"]) or "-", str(b["workers"]), str(b["sessions"]),
+                      str(b["deadletter"]["held"]))
+    return table
 
 
 def deadletter_table(summary: dict[str, Any]) -> Table:

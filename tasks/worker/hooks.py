@@ -15,13 +15,15 @@ from typing import Any
 
 from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
-from redis import Redis
 
 from routing import names
 from routing.broker_errors import check_broker
+from routing.brokers import broker_url, same_server
+from routing.connect import redis_client
 from routing.errors import ServerUnavailable
 from routing.pools import Pool, PoolKind, PoolTable
 from routing.registry import Registry
+from routing.settings import redact_url
 from tasks.lm.dspy_caches import freeze_proxy_environment, preload_prices
 from tasks.sandbox.pool import SandboxPool
 from tasks.worker.capabilities import probe_capabilities
@@ -136,11 +138,15 @@ def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
     if pool is None:
         log.warning("no flagship pool for queues %s: serving plain Celery tasks only", sorted(consumed))
         return
+    if pool.broker and not same_server(conf.broker_url, broker_url(pool, conf.broker_url)):
+        refuse(sender, pool.name, [f"the pool table puts {pool.name} on {redact_url(pool.broker)}, not on this "
+                                   f"worker's broker {redact_url(conf.broker_url)} (start it with `flagship worker "
+                                   f"--pool {pool.name}`, or set REDIS_URL to the pool's broker)"])
     pool_module = getattr(instance.pool_cls, "__module__", "")
     if not pool_module.endswith((".thread", ".solo")):
         refuse(sender, pool.name, [f"stateful workers need `-P threads` or `-P solo`, not {pool_module} "
                                    "(prefork children would not share the ref store)"])
-    redis = Redis.from_url(conf.broker_url, decode_responses=True)
+    redis = redis_client(conf.broker_url, decode_responses=True)
     if Registry(redis, settings.routing).another_run_is_live(sender):
         refuse(sender, pool.name, [f"a live worker already runs as {sender}; give each worker a unique --name"])
     capabilities, failures = probe_capabilities(pool.requires)

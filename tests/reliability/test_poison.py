@@ -12,6 +12,7 @@ import base64
 import copy
 import json
 import ssl
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -23,13 +24,21 @@ import redis as redis_lib
 from celery import Celery
 from helpers import wait_until
 from kombu import Connection
+from kombu.transport import redis as kombu_redis
 
 from routing import Client, Session, names
-from routing.celery_config import SHARED_CLIENT_TRANSPORT, TLS_TRANSPORT, RedisTransport, celery_config
+from routing.celery_config import (
+    SENTINEL_TRANSPORT,
+    SHARED_CLIENT_TRANSPORT,
+    TLS_TRANSPORT,
+    RedisTransport,
+    celery_config,
+)
 from routing.deadletter import COUNTER, DELIVERIES_HEADER, DeadLetterSettings, summary
 from routing.errors import DeadLettered
 from routing.reaper import UNACKED_KEY, reap_dead_workers
 from routing.settings import Settings
+from routing.transport import GuardedChannel, SentinelTransport
 from tasks.local.stack import Stack, WorkerProcess
 
 POOL = "poison_pool"
@@ -232,18 +241,27 @@ def test_the_reaper_dead_letters_a_taken_call_at_the_delivery_limit_instead_of_r
     client.redis.delete(names.pool_queue(pool))
 
 
-def test_kombus_own_restore_of_an_unacked_message_counts_the_delivery(client: Client) -> None:
-    """Visibility timeout and shutdown restores go through ``restore_by_tag``: each counts one delivery."""
+@pytest.mark.parametrize("by_visibility_timeout", [True, False])
+def test_only_a_visibility_timeout_restore_counts_the_delivery(client: Client, by_visibility_timeout: bool) -> None:
+    """Back by the visibility timeout (its worker died or hung): one more delivery that did not complete.
+    Back by ``restore_by_tag`` alone (a broker connection drop, a warm shutdown): the call never failed."""
     queue = f"poison.restore.{uuid.uuid4().hex}"
     envelope = real_envelope(client, ping_args(), queue)
     envelope["headers"][DELIVERIES_HEADER] = 1
     tag = envelope["properties"]["delivery_tag"]
     client.redis.hset(UNACKED_KEY, tag, json.dumps([envelope, "", queue]))
-    with Connection(client.redis_url, transport=RedisTransport) as connection:
-        connection.default_channel.qos.restore_by_tag(tag)
+    client.redis.zadd(UNACKED_KEY + "_index", {tag: time.time() - 10})
+    with Connection(client.redis_url, transport=RedisTransport,
+                    transport_options={"visibility_timeout": 5}) as connection:
+        qos = connection.default_channel.qos
+        if by_visibility_timeout:
+            qos.restore_visible(num=100, interval=1)
+        else:
+            qos.restore_by_tag(tag)
     restored = json.loads(client.redis.rpop(queue))
     assert restored["headers"]["id"] == envelope["headers"]["id"]
-    assert restored["headers"][DELIVERIES_HEADER] == 2 and restored["headers"]["redelivered"] is True
+    assert restored["headers"][DELIVERIES_HEADER] == (2 if by_visibility_timeout else 1)
+    assert restored["headers"]["redelivered"] is True
     assert not client.redis.hexists(UNACKED_KEY, tag)
 
 
@@ -278,11 +296,16 @@ def test_status_shows_the_dead_letter_count_and_newest_entries(
     assert "dead letters" in text and "item is not JSON" in text
 
 
-def test_the_poison_proof_transport_serves_redis_and_rediss_urls_and_not_sentinel() -> None:
+def test_the_poison_proof_transport_serves_redis_rediss_and_sentinel_urls() -> None:
     settings = Settings()
     assert celery_config(settings, "redis://localhost:6379/0")["broker_transport"] == SHARED_CLIENT_TRANSPORT
     assert celery_config(settings, "rediss://localhost:6380/0")["broker_transport"] == TLS_TRANSPORT
-    assert "broker_transport" not in celery_config(settings, "sentinel://localhost:26379/0")
+    config = celery_config(settings, "sentinel://localhost:26379;sentinel://localhost:26380/0")
+    assert config["broker_transport"] == SENTINEL_TRANSPORT
+    assert config["broker_transport_options"]["master_name"] == "mymaster"
+    assert config["result_backend_transport_options"]["master_name"] == "mymaster"
+    channel = SentinelTransport.Channel  # the same guard over Sentinel
+    assert issubclass(channel, GuardedChannel) and issubclass(channel, kombu_redis.SentinelChannel)
 
 
 @pytest.mark.parametrize("url", ["rediss://:pw@localhost:6380/0", "rediss://:pw@localhost:6380/0?ssl_cert_reqs=none"])

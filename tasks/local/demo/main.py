@@ -7,12 +7,12 @@ import json
 import sys
 from typing import Any
 
-from redis import Redis
 from redis.exceptions import RedisError
 from rich.console import Console as RichConsole
 from rich.progress import Progress
 
 from routing import Client, Settings
+from routing.connect import redis_client
 from routing.embedded import read_record, resolve_url, stop_server
 from routing.errors import ServerUnavailable
 from routing.pools import PoolTable
@@ -24,7 +24,7 @@ from tasks.local.stack import Stack
 
 def _live_workers(settings: Settings, pool: str) -> int:
     try:
-        redis = Redis.from_url(resolve_url(settings), decode_responses=True, socket_connect_timeout=2)
+        redis = redis_client(resolve_url(settings), decode_responses=True, socket_connect_timeout=2)
         return sum(w.live for w in Registry(redis, settings).workers([pool]))
     except (ServerUnavailable, RedisError):
         return 0
