@@ -11,6 +11,10 @@ own password and the primary's name come from :class:`SentinelOptions`
 asks the sentinels for the primary on every new connection, so after a
 failover it follows the new primary without a restart (commands in flight when
 the old one died fail once with a connection error).
+
+This module imports only the standard library and redis-py: the liveness pulse
+(``routing/pulse.py``), which runs without the ``routing`` package, loads it from
+its file.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class SentinelOptions:
     #: Password of the sentinels themselves (``requirepass`` in sentinel.conf); the primary's is in the URL.
     password: str | None = None
     #: How long a write that must survive a failover waits for a replica's acknowledgement
-    #: (``FLAGSHIP_SENTINEL_WAIT_MS``; see :func:`wait_for_replica`).
+    #: (``FLAGSHIP_SENTINEL_WAIT_MS``; see :func:`execute_replicated`).
     replica_wait_ms: int = 500
 
     @classmethod

@@ -17,7 +17,9 @@ heartbeat interval while its parent lives:
   from the broker is registered again by its heartbeat thread, never by the pulse.
 
 The child runs this file by path in isolated mode (``python -I .../pulse.py``):
-it imports only the standard library and redis-py, not the ``routing`` package.
+it imports only the standard library and redis-py, not the ``routing`` package
+(``routing/connect.py``, which reads Redis and Sentinel URLs for everyone, is
+loaded from its file: it imports nothing else either).
 The Redis URL travels in the environment (``FLAGSHIP_PULSE_REDIS_URL``), never on
 the command line, since it may hold a password. A Sentinel URL
 (``sentinel://h1:26379;sentinel://h2:26379/0``) works too: the pulse asks the
@@ -28,6 +30,7 @@ inherited from the worker's environment) on every new connection, so it follows 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import select
@@ -38,10 +41,9 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from types import ModuleType
 
 import redis as redis_lib
-from redis.sentinel import Sentinel
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +55,8 @@ default_stall_s = 120.0
 stop_timeout_s = 5.0
 
 _SCRIPTS = Path(__file__).with_name("scripts")
-
-
-def stall_limit_s(env: Mapping[str, str]) -> float:
-    """``FLAGSHIP_STALL_S`` as a positive number of seconds (default 120)."""
-    raw = (env.get("FLAGSHIP_STALL_S") or "").strip()
-    try:
-        value = float(raw) if raw else default_stall_s
-    except ValueError:
-        raise ValueError(f"FLAGSHIP_STALL_S={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"FLAGSHIP_STALL_S={raw!r} must be > 0")
-    return value
+#: The name ``routing/connect.py`` is loaded under in the pulse process.
+_CONNECT_MODULE = "flagship_pulse_connect"
 
 
 class Pulse:
@@ -190,40 +182,29 @@ def run(redis: redis_lib.Redis, feed_fd: int, key: str, incarnation: str, ttl_ms
             _say(key, f"could not delete the heartbeat on exit ({exc}); it expires with its TTL")
 
 
-def sentinel_address(url: str) -> tuple[list[tuple[str, int]], int, str | None, str | None]:
-    """Sentinels, database, user and password of a ``sentinel://...;sentinel://.../db`` URL.
+def _connect_module() -> ModuleType:
+    """``routing/connect.py`` (the one reading of Redis and Sentinel URLs), loaded from its file.
 
-    The same reading as ``routing.connect.parse_sentinel_url`` (this file cannot import ``routing``;
-    a test checks the two agree).
+    The pulse runs isolated, without the ``routing`` package; ``connect.py`` imports only
+    the standard library and redis-py, so it loads on its own.
     """
-    hosts: list[tuple[str, int]] = []
-    db, username, password = 0, None, None
-    for part in filter(None, (p.strip() for p in url.split(";"))):
-        parts = urlsplit(part)
-        if parts.scheme != "sentinel" or not parts.hostname:
-            raise ValueError(f"not a sentinel URL: {part!r} (expected sentinel://host:port[/db])")
-        hosts.append((parts.hostname, parts.port or 26379))
-        if parts.path.strip("/"):
-            db = int(parts.path.strip("/"))
-        username = unquote(parts.username) if parts.username else username
-        password = unquote(parts.password) if parts.password else password
-    if not hosts:
-        raise ValueError("a sentinel URL names at least one sentinel")
-    return hosts, db, username, password
+    module = sys.modules.get(_CONNECT_MODULE)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(_CONNECT_MODULE, Path(__file__).with_name("connect.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[_CONNECT_MODULE] = module  # before running it: dataclasses look their module up
+        spec.loader.exec_module(module)
+    return module
 
 
 def connect(url: str, env: Mapping[str, str], timeout_s: float) -> redis_lib.Redis:
     """A client for ``url``; for a Sentinel URL, one that always talks to the current primary."""
-    if not url.startswith("sentinel://"):
-        return redis_lib.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    hosts, db, username, password = sentinel_address(url)
-    sentinel_kwargs: dict[str, object] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    if env.get("FLAGSHIP_SENTINEL_PASSWORD"):
-        sentinel_kwargs["password"] = env["FLAGSHIP_SENTINEL_PASSWORD"]
-    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
-    return sentinel.master_for(env.get("FLAGSHIP_SENTINEL_MASTER") or "mymaster", redis_class=redis_lib.Redis,
-                               db=db, username=username, password=password, socket_timeout=timeout_s,
-                               socket_connect_timeout=timeout_s)
+    connect_module = _connect_module()
+    client: redis_lib.Redis = connect_module.redis_client(
+        url, sentinel=connect_module.SentinelOptions.from_env(env), socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s)
+    return client
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,8 +264,12 @@ def test_the_result_listener_says_when_it_is_back_and_still_settles_calls(stack:
 @pytest.mark.parametrize("url", ["sentinel://h1:26379;sentinel://h2:26380/2", "sentinel://:pw@h1;sentinel://h2/0",
                                  "sentinel://user:p%40ss@h1:1;sentinel://h2:2;sentinel://h3:3"])
 def test_the_pulse_reads_a_sentinel_url_as_routing_connect_does(url: str) -> None:
-    """The pulse runs isolated (no ``routing`` import), so it has its own copy of the parsing."""
-    hosts, db, username, password = pulse.sentinel_address(url)
-    assert parse_sentinel_url(url) == SentinelAddress(tuple(hosts), db, username, password)
+    """The pulse runs isolated (no ``routing`` import): it loads ``routing/connect.py`` from its file."""
     client = pulse.connect(url, {"FLAGSHIP_SENTINEL_MASTER": "flag"}, 1.0)
+    address = parse_sentinel_url(url)
+    pool = client.connection_pool
+    assert [tuple(s.connection_pool.connection_kwargs[k] for k in ("host", "port"))
+            for s in pool.sentinel_manager.sentinels] == list(address.sentinels)
+    assert SentinelAddress(address.sentinels, pool.connection_kwargs["db"], pool.connection_kwargs["username"],
+                           pool.connection_kwargs["password"]) == address
     assert follows_sentinel(client) and client.connection_pool.service_name == "flag"

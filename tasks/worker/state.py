@@ -14,7 +14,7 @@ from redis import Redis
 from routing import names
 from routing.heartbeat import Heartbeat
 from routing.pools import Pool
-from routing.pulse import Pulse, stall_limit_s
+from routing.pulse import Pulse
 from routing.reaper import reap_lock, reap_lock_ttl_s, reap_node
 from routing.registry import Registry, WorkerInfo
 from routing.sessions import SessionStore
@@ -57,7 +57,7 @@ class WorkerState:
         routing = self.settings.routing
         self.pulse = None if self.redis_url is None else Pulse(
             self.redis_url, names.heartbeat_key(self.node), self.incarnation, ttl_s=routing.heartbeat_ttl_s,
-            interval_s=routing.heartbeat_interval_s, stall_s=stall_limit_s(os.environ))
+            interval_s=routing.heartbeat_interval_s, stall_s=self.settings.stall_s)
         self.heartbeat = Heartbeat(self.registry, self.sessions, self, routing.heartbeat_interval_s,
                                    on_tick=None if self.pulse is None else self.pulse.feed)
         self.calls = InFlight(self.concurrency, self.heartbeat.nudge)
