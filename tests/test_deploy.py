@@ -25,7 +25,7 @@ import sys
 import time
 import urllib.request
 from base64 import b64encode
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,13 @@ def load_all(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
+def manifest_docs(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every YAML document below ``root``, with the file it came from."""
+    return [(path, doc) for path in sorted(root.rglob("*.yaml")) for doc in load_all(path)]
+
+
 def k8s_docs() -> list[tuple[Path, dict[str, Any]]]:
-    return [(path, doc) for path in sorted(K8S.rglob("*.yaml")) for doc in load_all(path)]
+    return manifest_docs(K8S)
 
 
 def by_kind(kind: str) -> dict[str, dict[str, Any]]:
@@ -207,18 +212,26 @@ def test_compose_serves_metrics_to_a_prometheus_and_flower_shows_each_calls_args
 
 # -- Kubernetes ---------------------------------------------------------------------------------
 
-def test_kubernetes_manifests_are_valid_against_the_kubernetes_openapi_schemas_in_strict_mode() -> None:
+def validated_kinds(docs: Iterable[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """The kinds of ``docs`` (KEDA's aside), each validated against the Kubernetes OpenAPI schemas, strict."""
     import kubernetes_validate
 
-    checked = []
-    for path, doc in k8s_docs():
+    kinds = []
+    for path, doc in docs:
         if doc["apiVersion"].startswith("keda.sh/"):
             continue
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{path.name} {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
-        checked.append(doc["kind"])
+        kinds.append(doc["kind"])
+    return kinds
+
+
+def test_kubernetes_manifests_are_valid_against_the_kubernetes_openapi_schemas_in_strict_mode() -> None:
+    import kubernetes_validate
+
+    checked = validated_kinds(k8s_docs())
     assert {"ConfigMap", "Secret", "Service", "StatefulSet", "Deployment"} <= set(checked)
     # Strict mode does reject what the API server would: an unknown field.
     deployment = copy.deepcopy(next(iter(by_kind("Deployment").values())))
@@ -625,7 +638,7 @@ def test_sentinel_compose_runs_the_same_workers_flower_metrics_and_demo_as_the_s
 
 
 def sentinel_docs() -> list[tuple[Path, dict[str, Any]]]:
-    return [(path, doc) for path in sorted(K8S_SENTINEL.rglob("*.yaml")) for doc in load_all(path)]
+    return manifest_docs(K8S_SENTINEL)
 
 
 def sentinel_kind(kind: str) -> dict[str, dict[str, Any]]:
@@ -633,17 +646,7 @@ def sentinel_kind(kind: str) -> dict[str, dict[str, Any]]:
 
 
 def test_sentinel_kubernetes_manifests_are_valid_in_strict_mode_and_carry_the_same_start_scripts() -> None:
-    import kubernetes_validate
-
-    kinds = []
-    for path, doc in sentinel_docs():
-        if doc["apiVersion"].startswith("keda.sh/"):
-            continue
-        try:
-            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{path.name} {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
-        kinds.append(doc["kind"])
+    kinds = validated_kinds(sentinel_docs())
     assert {"ConfigMap", "Secret", "Service", "StatefulSet", "Deployment", "PodDisruptionBudget"} <= set(kinds)
     scripts = sentinel_kind("ConfigMap")["redis-sentinel-scripts"]["data"]
     assert scripts == {p.name: p.read_text() for p in sorted(SENTINEL_SCRIPTS.glob("*.sh"))}
