@@ -11,6 +11,7 @@ dead letter too), so a good message is parsed once, as before.
 
 from __future__ import annotations
 
+import json
 from typing import Any, cast
 
 from kombu.utils.json import loads
@@ -27,7 +28,8 @@ class NotAnEnvelope(Exception):
         self.problem, self.task_id, self.task = problem, task_id, task
 
 
-def _text_or_none(value: Any) -> str | None:
+def text_or_none(value: Any) -> str | None:
+    """A header value as an id or a name: a non-empty string, else None."""
     return value if isinstance(value, str) and value else None
 
 
@@ -68,5 +70,15 @@ def parse_item(item: bytes | str) -> dict[str, Any]:
         return cast(dict[str, Any], payload)
     headers = payload.get("headers") if isinstance(payload, dict) else None
     if isinstance(headers, dict):
-        raise NotAnEnvelope(problem, _text_or_none(headers.get("id")), _text_or_none(headers.get("task")))
+        raise NotAnEnvelope(problem, text_or_none(headers.get("id")), text_or_none(headers.get("task")))
     raise NotAnEnvelope(problem)
+
+
+def task_id_of(raw: Any) -> str | None:
+    """The task id in a kombu message envelope, raw or parsed (None if it is not one: poison is the worker's)."""
+    try:
+        envelope = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+        task_id = envelope["headers"]["id"]
+    except (ValueError, TypeError, KeyError, RecursionError):  # not JSON (or not UTF-8), or not an envelope
+        return None
+    return task_id if isinstance(task_id, str) else None

@@ -33,7 +33,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.objects import cached_property
 
 from routing.deadletter import DELIVERIES_HEADER, DeadLetterSettings, Letter, dead_letter, deliveries
-from routing.envelope import NotAnEnvelope, envelope_problem, parse_item
+from routing.envelope import NotAnEnvelope, envelope_problem, parse_item, text_or_none
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ class GuardedChannel(_ChannelBase):
             what = f"{type(exc).__name__}: {str(exc)[:200]}"
             reason = f"body is not valid base64 ({what})" if isinstance(exc, binascii.Error) else \
                 f"delivery failed ({what})"
-            self._dead_letter(Letter(queue, reason, item, _text(headers.get("id")), _text(headers.get("task"))))
+            self._dead_letter(Letter(queue, reason, item, text_or_none(headers.get("id")),
+                                     text_or_none(headers.get("task"))))
             if tag in self.qos._delivered:  # recorded as un-acked before it failed
                 self.qos.ack(tag)
 
@@ -166,10 +167,6 @@ class GuardedChannel(_ChannelBase):
         if isinstance(headers, dict) and getattr(_restoring_invisible, "active", False):
             headers[DELIVERIES_HEADER] = deliveries(headers) + 1
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)  # type: ignore[no-untyped-call]
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 class SharedClientChannel(GuardedChannel, kombu_redis.Channel):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import logging
 import re
 import threading
@@ -32,6 +31,7 @@ import redis as redis_lib
 from redis import Redis
 
 from routing import claims
+from routing.envelope import task_id_of
 from routing.errors import QueueTimeout
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class DeadlineSweeper:
             for raw in items:
                 for match in _TASK_ID.findall(raw):
                     task_id = match.decode()
-                    if task_id in wanted and _task_id(raw) == task_id:
+                    if task_id in wanted and task_id_of(raw) == task_id:
                         found.append((queue, raw, wanted[task_id]))
         removed: dict[str, _Tracked] = {}
         if found:
@@ -200,12 +200,3 @@ class DeadlineSweeper:
                 if entry.task_id in self._tracked:
                     heapq.heappush(self._due, (now + entry.backoff_s, next(self._seq), entry.task_id))
                     entry.backoff_s = min(recheck_max_s, entry.backoff_s * 2)
-
-
-def _task_id(raw: bytes) -> str | None:
-    """The task id in a queued message's headers (None for anything else)."""
-    try:
-        headers = json.loads(raw).get("headers")
-    except (ValueError, AttributeError, RecursionError):  # not JSON (or not UTF-8), or not an object
-        return None
-    return headers.get("id") if isinstance(headers, dict) else None

@@ -9,25 +9,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from redis import Redis
 
 from routing import names
+from routing.envelope import task_id_of
 from routing.reaper import UNACKED_KEY
 
 #: Beats of every live worker (after the first look) that must pass without it listing an un-acked call.
 beats_to_wait = 2
-
-
-def task_id_of(raw: Any) -> str | None:
-    """The task id in a kombu message envelope (None if it is not one: poison is someone else's business)."""
-    try:
-        envelope = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
-        task_id = envelope["headers"]["id"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    return task_id if isinstance(task_id, str) else None
 
 
 @dataclass
