@@ -22,11 +22,9 @@ from celery.exceptions import Ignore
 from redis import Redis
 
 from routing import names
+from routing.deadletter import DELIVERIES_HEADER
 
 log = logging.getLogger(__name__)
-
-#: Header in which the reaper counts the deliveries of a message it moved back (``routing/reaper.py``).
-DELIVERIES_HEADER = "flagship_deliveries"
 
 
 #: A call reaching its worker this long after it was sent may be the late original of a resent copy
