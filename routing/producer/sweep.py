@@ -219,7 +219,6 @@ class OrphanSweep:
         error = ServerUnavailable(url, f"call {task_id} was lost with the broker and could not be resent ({exc})")
         self.results.fail_where(lambda w: error if w is waiting else None)
 
-
     def resend(self, task_id: str, waiting: Waiting) -> None:
         """Send a lost call again (hint: its pool's shared queue; strict: its worker's direct queue), same task id.
 
