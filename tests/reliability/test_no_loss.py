@@ -15,15 +15,19 @@ import time
 import uuid
 from collections.abc import Callable
 
+import pytest
 from helpers import wait_until
 
 from routing import Client, Session, names
 from routing.producer.binding import Waiting
+from routing.producer.future import CallFuture
 from routing.reaper import UNACKED_INDEX_KEY, UNACKED_KEY
 from tasks.local.stack import WorkerProcess
 
 StartWorkers = Callable[..., list[WorkerProcess]]
 POOL = "noloss_pool"
+#: How long a call sent to a stopped worker may take to be popped by its pending BRPOP (kombu's lasts 1 s).
+brpop_window_s = 3.0
 #: A queue no worker consumes: messages are built there, then placed by hand.
 HOLD_QUEUE = "flagship.test.hold"
 
@@ -63,6 +67,28 @@ def built_message(client: Client, session: Session, marker: str, task_id: str, t
     return message
 
 
+def popped_by_stopped(client: Client, submit: Callable[[], CallFuture], worker: WorkerProcess,
+                      prepare: Callable[[], object] = lambda: None, attempts: int = 5) -> CallFuture:
+    """A call (``submit()``) popped by ``worker`` while it is stopped: in its socket, in no queue, not un-acked.
+
+    Only a BRPOP pending at the stop pops the call; kombu re-issues its BRPOP every
+    second, so a stop that falls between two finds none and the call stays queued:
+    the worker is then resumed (the call runs as usual) and the stop tried again.
+    """
+    for _ in range(attempts):
+        prepare()  # before the stop: the call must follow it at once, while the BRPOP is still pending
+        os.kill(worker.pid, signal.SIGSTOP)
+        future = submit()
+        deadline = time.monotonic() + brpop_window_s
+        while time.monotonic() < deadline:
+            if nowhere(client, future.id):
+                return future
+            time.sleep(0.02)
+        os.kill(worker.pid, signal.SIGCONT)
+        future.result(30)
+    pytest.fail(f"no stop of {worker.node} caught a pending BRPOP in {attempts} attempts")
+
+
 def delivered_again(message: dict[str, object], queue: str) -> str:
     """The message as kombu restores it (``redelivered``), routed to ``queue``."""
     headers, properties = message["headers"], message["properties"]
@@ -84,10 +110,12 @@ def test_a_hint_call_popped_by_a_worker_killed_before_recording_it_is_resent_and
     resent_before = stat(client, "resent")
 
     # A stopped worker's pending BRPOP still pops: the message goes into its socket, and nowhere else.
-    os.kill(workers[doomed].pid, signal.SIGSTOP)
-    future = session.submit("record", marker=f"popped-{uuid.uuid4().hex[:8]}")
-    assert future.target == doomed
-    wait_until(lambda: nowhere(client, future.id), timeout_s=10, what="the message popped by the stopped worker")
+    def submit() -> CallFuture:
+        future = session.submit("record", marker=f"popped-{uuid.uuid4().hex[:8]}")
+        assert future.target == doomed
+        return future
+
+    future = popped_by_stopped(client, submit, workers[doomed])
     workers[doomed].kill()
 
     result = future.result(30)
@@ -105,14 +133,20 @@ def test_a_hint_call_lost_by_a_worker_the_session_never_used_is_found_through_th
     busy = hinted.worker
     assert busy is not None
     taker = next(n for n in workers if n != busy)
-    holders = [sessions(POOL, node=busy, affinity="strict_queue").submit("ping", sleep_s=3.0) for _ in range(2)]
-    wait_until(lambda: client.watch.get(busy).saturated, what="the bound worker saturated")
+    holders: list[CallFuture] = []
+
+    def saturate() -> None:
+        holders.extend(sessions(POOL, node=busy, affinity="strict_queue").submit("ping", sleep_s=3.0)
+                       for _ in range(2))
+        wait_until(lambda: client.watch.get(busy).saturated, what="the bound worker saturated")
+
+    def submit() -> CallFuture:
+        future = hinted.submit("record", marker=f"shared-{uuid.uuid4().hex[:8]}")
+        assert future.target is None
+        return future
 
     # The other worker, which no session of this client uses, pops the call from the shared queue and dies.
-    os.kill(workers[taker].pid, signal.SIGSTOP)
-    future = hinted.submit("record", marker=f"shared-{uuid.uuid4().hex[:8]}")
-    assert future.target is None
-    wait_until(lambda: nowhere(client, future.id), timeout_s=10, what="the message popped by the stopped worker")
+    future = popped_by_stopped(client, submit, workers[taker], prepare=saturate)
     # Followed within a membership read: the pool has a pending hint call.
     wait_until(lambda: client.watch.get(taker) is not None, timeout_s=5, what="the watch follows the pool")
     workers[taker].kill()
