@@ -103,6 +103,30 @@ def test_client_map_spreads_one_program_over_every_live_worker_in_input_order(cl
     assert result.summary()["failures"] == {} and client.sessions.all() is not None
 
 
+def test_client_map_by_default_gives_each_worker_an_even_share_in_one_chunk(client, stack) -> None:
+    live = [w for w in stack.workers if w.pool == "triage_pool" and w.alive()]
+    assert len(live) == 2
+    threads = min(info.concurrency for info in client.registry.workers(["triage_pool"]) if info.live)
+    examples = [{"ticket": text} for _, text in TICKETS] * (2 * threads // len(TICKETS) + 1)
+    result = client.map("triage_pool", TRIAGE, examples, progress=False)
+    assert [o["category"] for o in result.outputs] == [label for label, _ in TICKETS] * (len(examples) // 3)
+    # Two chunks of one worker's threads' worth at least: one chunk each, not both on the first worker.
+    share = -(-len(examples) // len(live))
+    assert sorted(result.per_worker.values()) == sorted([share, len(examples) - share])
+
+
+def test_default_chunk_size_splits_evenly_between_one_and_eight_examples_per_thread() -> None:
+    from types import SimpleNamespace
+
+    from routing.producer.fleet import default_chunk_size
+
+    two = [SimpleNamespace(slots=64), SimpleNamespace(slots=64)]
+    assert default_chunk_size(1000, two) == 500  # type: ignore[arg-type]
+    assert default_chunk_size(100_000, two) == 8 * 64  # type: ignore[arg-type]
+    assert default_chunk_size(10, two) == 64  # type: ignore[arg-type]
+    assert default_chunk_size(90, [SimpleNamespace(slots=4)] * 3) == 30  # type: ignore[arg-type]
+
+
 def test_client_map_reruns_the_chunks_of_a_worker_that_dies(client, pool_workers) -> None:
     from routing.producer.fleet import FleetMap, Worker
 

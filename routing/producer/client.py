@@ -186,9 +186,10 @@ class Client:
 
         The program (``module`` "predict" or "chain_of_thought" over ``signature``,
         with an LM built from ``lm``'s ``session.lm`` arguments) is built once per
-        worker. Chunks (default: one worker's threads' worth) spread over the
-        workers as they free up; a chunk whose worker dies runs again elsewhere;
-        a failed example holds its typed error. ``progress``: a progress bar on
+        worker. Chunks (default: the examples split evenly over the workers, at
+        most 8 per worker thread) go to the workers as they free up, and a worker
+        runs a chunk on all its threads; a chunk whose worker dies runs again
+        elsewhere; a failed example holds its typed error. ``progress``: a progress bar on
         stderr (None: only on a terminal).
         """
         spec = validate.pool(pool, self.pools)

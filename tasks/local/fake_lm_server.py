@@ -142,8 +142,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         return
 
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
+    def _send(self, status: int, payload: dict[str, Any], not_before: float = 0.0) -> None:
         data = json.dumps(payload).encode()
+        wait = not_before - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -154,6 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client gave up (timeout test); nothing to answer
 
     def do_POST(self) -> None:
+        arrived = time.monotonic()
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b"{}"
         try:
@@ -162,17 +166,18 @@ class _Handler(BaseHTTPRequestHandler):
             body = {"_unparsed": raw.decode(errors="replace")}
         request = RecordedRequest(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
         outcome = self.fake._next(request)
-        delay_s = outcome.delay_s + (self.fake.delay_s if outcome.status == 200 else 0.0)
-        if delay_s:
-            time.sleep(delay_s)
+        # The answer is ready first and leaves ``delay_s`` after the request arrived, as a model's latency
+        # would: the server's own work does not add to the delay.
+        answer_at = arrived + outcome.delay_s + (self.fake.delay_s if outcome.status == 200 else 0.0)
         if not self.path.rstrip("/").endswith("/chat/completions"):
-            self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found", "code": None}})
+            self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found", "code": None}},
+                       answer_at)
         elif outcome.status != 200:
             error_type = _ERROR_TYPES.get(outcome.status, "error")
             self._send(outcome.status, {"error": {"message": outcome.message, "type": error_type,
-                                                  "code": error_type, "param": None}})
+                                                  "code": error_type, "param": None}}, answer_at)
         else:
-            self._send(200, self.fake.completion(body))
+            self._send(200, self.fake.completion(body), answer_at)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,19 +5,40 @@ checked and run like a call of its own; a failing item becomes an error entry
 in place and the others still run. ``num_threads`` > 1 runs the items of a
 ``call`` (module) batch concurrently, as ``dspy.Module.batch`` does; results keep
 their order either way.
+
+Concurrent items run on one thread pool per worker process, kept between
+batches: starting 64 threads for every chunk of an LM map cost ~1.5 ms each
+under load (the GIL hand-off of ``Thread.start``), so a chunk's last item
+started ~100 ms after its first.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from routing.errors import FlagshipError, OperationFailed, error_to_json
+from routing.validate import max_threads
 from tasks.worker.allowlist import CallContext, dispatch, operation
 
 log = logging.getLogger(__name__)
 
+#: Threads the shared item pool may grow to; a thread is started only when no idle one is free.
+ITEM_THREADS = 4 * max_threads
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _item_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(ITEM_THREADS, thread_name_prefix="flagship-map")
+    return _pool
 
 
 def _run_item(ctx: CallContext, op: str, kwargs: Any) -> dict[str, Any]:
@@ -30,6 +51,28 @@ def _run_item(ctx: CallContext, op: str, kwargs: Any) -> dict[str, Any]:
         return {"error": error_to_json(OperationFailed(op, type(exc).__name__, str(exc)))}
 
 
+def _run_concurrently(ctx: CallContext, op: str, items: list[Any], num_threads: int) -> list[dict[str, Any]]:
+    """Items on ``num_threads`` runners of the shared pool, each taking the next item as it frees up."""
+    replies: list[dict[str, Any]] = [{}] * len(items)
+    indexes = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def runner() -> None:
+        while True:
+            with lock:
+                i = next(indexes, None)
+            if i is None:
+                return
+            replies[i] = _run_item(ctx, op, items[i])
+
+    pool = _item_pool()
+    runners = [pool.submit(runner) for _ in range(min(num_threads, len(items)) - 1)]
+    runner()  # the task's own thread is one of the runners
+    for done in runners:
+        done.result()
+    return replies
+
+
 @operation("map")
 def map_items(ctx: CallContext, op: str, items: list[Any], num_threads: int = 1) -> list[dict[str, Any]]:
     """``[{"ok": result} | {"error": {"type", "args"}}, ...]``, one entry per item, in order.
@@ -39,5 +82,4 @@ def map_items(ctx: CallContext, op: str, items: list[Any], num_threads: int = 1)
     """
     if num_threads == 1 or len(items) < 2:
         return [_run_item(ctx, op, kwargs) for kwargs in items]
-    with ThreadPoolExecutor(min(num_threads, len(items)), thread_name_prefix="flagship-map") as pool:
-        return list(pool.map(lambda kwargs: _run_item(ctx, op, kwargs), items))
+    return _run_concurrently(ctx, op, items, num_threads)
