@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from typing import Any
 
 from routing import Client, Pool, PoolTable, Settings, gather
 from routing.pools import PoolKind
+from tasks.local.bench_env import CpuMeter, own_server, server_pid
 from tasks.local.bench_lm import MODEL, NO_KEY, SIGNATURE, TICKETS, FakeServer
 from tasks.local.bench_report import markdown_table, update_section
 from tasks.local.stack import Stack
@@ -33,8 +35,7 @@ NOOP_POOL = Pool("batch_bench_pool", size=2, kind=PoolKind.CPU)
 LM_POOL = Pool("map_bench_pool", size=2, kind=PoolKind.LM)
 
 
-def _pools_settings(*pools: Pool) -> tuple[Settings, str]:
-    base = Settings.from_env()
+def _pools_settings(base: Settings, *pools: Pool) -> tuple[Settings, str]:
     table = PoolTable.load(base.pools_config)
     for pool in pools:
         table = table.with_pool(pool)
@@ -83,40 +84,67 @@ def bench_waiting(client: Client, pending: int, sleep_s: float, slots: int) -> d
             "cpu_us_per_call": cpu / pending * 1e6}
 
 
-def bench_fleet_map(client: Client, base_url: str, examples_n: int, delay_s: float, slots: int) -> dict[str, Any]:
+def bench_fleet_map(client: Client, base_url: str, examples_n: int, delay_s: float, slots: int, rounds: int,
+                    fleet_meter: CpuMeter, local_meter: CpuMeter) -> dict[str, Any]:
+    """``client.map`` vs ``dspy.Parallel(num_threads=64)`` in this process, in alternating rounds (medians)."""
     import dspy
 
     examples = [{"ticket": TICKETS[i % len(TICKETS)]} for i in range(examples_n)]
     client.map(LM_POOL.name, SIGNATURE, examples[:slots], progress=False)  # warm-up: LMs, HTTP clients
-    fleet = client.map(LM_POOL.name, SIGNATURE, examples, progress=False)
-    ideal_s = math.ceil(examples_n / slots) * delay_s
     lm = dspy.LM(MODEL, api_base=base_url, api_key=NO_KEY, cache=False, temperature=0.0, max_tokens=4000)
     program = dspy.Predict(SIGNATURE)
-    with dspy.context(lm=lm):
-        parallel = dspy.Parallel(num_threads=64, disable_progress_bar=True)
-        t = time.perf_counter()
-        parallel([(program, dspy.Example(**e).with_inputs("ticket")) for e in examples])
-        in_process_s = time.perf_counter() - t
-    return {"examples": examples_n, "delay_s": delay_s, "pool_slots": slots, "fleet_s": fleet.elapsed_s,
-            "ideal_s": ideal_s, "ratio_to_ideal": fleet.elapsed_s / ideal_s,
-            "dspy_parallel_64_threads_s": in_process_s, "ratio_to_dspy_parallel": fleet.elapsed_s / in_process_s,
-            "summary": fleet.summary()}
+    parallel = dspy.Parallel(num_threads=64, disable_progress_bar=True)
+    dataset = [(program, dspy.Example(**e).with_inputs("ticket")) for e in examples]
+    fleet_rounds: list[dict[str, Any]] = []
+    local_rounds: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for _ in range(rounds):
+        fleet_meter.start()
+        fleet = client.map(LM_POOL.name, SIGNATURE, examples, progress=False)
+        fleet_rounds.append(_cpu_round(fleet.elapsed_s, fleet_meter.stop(), examples_n))
+        summary = fleet.summary()
+        with dspy.context(lm=lm):
+            local_meter.start()
+            t = time.perf_counter()
+            parallel(dataset)
+            local_rounds.append(_cpu_round(time.perf_counter() - t, local_meter.stop(), examples_n))
+    fleet_s = statistics.median(r["wall_s"] for r in fleet_rounds)
+    in_process_s = statistics.median(r["wall_s"] for r in local_rounds)
+    ideal_s = math.ceil(examples_n / slots) * delay_s
+    return {"examples": examples_n, "delay_s": delay_s, "pool_slots": slots, "fleet_s": fleet_s,
+            "ideal_s": ideal_s, "ratio_to_ideal": fleet_s / ideal_s,
+            "dspy_parallel_64_threads_s": in_process_s, "ratio_to_dspy_parallel": fleet_s / in_process_s,
+            "rounds": {"fleet": fleet_rounds, "dspy_parallel": local_rounds}, "summary": summary}
+
+
+def _cpu_round(wall_s: float, cpu_s: dict[str, float], calls: int) -> dict[str, Any]:
+    return {"wall_s": wall_s, "cpu_ms_per_call": {k: round(v * 1000 / calls, 3) for k, v in cpu_s.items()}}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    with own_server(Settings.from_env()) as base:
+        return _run(args, base)
+
+
+def _run(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
     report: dict[str, Any] = {}
-    settings, table = _pools_settings(NOOP_POOL, LM_POOL)
+    settings, table = _pools_settings(base, NOOP_POOL, LM_POOL)
     with FakeServer(args.delay_s) as server:
         env = {"FLAGSHIP_POOLS": table, "FLAGSHIP_LM_API_BASE": server.base_url, "FLAGSHIP_LM": MODEL,
                "FLAGSHIP_LM_RETRIES": "0"}
         with Stack(settings, env=env, loglevel="warning") as stack:
-            stack.start_pools(pools=[NOOP_POOL.name, LM_POOL.name])
+            procs = stack.start_pools(pools=[NOOP_POOL.name, LM_POOL.name])
             client = Client(stack.redis_url, settings)
             try:
                 report["map"] = bench_map(client, args.sessions, args.calls, args.chunk_size, args.rounds)
                 slots = LM_POOL.size * LM_POOL.concurrency
                 report["waiting"] = bench_waiting(client, args.pending, args.sleep_s, slots)
-                report["fleet_map"] = bench_fleet_map(client, server.base_url, args.examples, args.delay_s, slots)
+                lm_workers = [p.pid for p in procs if p.pool == LM_POOL.name]
+                fleet_meter = CpuMeter({"producer": [os.getpid()], "workers": lm_workers,
+                                        "redis": [server_pid(stack.settings)], "lm_server": [server.proc.pid]})
+                local_meter = CpuMeter({"process": [os.getpid()], "lm_server": [server.proc.pid]})
+                report["fleet_map"] = bench_fleet_map(client, server.base_url, args.examples, args.delay_s, slots,
+                                                      args.rounds, fleet_meter, local_meter)
             finally:
                 client.close()
     return report
@@ -142,11 +170,22 @@ def markdown(report: dict[str, Any]) -> str:
     shares = ", ".join(f"{node.split('@')[0]} {v['share']:.0%}" for node, v in f["summary"]["per_worker"].items())
     return (f"```bash\nflagship bench batch\n```\n\nOne run, {when} (2 shared cores; median of rounds where "
             "repeated):\n\n" + markdown_table(["", "result"], rows)
+            + "\n\n`client.map` and `dspy.Parallel` rounds, alternating (wall seconds; CPU ms per example by "
+            "process):\n\n" + markdown_table(["round", "`client.map`", "`dspy.Parallel(num_threads=64)`"],
+                                              _round_rows(f["rounds"]))
             + f"\n\n`client.map` per-worker share: {shares}. Targets: `session.map` ≥ 20,000 calls/s "
             + ("(met)" if m["map_calls_s"] >= 20_000 else "(**not met** in this run)")
             + "; waiting < 5 % of a core " + ("(met)" if w["core_share"] < 0.05 else "(**not met**)")
             + "; `client.map` within 1.2× ideal " + ("(met)." if f["ratio_to_ideal"] <= 1.2 else "(**not met**).")
             + "\n")
+
+
+def _round_rows(rounds: dict[str, list[dict[str, Any]]]) -> list[list[str]]:
+    def cell(r: dict[str, Any]) -> str:
+        return f"{r['wall_s']:.2f} s (" + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_ms_per_call"].items()) + ")"
+
+    return [[str(i + 1), cell(fleet), cell(local)]
+            for i, (fleet, local) in enumerate(zip(rounds["fleet"], rounds["dspy_parallel"], strict=True))]
 
 
 def main(argv: list[str] | None = None) -> int:
