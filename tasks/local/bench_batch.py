@@ -32,7 +32,8 @@ from tasks.local.bench_report import markdown_table, update_section
 from tasks.local.stack import Stack
 
 NOOP_POOL = Pool("batch_bench_pool", size=2, kind=PoolKind.CPU)
-LM_POOL = Pool("map_bench_pool", size=2, kind=PoolKind.LM)
+#: No queue timeout: the waiting benchmark keeps ~8 two-second calls queued per session on purpose.
+LM_POOL = Pool("map_bench_pool", size=2, kind=PoolKind.LM, queue_timeout_s=None)
 
 
 def _pools_settings(base: Settings, *pools: Pool) -> tuple[Settings, str]:
