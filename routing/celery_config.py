@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from routing.connect import SentinelOptions, is_sentinel
+from routing.result_store import store_backend_url
 from routing.settings import Settings
 from routing.tls import tls_url
 from routing.transport import (
@@ -34,7 +35,8 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
     }
     config: dict[str, Any] = {
         "broker_url": redis_url,
-        "result_backend": redis_url,
+        # Celery's Redis backend storing each result in one atomic round trip (producers swap in their listener).
+        "result_backend": store_backend_url(redis_url),
         "broker_transport_options": transport,
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         "broker_connection_retry_on_startup": True,

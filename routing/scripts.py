@@ -10,7 +10,7 @@ from redis.commands.core import Script
 
 
 @cache
-def _source(name: str) -> str:
+def source(name: str) -> str:
     return files("routing").joinpath("scripts", f"{name}.lua").read_text()
 
 
@@ -18,7 +18,7 @@ class Scripts:
     """The scripts, registered on one Redis client (EVALSHA, falling back to EVAL)."""
 
     def __init__(self, redis: Redis) -> None:
-        self.bind_session: Script = redis.register_script(_source("bind_session"))
-        self.rebind_session: Script = redis.register_script(_source("rebind_session"))
-        self.close_session: Script = redis.register_script(_source("close_session"))
-        self.touch_session: Script = redis.register_script(_source("touch_session"))
+        self.bind_session: Script = redis.register_script(source("bind_session"))
+        self.rebind_session: Script = redis.register_script(source("rebind_session"))
+        self.close_session: Script = redis.register_script(source("close_session"))
+        self.touch_session: Script = redis.register_script(source("touch_session"))
