@@ -6,6 +6,7 @@ what the analysis code printed in the sandbox.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -35,9 +36,14 @@ _ESCALATE = ("urgent", "asap", "critical", "emergency", "immediately")
 _DEESCALATE = ("no rush", "whenever", "low priority")
 
 
+@functools.cache
+def _word_pattern(word: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![a-z0-9]){re.escape(word)}(?![a-z0-9])")
+
+
 def _hits(text: str, words: tuple[str, ...]) -> list[str]:
     """Keywords present in the text as whole words (so "down" misses "download")."""
-    return [w for w in words if re.search(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])", text)]
+    return [w for w in words if _word_pattern(w).search(text)]
 
 
 def triage_ticket(ticket: str) -> dict[str, Any]:
