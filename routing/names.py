@@ -65,6 +65,11 @@ def worker_queue(node: str) -> str:
     return f"{PREFIX}.direct.{node}"
 
 
+def is_worker_queue(queue: str) -> bool:
+    """Whether ``queue`` is some worker's own queue (:func:`worker_queue`)."""
+    return queue.startswith(f"{PREFIX}.direct.")
+
+
 def worker_key(node: str) -> str:
     return WORKER_KEY.format(node=node)
 

@@ -42,6 +42,8 @@ TEST_POOLS = {
     "door_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2},
     # Malformed messages pushed raw to a worker's queues (tests/reliability/test_poison.py).
     "poison_pool": {"affinity": "hint", "size": 1, "concurrency": 2},
+    # Bursts drained from a worker's own queue (tests/reliability/test_drain.py); prefetch 8 holds a burst of 6.
+    "drain_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 8, "queue_timeout_s": None},
     # No call lost (tests/reliability/test_no_loss.py, test_chaos.py): workers killed mid-pop, restarted.
     "noloss_pool": {"affinity": "hint", "size": 2, "concurrency": 2},
     "chaos_strict_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 4, "queue_timeout_s": None},

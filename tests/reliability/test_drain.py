@@ -1,0 +1,110 @@
+"""A burst in a worker's own queue is drained in one step: popped and recorded un-acked together.
+
+The worker is stopped (SIGSTOP) while a strict session's calls and two malformed
+messages pile up in its queue, then resumed: the calls run once each, in order;
+the malformed ones are dead-lettered and leave no un-acked entry behind; the
+drain script ran (the server counts its ``RPOP``); nothing stays un-acked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from helpers import wait_until
+
+from routing import Client, names
+from routing.deadletter import COUNTER
+from routing.reaper import UNACKED_INDEX_KEY, UNACKED_KEY
+from tasks.local.stack import Stack, WorkerProcess
+
+POOL = "drain_pool"
+
+
+@pytest.fixture(scope="module")
+def worker(stack: Stack) -> Iterator[WorkerProcess]:
+    worker = stack.start_worker(POOL)
+    yield worker
+    worker.stop()
+
+
+def _malformed(client: Client, queue: str, edit: Any) -> tuple[bytes, str]:
+    """A real envelope for ``queue`` (as a producer's Celery writes it), edited; returns it and its tag."""
+    scratch = f"drain.scratch.{uuid.uuid4().hex}"
+    client.app.send_task(names.CALL_TASK, args=["s", "ping", {}, {}], queue=scratch, task_id=str(uuid.uuid4()))
+    raw = client.redis.rpop(scratch)
+    assert raw is not None
+    envelope = json.loads(raw)
+    envelope["properties"]["delivery_info"].update(exchange="", routing_key=queue)
+    edit(envelope)
+    return json.dumps(envelope).encode(), envelope["properties"]["delivery_tag"]
+
+
+def _rpop_calls(client: Client) -> int:
+    return int(client.redis.info("commandstats").get("cmdstat_rpop", {}).get("calls", 0))
+
+
+def test_a_burst_is_drained_recorded_and_run_in_order_and_poison_in_it_leaves_no_unacked_entry(
+        client: Client, stack: Stack, worker: WorkerProcess) -> None:
+    session = client.session(POOL)
+    assert session.worker == worker.node
+    queue = names.worker_queue(worker.node)
+    bad_body, bad_body_tag = _malformed(client, queue, lambda e: e.update(body="%%% not base64 %%%"))
+    no_id, no_id_tag = _malformed(client, queue, lambda e: e["headers"].pop("id"))
+    dead_before = int(client.redis.hget(names.STATS_KEY, COUNTER) or 0)
+    rpops_before = _rpop_calls(client)
+
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        first = session.submit("ping")
+        client.redis.lpush(queue, bad_body)
+        rest = [session.submit("ping") for _ in range(5)]
+        client.redis.lpush(queue, no_id)
+        rest += [session.submit("ping") for _ in range(5)]
+        wait_until(lambda: client.redis.llen(queue) >= 11, timeout_s=10)  # BRPOP may hold the first already
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+
+    replies = [f.result(30) for f in [first, *rest]]
+    seqs = [r["seq"] for r in replies]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 11  # each ran once, in the session's order
+    assert {r["node"] for r in replies} == {worker.node}
+    wait_until(lambda: int(client.redis.hget(names.STATS_KEY, COUNTER) or 0) >= dead_before + 2, timeout_s=10)
+    assert _rpop_calls(client) > rpops_before  # the drain script popped the rest of the burst
+    assert not client.redis.hexists(UNACKED_KEY, bad_body_tag) and not client.redis.hexists(UNACKED_KEY, no_id_tag)
+    assert client.redis.zscore(UNACKED_INDEX_KEY, bad_body_tag) is None
+    assert client.redis.zscore(UNACKED_INDEX_KEY, no_id_tag) is None
+    wait_until(lambda: not [raw for raw in client.redis.hvals(UNACKED_KEY) if queue.encode() in raw], timeout_s=10)
+    assert session.call("ping")["seq"] == seqs[-1] + 1  # the worker and the session still serve
+    session.close()
+
+
+def test_drained_messages_are_recorded_unacked_before_they_run(client: Client, stack: Stack,
+                                                               worker: WorkerProcess) -> None:
+    """Calls waiting for their session's turn were all popped by the drain and are un-acked, not queued."""
+    session = client.session(POOL)
+    queue = names.worker_queue(worker.node)
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        futures = [session.submit("ping", sleep_s=0.3) for _ in range(6)]
+        wait_until(lambda: client.redis.llen(queue) >= 5, timeout_s=10)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    ids = [f.id for f in futures]
+
+    def unacked_ids() -> set[str]:
+        found = set()
+        for raw in client.redis.hvals(UNACKED_KEY):
+            message = json.loads(raw)[0]
+            found.add(message["headers"]["id"])
+        return found
+
+    # While the first call sleeps, the other five wait in the worker for their turn: recorded, none queued.
+    wait_until(lambda: set(ids) <= unacked_ids() and client.redis.llen(queue) == 0, timeout_s=5)
+    assert [f.result(30)["seq"] for f in futures] == sorted(f.result(30)["seq"] for f in futures)
+    session.close()
