@@ -32,6 +32,9 @@ class AtomicStore:
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None,
                       **kwargs: Any) -> Any:
         backend: Any = self
+        if backend.serializer != "json" or backend.app.conf.result_compression:
+            # The script reads a stored result as JSON: anything else takes Celery's own two round trips.
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)  # type: ignore[misc]
         meta = backend._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         meta["task_id"] = bytes_to_str(task_id)  # type: ignore[no-untyped-call]
         value = backend.encode(meta)

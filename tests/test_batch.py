@@ -115,15 +115,17 @@ def test_client_map_by_default_gives_each_worker_an_even_share_in_one_chunk(clie
     assert sorted(result.per_worker.values()) == sorted([share, len(examples) - share])
 
 
-def test_default_chunk_size_splits_evenly_between_one_and_eight_examples_per_thread() -> None:
+def test_default_chunk_size_gives_every_worker_equal_chunks_of_at_most_eight_examples_per_thread() -> None:
     from types import SimpleNamespace
 
     from routing.producer.fleet import default_chunk_size
 
     two = [SimpleNamespace(slots=64), SimpleNamespace(slots=64)]
     assert default_chunk_size(1000, two) == 500  # type: ignore[arg-type]
-    assert default_chunk_size(100_000, two) == 8 * 64  # type: ignore[arg-type]
-    assert default_chunk_size(10, two) == 64  # type: ignore[arg-type]
+    assert default_chunk_size(1030, two) == 258  # two chunks each, not 512 + 512 + 6  # type: ignore[arg-type]
+    assert default_chunk_size(100_000, two) == 511  # type: ignore[arg-type]
+    assert default_chunk_size(10, two) == 5  # type: ignore[arg-type]
+    assert default_chunk_size(100, [SimpleNamespace(slots=64)] * 4) == 25  # every worker gets some
     assert default_chunk_size(90, [SimpleNamespace(slots=4)] * 3) == 30  # type: ignore[arg-type]
 
 

@@ -70,3 +70,17 @@ def test_a_real_worker_stores_its_calls_results_through_the_script(client: Clien
     result = client.app.send_task(names.NOOP_TASK, queue=names.pool_queue("triage_pool"))
     assert result.get(timeout=30)["pid"] > 0
     assert stack.redis.script_exists(sha) == [True]
+
+
+def test_compressed_results_take_celerys_own_path_with_the_same_rule(stack: Stack) -> None:
+    app = Celery("result-store-compressed")
+    app.conf.update(celery_config(Settings.from_env(), stack.redis_url), result_compression="zlib")
+    try:
+        task_id = str(uuid.uuid4())
+        app.backend.store_result(task_id, "kept", states.SUCCESS)
+        app.backend.store_result(task_id, ValueError("late duplicate"), states.FAILURE)
+        raw = redis_client(stack.redis_url).get(app.backend.get_key_for_task(task_id))
+        assert raw is not None and not raw.startswith(b"{")  # compressed: the script could not have read it
+        assert app.AsyncResult(task_id).get(timeout=5) == "kept"
+    finally:
+        app.close()

@@ -1,24 +1,36 @@
 -- Pop up to ARGV[1] more messages from a worker's own queue and record each as un-acked, in one atomic
 -- step: what kombu's QoS.append writes per message (the index score and the [message, exchange,
 -- routing key] entry), so no popped message is ever outside both the queue and the un-acked record.
--- KEYS[1] the queue's list; KEYS[2] kombu's un-acked hash; KEYS[3] its index (sorted set)
--- ARGV[1] how many at most; ARGV[2] now (the index score, seconds)
+-- Replies {message, tag, message, tag, ...}; tag is '' for a message it could not read (not recorded).
+-- The reply is kept under KEYS[4] for ARGV[3] ms: a retried call (its first reply lost) gets the same
+-- messages back instead of popping more, so none is left recorded but never delivered.
+-- KEYS[1] the queue's list; KEYS[2] kombu's un-acked hash; KEYS[3] its index; KEYS[4] this drain's reply
+-- ARGV[1] how many at most; ARGV[2] now (the index score, seconds); ARGV[3] how long the reply is kept (ms)
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  return redis.call('LRANGE', KEYS[4], 0, -1)
+end
 local items = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
 if not items then
   return {}
 end
+local reply = {}
 for _, item in ipairs(items) do
+  local tag = ''
   local ok, message = pcall(cjson.decode, item)
   if ok and type(message) == 'table' and type(message['properties']) == 'table' then
     local properties = message['properties']
-    local tag = properties['delivery_tag']
     local info = properties['delivery_info']
-    if type(tag) == 'string' and type(info) == 'table' then
+    if type(properties['delivery_tag']) == 'string' and type(info) == 'table' then
+      tag = properties['delivery_tag']
       local entry = '[' .. item .. ',' .. cjson.encode(info['exchange'] or '') .. ','
         .. cjson.encode(info['routing_key'] or '') .. ']'
       redis.call('HSET', KEYS[2], tag, entry)
       redis.call('ZADD', KEYS[3], ARGV[2], tag)
     end
   end
+  reply[#reply + 1] = item
+  reply[#reply + 1] = tag
 end
-return items
+redis.call('RPUSH', KEYS[4], unpack(reply))
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+return reply

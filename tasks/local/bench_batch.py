@@ -96,19 +96,29 @@ def bench_fleet_map(client: Client, base_url: str, examples_n: int, delay_s: flo
     program = dspy.Predict(SIGNATURE)
     parallel = dspy.Parallel(num_threads=64, disable_progress_bar=True)
     dataset = [(program, dspy.Example(**e).with_inputs("ticket")) for e in examples]
+    with dspy.context(lm=lm):
+        parallel(dataset[:slots])  # warm-up: the LM's HTTP client, 64 threads
     fleet_rounds: list[dict[str, Any]] = []
     local_rounds: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
-    for _ in range(rounds):
+
+    def fleet_round() -> None:
+        nonlocal summary
         fleet_meter.start()
         fleet = client.map(LM_POOL.name, SIGNATURE, examples, progress=False)
         fleet_rounds.append(_cpu_round(fleet.elapsed_s, fleet_meter.stop(), examples_n))
         summary = fleet.summary()
+
+    def local_round() -> None:
         with dspy.context(lm=lm):
             local_meter.start()
             t = time.perf_counter()
             parallel(dataset)
             local_rounds.append(_cpu_round(time.perf_counter() - t, local_meter.stop(), examples_n))
+
+    for i in range(rounds):  # alternating, each side first in every other round
+        for side in ((fleet_round, local_round) if i % 2 == 0 else (local_round, fleet_round)):
+            side()
     fleet_s = statistics.median(r["wall_s"] for r in fleet_rounds)
     in_process_s = statistics.median(r["wall_s"] for r in local_rounds)
     ideal_s = math.ceil(examples_n / slots) * delay_s

@@ -20,7 +20,7 @@ NOOP_TASK = "plain.noop"
 
 
 def make_app(redis_url: str, visibility_timeout_s: float = 3600) -> Celery:
-    app = Celery("plain_celery", broker=redis_url, backend=redis_url)
+    app = Celery("plain_celery", broker=redis_url, backend=redis_url, set_as_current=False)
     app.conf.update(
         task_serializer="json", result_serializer="json", accept_content=["json"], result_accept_content=["json"],
         event_serializer="json",

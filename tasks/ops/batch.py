@@ -25,8 +25,9 @@ from tasks.worker.allowlist import CallContext, dispatch, operation
 
 log = logging.getLogger(__name__)
 
-#: Threads the shared item pool may grow to; a thread is started only when no idle one is free.
-ITEM_THREADS = 4 * max_threads
+#: Threads the shared item pool may grow to; a thread is started only when no idle one is free. When
+#: every one is busy (many maps at once), a map's items run on the runners it got, its own thread included.
+ITEM_THREADS = 16 * max_threads
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -69,7 +70,8 @@ def _run_concurrently(ctx: CallContext, op: str, items: list[Any], num_threads: 
     runners = [pool.submit(runner) for _ in range(min(num_threads, len(items)) - 1)]
     runner()  # the task's own thread is one of the runners
     for done in runners:
-        done.result()
+        if not done.cancel():  # one still waiting for a free thread has nothing left to do
+            done.result()
     return replies
 
 

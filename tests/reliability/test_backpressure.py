@@ -106,13 +106,17 @@ def test_a_call_received_by_its_worker_whose_turn_comes_too_late_is_refused_ther
     session = sessions("bp_turn_pool")
     timeout_s = client.pools.get("bp_turn_pool").queue_timeout_s
     assert timeout_s == 3.0
+    sent_at = time.monotonic()
     first = session.submit("ping", sleep_s=timeout_s + SLACK_S)
     second = session.submit("ping")
     wait_until(lambda: _queued(client, session) == 0, timeout_s=timeout_s, what="both calls received by the worker")
 
     with pytest.raises(QueueTimeout) as raised:
         second.result(2 * timeout_s + 3 * SLACK_S)
-    assert first.done() and first.result()["seq"] == 1  # refused only when its turn came, after the first call
+    # Refused only when its turn came, after the first call's sleep (whose result may land a moment later:
+    # the worker gives the session's turn on before Celery stores the first call's result).
+    assert time.monotonic() - sent_at >= timeout_s + SLACK_S
+    assert first.result(5)["seq"] == 1
     assert raised.value.timeout_s == timeout_s
     assert _stored_error(client, second.id) == "QueueTimeout"  # the worker's verdict, through the result store
     assert session.call("ping", timeout_s=10)["seq"] == 2  # the refused call never ran

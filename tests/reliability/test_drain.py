@@ -79,7 +79,7 @@ def test_a_burst_is_drained_recorded_and_run_in_order_and_poison_in_it_leaves_no
     assert not client.redis.hexists(UNACKED_KEY, bad_body_tag) and not client.redis.hexists(UNACKED_KEY, no_id_tag)
     assert client.redis.zscore(UNACKED_INDEX_KEY, bad_body_tag) is None
     assert client.redis.zscore(UNACKED_INDEX_KEY, no_id_tag) is None
-    wait_until(lambda: not [raw for raw in client.redis.hvals(UNACKED_KEY) if queue.encode() in raw], timeout_s=10)
+    wait_until(lambda: not [raw for raw in client.redis.hvals(UNACKED_KEY) if queue in raw], timeout_s=10)
     assert session.call("ping")["seq"] == seqs[-1] + 1  # the worker and the session still serve
     session.close()
 
@@ -108,3 +108,28 @@ def test_drained_messages_are_recorded_unacked_before_they_run(client: Client, s
     wait_until(lambda: set(ids) <= unacked_ids() and client.redis.llen(queue) == 0, timeout_s=5)
     assert [f.result(30)["seq"] for f in futures] == sorted(f.result(30)["seq"] for f in futures)
     session.close()
+
+
+def test_the_drain_script_records_what_it_pops_and_a_retry_gets_the_same_messages(stack: Stack) -> None:
+    """A retried call (its reply lost on the way) must not pop more: those would be recorded but never delivered."""
+    from routing.scripts import source
+
+    run = uuid.uuid4().hex
+    queue, unacked, index, reply = (f"drain.test.{run}.{part}" for part in ("queue", "unacked", "index", "reply"))
+    messages = [json.dumps({"body": str(i), "headers": {}, "properties": {
+        "delivery_tag": f"tag-{i}", "delivery_info": {"exchange": "", "routing_key": queue}}}) for i in range(5)]
+    messages.append("not json")
+    stack.redis.lpush(queue, *messages)  # BRPOP/RPOP take from the right: tag-0 first
+    script = stack.redis.register_script(source("drain_direct_queue"))
+    first = script(keys=[queue, unacked, index, reply], args=[4, 1000.5, 60_000])
+    again = script(keys=[queue, unacked, index, reply], args=[4, 1000.5, 60_000])
+    assert first == again  # the same four messages, none popped twice or lost
+    assert first[0::2] == messages[:4] and first[1::2] == ["tag-0", "tag-1", "tag-2", "tag-3"]
+    assert stack.redis.llen(queue) == 2
+    entry = json.loads(stack.redis.hget(unacked, "tag-2") or "")
+    assert entry == [json.loads(messages[2]), "", queue]  # the shape kombu's QoS.append writes
+    assert stack.redis.zscore(index, "tag-2") == 1000.5
+    rest = script(keys=[queue, unacked, index, f"{reply}.2"], args=[4, 1000.5, 60_000])
+    assert rest[0::2] == [messages[4], "not json"] and rest[1::2] == ["tag-4", ""]  # unreadable: not recorded
+    assert stack.redis.hlen(unacked) == 5 and 0 < stack.redis.pttl(reply) <= 60_000
+    stack.redis.delete(queue, unacked, index, reply, f"{reply}.2")
