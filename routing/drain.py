@@ -8,7 +8,9 @@ a ``BRPOP`` from the worker's own queue, :func:`drain_own_queue` pops the rest
 of the burst (up to the prefetch room) and records each message un-acked, in
 one script (``drain_direct_queue.lua``): 7.5-8.5 ms (p90 32-34 ms). Only a
 worker's own queue: a shared queue stays one message per ``BRPOP``, fair to the
-pool's other workers.
+pool's other workers. Only while the worker has other messages in flight (a lone
+call is not a burst) and not within 20 ms of a drain that found nothing, so calls
+one at a time cost no extra round trip.
 
 No message is ever outside both the queue and the un-acked record: the script
 pops and records atomically; a retried call (its reply lost) gets the same
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 drain_max = 32
 #: How long a drain's reply is kept for a retried call (ms).
 reply_ttl_ms = 60_000
+#: After a drain that found nothing, no drain for this long (a steady trickle is taken by BRPOP alone).
+quiet_after_empty_s = 0.02
 #: Key prefix of those replies.
 REPLY_PREFIX = names.PREFIX + ":drain:"
 
@@ -75,6 +79,8 @@ def drain_own_queue(channel: Any, key: str, queue: str) -> None:
     if queue not in (channel.connection._callbacks or {}):  # not consuming it (any more): leave it queued
         return
     qos: Any = channel.qos
+    if len(qos._delivered) < 2 or time.monotonic() < channel._drain_quiet_until:
+        return  # a lone call (nothing else in flight), or the last drain found nothing: no round trip
     room = qos.prefetch_count - (len(qos._delivered) - len(qos._dirty)) if qos.prefetch_count else drain_max
     if room <= 0:
         return
@@ -84,6 +90,9 @@ def drain_own_queue(channel: Any, key: str, queue: str) -> None:
         reply = channel._drain_script(
             keys=[key, qos.unacked_key, qos.unacked_index_key, REPLY_PREFIX + uuid.uuid4().hex],
             args=[min(room, drain_max), time.time(), reply_ttl_ms], client=client)
+    if not reply:
+        channel._drain_quiet_until = time.monotonic() + quiet_after_empty_s
+        return
     popped = [(item, tag.decode() if isinstance(tag, bytes) else str(tag))
               for item, tag in zip(reply[0::2], reply[1::2], strict=True)]
     for i, (item, tag) in enumerate(popped):

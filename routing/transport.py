@@ -72,6 +72,7 @@ class GuardedChannel(_ChannelBase):
     QoS = CountingQoS
     _shared: tuple[Any, Any] | None = None
     _drain_script: Any = None
+    _drain_quiet_until = 0.0
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
