@@ -26,6 +26,7 @@ import time
 import uuid
 from typing import Any
 
+import redis as redis_lib
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
@@ -87,9 +88,14 @@ def drain_own_queue(channel: Any, key: str, queue: str) -> None:
     with channel.conn_or_acquire() as client:
         if channel._drain_script is None or channel._drain_script.registered_client is not client:
             channel._drain_script = client.register_script(source("drain_direct_queue"))
-        reply = channel._drain_script(
-            keys=[key, qos.unacked_key, qos.unacked_index_key, REPLY_PREFIX + uuid.uuid4().hex],
-            args=[min(room, drain_max), time.time(), reply_ttl_ms], client=client)
+        try:
+            reply = channel._drain_script(
+                keys=[key, qos.unacked_key, qos.unacked_index_key, REPLY_PREFIX + uuid.uuid4().hex],
+                args=[min(room, drain_max), time.time(), reply_ttl_ms], client=client)
+        except redis_lib.ResponseError as exc:  # a server without RPOP's count (Redis < 6.2): pop one by one
+            log.warning("draining %s is off for this connection: %s", queue, exc)
+            channel._drain_quiet_until = float("inf")
+            return
     if not reply:
         channel._drain_quiet_until = time.monotonic() + quiet_after_empty_s
         return
