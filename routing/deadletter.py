@@ -21,13 +21,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib.resources import files
 from typing import Any
 
 from redis import Redis
 
 from routing import names
 from routing.errors import DeadLettered
+from routing.scripts import source
 from routing.settings import env_number
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ result_ttl_s = 3600
 #: The ``names.STATS_KEY`` field counting dead-lettered messages.
 COUNTER = "dead_lettered"
 
-_STORE_ONCE = files("routing").joinpath("scripts", "store_result_once.lua").read_text()
+_STORE_ONCE = source("store_result_once")
 
 
 @dataclass(frozen=True)

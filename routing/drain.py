@@ -82,7 +82,8 @@ def drain_own_queue(channel: Any, key: str, queue: str) -> None:
     qos: Any = channel.qos
     if len(qos._delivered) < 2 or time.monotonic() < channel._drain_quiet_until:
         return  # a lone call (nothing else in flight), or the last drain found nothing: no round trip
-    room = qos.prefetch_count - (len(qos._delivered) - len(qos._dirty)) if qos.prefetch_count else drain_max
+    room = qos.can_consume_max_estimate()  # kombu's prefetch room (None: no prefetch limit)
+    room = drain_max if room is None else room
     if room <= 0:
         return
     with channel.conn_or_acquire() as client:

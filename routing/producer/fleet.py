@@ -88,8 +88,9 @@ def default_chunk_size(examples: int, workers: Sequence[Worker]) -> int:
     (not 512, 512 and a round for the last 6); 100 over four workers: 25 each (every worker used).
     """
     threads = max(1, min(w.slots for w in workers))
-    per_worker = math.ceil(math.ceil(examples / (max_examples_per_thread * threads)) / max(1, len(workers)))
-    return max(1, math.ceil(examples / (max(1, len(workers)) * max(1, per_worker))))
+    count = max(1, len(workers))
+    per_worker = max(1, math.ceil(math.ceil(examples / (max_examples_per_thread * threads)) / count))
+    return max(1, math.ceil(examples / (count * per_worker)))
 
 
 class FleetMap:
