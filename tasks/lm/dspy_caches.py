@@ -14,6 +14,11 @@
   building one costs ~0.1 ms. A ``TypeAdapter`` is immutable and thread-safe, so
   one per type is reused.
 
+- **Engine choice** (``tasks.lm.engine_choice``). DSPy chooses the engine before
+  every call, planning the whole wire request once just to learn whether the
+  native engine takes it; for text-only calls of one LM with the same options the
+  choice is kept.
+
 - **Proxy settings** (workers only, ``freeze_proxy_environment()``). DSPy's HTTP
   transport asks ``urllib.request.getproxies()`` on every request, which walks the
   whole environment (~0.1 ms). A worker reads its environment once, at start; the
@@ -34,6 +39,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import TypeAdapter
+
+from tasks.lm import engine_choice
 
 __all__ = ["install_dspy_caches", "installed", "cached_model_info", "cached_type_adapter", "preload_prices",
            "freeze_proxy_environment"]
@@ -100,6 +107,7 @@ def install_dspy_caches() -> None:
                 module.model_info = cached_model_info  # type: ignore[attr-defined]
         if adapter_utils.TypeAdapter is TypeAdapter:
             adapter_utils.TypeAdapter = cached_type_adapter  # type: ignore[assignment, misc]
+    engine_choice.install()
 
 
 def installed() -> bool:

@@ -22,6 +22,7 @@ from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception
 from routing.errors import LMAuthError, LMBadRequest, LMError, LMUnavailable
 from routing.settings import env_number
 from tasks.lm.dspy_caches import install_dspy_caches
+from tasks.lm.engine_choice import EngineChoices
 from tasks.lm.history import HISTORY_CHARS
 from tasks.lm.offline import OFFLINE_MODEL, OfflineLM
 
@@ -179,6 +180,8 @@ class ProviderLM(dspy.LM):
         kwargs["num_retries"] = 0  # one attempt per call inside DSPy; the retry loop is ours
         install_dspy_caches()  # per-call lookups DSPy repeats with the same answer (prices, pydantic adapters)
         super().__init__(model, **kwargs)
+        #: DSPy's engine choice kept per call shape (``tasks.lm.engine_choice``); copies share it.
+        self._flagship_engine_choices = EngineChoices()
         self.retries, self.backoff_s, self.backoff_max_s = retries, backoff_s, backoff_max_s
 
     def dump_state(self) -> dict[str, Any]:
