@@ -81,3 +81,18 @@ def test_a_worker_keeps_the_proxy_settings_it_started_with(monkeypatch) -> None:
     monkeypatch.delenv("HTTPS_PROXY")
     assert _proxy.getproxies()["https"] == "http://proxy.example:3128"
     assert _proxy.getproxies() is not _proxy.getproxies()  # callers get their own dict
+
+
+def test_pricing_route_is_resolved_once_per_model_and_matches_dspy() -> None:
+    from dspy.clients import capabilities
+
+    caches.install_dspy_caches()
+    assert capabilities.resolve is caches.cached_route
+    assert caches._original_route is not None
+    lm = build_lm("local-model-route-test", settings=LMSettings(model="openai/x", api_base="http://127.0.0.1:9/v1"))
+    before = caches._route.cache_info().misses
+    routes = [capabilities.resolve(lm) for _ in range(20)]
+    assert caches._route.cache_info().misses == before + 1
+    assert routes[0] == caches._original_route(lm) and routes[0].model == "local-model-route-test"
+    other = build_lm("gpt-4o-mini", settings=LMSettings(model="openai/x", api_base="http://127.0.0.1:9/v1"))
+    assert capabilities.resolve(other) == caches._original_route(other) != routes[0]
