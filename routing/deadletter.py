@@ -73,6 +73,8 @@ class Letter:
     raw: str | bytes
     task_id: str | None = None
     task: str | None = None
+    #: The message's ``reply_to``: the failure is published there too when it is a reply channel.
+    reply_to: Any = None
 
 
 _this_node: str | None = None
@@ -121,7 +123,8 @@ def record(pipe: Redis, letter: Letter, settings: DeadLetterSettings, node: str 
     pipe.hincrby(names.STATS_KEY, COUNTER, 1)
     if letter.task_id:
         key = RESULT_KEY.format(task_id=letter.task_id)
-        pipe.eval(_STORE_ONCE, 1, key, failure_result(letter.task_id, letter.reason), result_ttl_s)
+        pipe.eval(_STORE_ONCE, 1, key, failure_result(letter.task_id, letter.reason), result_ttl_s,
+                  names.reply_channel_or_none(letter.reply_to) or "")
 
 
 def announce(letter: Letter) -> None:

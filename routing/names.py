@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import socket
+from typing import Any
 
 #: Prefix of every Redis key the system owns (Celery's own keys are left as Celery names them).
 PREFIX = "flagship"
@@ -68,6 +70,25 @@ def worker_queue(node: str) -> str:
 def is_worker_queue(queue: str) -> bool:
     """Whether ``queue`` is some worker's own queue (:func:`worker_queue`)."""
     return queue.startswith(f"{PREFIX}.direct.")
+
+
+#: A producer's reply channel (``flagship:results:<32 hex>``): workers also publish the results of the calls it
+#: sent there (the message's ``reply_to``), so it subscribes once instead of once per call.
+REPLY_CHANNEL_PREFIX = PREFIX + ":results:"
+_REPLY_CHANNEL = re.compile(re.escape(REPLY_CHANNEL_PREFIX) + "[0-9a-f]{32}")
+
+
+def reply_channel(token: str) -> str:
+    """The reply channel named by ``token`` (32 hex digits, e.g. ``uuid4().hex``)."""
+    channel = REPLY_CHANNEL_PREFIX + token
+    if not _REPLY_CHANNEL.fullmatch(channel):
+        raise ValueError(f"not a reply channel token: {token!r}")
+    return channel
+
+
+def reply_channel_or_none(value: Any) -> str | None:
+    """``value`` if it is a reply channel (a message's ``reply_to``), else None: a worker publishes nowhere else."""
+    return value if isinstance(value, str) and _REPLY_CHANNEL.fullmatch(value) else None
 
 
 def worker_key(node: str) -> str:

@@ -74,14 +74,15 @@ def _over_delivered(raw: str, settings: DeadLetterSettings) -> Letter | None:
         headers = message["headers"]
         count = deliveries(headers) + 1
         queue = message["properties"]["delivery_info"]["routing_key"]
-    except (ValueError, TypeError, KeyError):
+        reply_to = message["properties"].get("reply_to")
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
     if count < settings.max_deliveries or not isinstance(headers, dict):
         return None
     task_id, task = headers.get("id"), headers.get("task")
     return Letter(str(queue), f"delivered {count} times without completing (limit {settings.max_deliveries}); "
                   "each time its worker died", raw, task_id if isinstance(task_id, str) else None,
-                  task if isinstance(task, str) else None)
+                  task if isinstance(task, str) else None, reply_to)
 
 
 def _move_one(redis: Redis, watched: str, read: Callable[[Redis], str | None],

@@ -142,12 +142,13 @@ class GuardedChannel(_ChannelBase):
         except self._broker_errors:
             raise
         except Exception as exc:  # kombu choked on it (a body that is not base64, ...): not fatal
-            tag, headers = envelope["properties"]["delivery_tag"], envelope["headers"]
+            properties, headers = envelope["properties"], envelope["headers"]
+            tag = properties["delivery_tag"]
             what = f"{type(exc).__name__}: {str(exc)[:200]}"
             reason = f"body is not valid base64 ({what})" if isinstance(exc, binascii.Error) else \
                 f"delivery failed ({what})"
             self._dead_letter(Letter(queue, reason, item, text_or_none(headers.get("id")),
-                                     text_or_none(headers.get("task"))))
+                                     text_or_none(headers.get("task")), properties.get("reply_to")))
             if tag in qos._delivered:  # recorded as un-acked before it failed
                 qos.ack(tag)
             elif recorded_tag:

@@ -41,7 +41,8 @@ from routing.connect import (
     server_address,
 )
 from routing.errors import CallTimeout, FlagshipError
-from routing.producer.results import ResultListener, listener_backend_url
+from routing.producer.listener_backend import listener_backend_url
+from routing.producer.results import ResultListener
 from tasks.local.stack import Stack
 
 STRICT_POOL, HINT_POOL = "sentinel_strict_pool", "sentinel_hint_pool"

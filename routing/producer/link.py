@@ -15,7 +15,8 @@ from routing.broker_errors import check_broker
 from routing.celery_config import celery_config
 from routing.connect import redis_client
 from routing.pools import PoolTable
-from routing.producer.results import ResultListener, listener_backend_url
+from routing.producer.listener_backend import listener_backend_url
+from routing.producer.results import ResultListener
 from routing.producer.router import Router
 from routing.producer.sweep import OrphanSweep
 from routing.producer.watch import WorkerWatch, reap_on_death

@@ -1,15 +1,16 @@
 """Call results, pushed by Redis to one listener thread per client: waiting costs nothing.
 
-Celery's Redis result backend stores a result with ``SET`` and ``PUBLISH``es it
-on a channel named after the key, in one transaction. The listener subscribes to
-the channel of every pending call and, once Redis confirms the subscription,
-reads the key once (the result may have been stored before), then settles the
-call's :class:`concurrent.futures.Future`. A thread waiting on a call sleeps on
-that future's condition: no polling, and no Redis command per waiting call.
-After a lost connection the listener resubscribes and re-reads every pending key.
-With a Sentinel URL the new connection goes to the current primary, so a failover
-is followed without a restart; ``on_reconnect`` then tells the producer, whose
-orphan sweep looks for calls the dead primary took with it.
+The producer's calls name the listener's *reply channel* (``reply_to``,
+:func:`routing.names.reply_channel`) and the workers' result store publishes each
+result there besides Celery's key channel (``routing.result_store``): the listener
+subscribes once, confirmed before the first call is sent, and settles the call's
+:class:`~concurrent.futures.Future` from the message. No Redis command per call,
+no polling. A call expected without it (sent by other code) subscribes to its own
+channel and reads its key once that is confirmed. After any gap in the reply
+channel's subscription (a lost connection, a new primary after a Sentinel failover:
+``on_reconnect`` tells the producer's orphan sweep) every pending key is read; as a
+safety net for results published elsewhere, keys of calls pending longer than
+``stale_after_s`` are read every ``sweep_every_s`` (one ``MGET`` for all).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from typing import Any
 
 import redis as redis_lib
 from celery import Celery, states
-from celery.backends.redis import RedisBackend, SentinelBackend
 
-from routing.connect import is_sentinel, redis_client
+from routing import names
+from routing.connect import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +38,15 @@ log = logging.getLogger(__name__)
 RESULT_KEY_PREFIX = "celery-task-meta-"
 #: Longest sleep between attempts to get a lost pub/sub connection back.
 max_reconnect_backoff_s = 2.0
-#: Settled calls after which the listener moves to a fresh connection (subscribed to what is still
-#: pending) instead of unsubscribing channel by channel: one reply per call saved.
+#: Settled calls with their own subscription after which the listener moves to a fresh connection
+#: (subscribed to what is still pending) instead of unsubscribing channel by channel.
 rotate_after = 5000
-
-
-class ListenerBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis result backend, minus its own per-call subscription on send.
-
-    The producer's :class:`ResultListener` subscribes instead; Celery's result
-    consumer would open a second subscription that nobody drains.
-    """
-
-    def on_task_call(self, producer: Any, task_id: str) -> None:
-        return None
-
-
-class ListenerSentinelBackend(SentinelBackend):  # type: ignore[misc]
-    """The same over Sentinel (``result_backend_transport_options`` name the primary)."""
-
-    def on_task_call(self, producer: Any, task_id: str) -> None:
-        return None
-
-
-def listener_backend_url(redis_url: str) -> str:
-    """The ``result_backend`` setting that makes a Celery app use :class:`ListenerBackend` (or its Sentinel twin)."""
-    backend = ListenerSentinelBackend if is_sentinel(redis_url) else ListenerBackend
-    return f"{__name__}:{backend.__name__}+{redis_url}"
+#: How long the first call waits for the reply channel's subscription to be confirmed (else it subscribes its own).
+home_ready_timeout_s = 5.0
+#: The safety net: keys of calls pending longer than ``stale_after_s`` are read every ``sweep_every_s``.
+sweep_every_s, stale_after_s = 2.0, 2.0
+#: Keys per ``MGET`` when reading many pending calls.
+read_batch = 1000
 
 
 @dataclass
@@ -71,6 +54,8 @@ class Pending:
     future: Future[Any]
     #: What the caller wants to know about the call later (see :meth:`ResultListener.fail_where`).
     tag: Any
+    subscribed: bool = True  # to its own result channel (it was not sent naming the reply channel)
+    since: float = 0.0  # time.monotonic() when it was expected
 
 
 class ResultListener:
@@ -80,33 +65,50 @@ class ResultListener:
         #: Called (on the listener thread; keep it short) once the listener is subscribed again after a lost
         #: connection: the server may be a new primary that never saw some calls (``routing.producer.sweep``).
         self.on_reconnect: Callable[[], None] | None = None
-        #: Set after a lost connection: the next confirmation of the home channel is a reconnect.
-        self._reconnected = False
-        #: Confirmations of the home channel on the current pub/sub object (a second one: redis-py reconnected it).
-        self._home_confirms = 0
+        #: A lost connection (ours; or a second confirmation of the home channel on one pub/sub: redis-py's).
+        self._reconnected, self._home_confirms = False, 0
         self._pubsub = self.redis.pubsub()
         self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
         self._settled = 0
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)  # a full pipe already wakes the listener: never block a caller
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Always subscribed, so the connection never sits unsubscribed with unread replies (no busy loop).
-        self._home = f"flagship:results:{uuid.uuid4().hex}"
+        #: The reply channel; always subscribed, so the connection never sits unsubscribed (no busy loop).
+        self._home = names.reply_channel(uuid.uuid4().hex)
+        #: Set once the reply channel's first subscription is confirmed: calls may name it from then on.
+        self._home_ready = threading.Event()
         self._subscribe: list[str] = [self._home]
+        self._next_sweep = 0.0
 
-    def expect(self, task_id: str, tag: Any = None) -> Future[Any]:
-        """A future settled with the call's return value (or its error); register before sending."""
+    @property
+    def reply_channel(self) -> str:
+        """What calls name as ``reply_to`` to have their results published to this listener."""
+        return self._home
+
+    def expect(self, task_id: str, tag: Any = None, *, replied: bool = False) -> Future[Any]:
+        """A future settled with the call's return value (or its error); register before sending.
+
+        ``replied``: the call will be sent with ``reply_to=``:attr:`reply_channel`, so it needs no
+        subscription of its own (once the reply channel is confirmed; until then it subscribes anyway).
+        """
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         channel = RESULT_KEY_PREFIX + task_id
         with self._lock:
-            self._pending[channel] = Pending(future, tag)
-            self._subscribe.append(channel)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="flagship-results", daemon=True)
-                self._thread.start()
-        self._wake()
+            if self._thread is None:  # started before it is published: close() may join it at any time
+                thread = threading.Thread(target=self._run, name="flagship-results", daemon=True)
+                thread.start()
+                self._thread = thread
+        if replied and not self._home_ready.is_set():
+            self._wake()
+            replied = self._home_ready.wait(home_ready_timeout_s)
+        with self._lock:
+            self._pending[channel] = Pending(future, tag, subscribed=not replied, since=time.monotonic())
+            if not replied:
+                self._subscribe.append(channel)
+                self._wake()
         return future
 
     def fail_where(self, error_for: Callable[[Any], BaseException | None]) -> int:
@@ -119,12 +121,9 @@ class ResultListener:
                       if (error := error_for(p.tag)) is not None]
         if not doomed:
             return 0
-        failed = 0
-        for (channel, error), raw in zip(doomed, self.redis.mget([channel for channel, _ in doomed])):
-            if raw is not None and self._settle(channel, raw):
-                continue
-            pending = self._take(channel)
-            if pending is not None:
+        failed, settled = 0, self._read([channel for channel, _ in doomed])
+        for channel, error in doomed:
+            if channel not in settled and (pending := self._take(channel)) is not None:
                 pending.future.set_exception(error)
                 failed += 1
         self._wake()
@@ -137,11 +136,17 @@ class ResultListener:
 
     def settle_stored(self, task_ids: list[str]) -> set[str]:
         """Settle the calls among ``task_ids`` whose final result is stored (one ``MGET``); returns those settled."""
-        if not task_ids:
-            return set()
-        channels = [RESULT_KEY_PREFIX + task_id for task_id in task_ids]
-        return {task_id for task_id, channel, raw in zip(task_ids, channels, self.redis.mget(channels))
-                if raw is not None and self._settle(channel, raw)}
+        settled = self._read([RESULT_KEY_PREFIX + task_id for task_id in task_ids])
+        return {channel[len(RESULT_KEY_PREFIX):] for channel in settled}
+
+    def _read(self, channels: list[str]) -> set[str]:
+        """Settle the calls of ``channels`` whose final result is stored (``MGET`` in batches); those settled."""
+        settled: set[str] = set()
+        for start in range(0, len(channels), read_batch):
+            batch = channels[start:start + read_batch]
+            settled.update(channel for channel, raw in zip(batch, self.redis.mget(batch))
+                           if raw is not None and self._settle(channel, raw))
+        return settled
 
     def discard(self, task_id: str) -> None:
         """Stop waiting for a call that was never sent."""
@@ -150,7 +155,7 @@ class ResultListener:
     def _take(self, channel: str) -> Pending | None:
         with self._lock:
             pending = self._pending.pop(channel, None)
-            self._settled += pending is not None
+            self._settled += pending is not None and pending.subscribed
         return pending
 
     def close(self) -> None:
@@ -162,8 +167,6 @@ class ResultListener:
             os.close(fd)
         self._pubsub.close()
         self.redis.close()
-
-    # -- the listener thread -----------------------------------------------------
 
     def _wake(self) -> None:
         try:
@@ -191,15 +194,11 @@ class ResultListener:
                 self._resubscribe_all()
 
     def _resubscribe_all(self) -> None:
-        """A fresh connection subscribed to every pending channel (each key is re-read on confirmation).
-
-        Used after a lost connection, and every ``rotate_after`` settled calls so
-        settled channels are dropped with the old connection, not one by one.
-        """
+        """A fresh connection (after a lost one, or every ``rotate_after`` settled calls with their own channel)."""
         old, self._pubsub = self._pubsub, self.redis.pubsub()
         old.close()
         with self._lock:
-            self._subscribe = [self._home, *self._pending]
+            self._subscribe = [self._home, *(channel for channel, p in self._pending.items() if p.subscribed)]
             self._settled = 0
             self._home_confirms = 0
 
@@ -222,44 +221,73 @@ class ResultListener:
                     selector.register(sock, selectors.EVENT_READ)
                 watched_sock = sock
             self._drain_messages()
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._next_sweep = now + sweep_every_s
+                self._read_replied(before=now - stale_after_s)
             for key, _ in selector.select(timeout=1.0):
                 if key.fileobj == self._wake_r:
                     os.read(self._wake_r, 4096)
 
     def _home_confirmed(self) -> None:
-        """The home channel's subscription confirmed: after a lost connection (ours or redis-py's), say so."""
+        """The reply channel is subscribed: after a gap, read what landed meanwhile; after a lost connection, say so."""
         self._home_confirms += 1
-        if not (self._reconnected or self._home_confirms > 1) or self.on_reconnect is None:
-            self._reconnected = False
-            return
+        reconnected = self._reconnected or self._home_confirms > 1
         self._reconnected = False
+        if self._home_ready.is_set():  # not the first subscription: there was a gap
+            self._read_replied()
+        self._home_ready.set()
+        if not reconnected or self.on_reconnect is None:
+            return
         try:
             self.on_reconnect()
         except Exception:  # the listener outlives its callback
             log.exception("result listener's reconnect callback failed")
 
+    def _read_replied(self, before: float = float("inf")) -> None:
+        """Settle the calls sent naming the reply channel (expected ``before``) whose results are stored."""
+        with self._lock:
+            channels = [channel for channel, p in self._pending.items() if not p.subscribed and p.since < before]
+        self._read(channels)
+
     def _drain_messages(self) -> None:
         if self._pubsub.connection is None:
             return
-        confirmed: list[str] = []
+        to_read: list[str] = []
         while (message := self._pubsub.get_message(timeout=0)) is not None:
             channel = message["channel"].decode()
             if channel == self._home:
                 if message["type"] == "subscribe":
                     self._home_confirmed()
+                elif message["type"] == "message":
+                    self._on_reply(message["data"], to_read)
                 continue
             if message["type"] == "message":
                 self._settle(channel, message["data"])
             elif message["type"] == "subscribe":
-                confirmed.append(channel)
-        if confirmed:
-            for channel, raw in zip(confirmed, self.redis.mget(confirmed)):
-                if raw is not None:
-                    self._settle(channel, raw)
+                to_read.append(channel)
+        self._read(to_read)
+
+    def _on_reply(self, raw: bytes, to_read: list[str]) -> None:
+        """A result on the reply channel (or only its task id, ``{"task_id": ...}``: its key is read)."""
+        backend = self.app.backend
+        try:
+            decoded = backend.decode(raw)
+            channel = RESULT_KEY_PREFIX + decoded["task_id"]
+            meta = backend.meta_from_decoded(decoded) if "status" in decoded else None
+        except Exception:  # not ours to choke on: a call waiting for it has its key read by the sweep
+            log.warning("unreadable message on the reply channel %s (%d bytes)", self._home, len(raw))
+            return
+        if meta is None:
+            to_read.append(channel)
+        else:
+            self._settle_meta(channel, meta)
 
     def _settle(self, channel: str, raw: bytes) -> bool:
         """Settle the call of ``channel`` from a stored result; False if not final or not pending."""
-        meta = self.app.backend.decode_result(raw)
+        return self._settle_meta(channel, self.app.backend.decode_result(raw))
+
+    def _settle_meta(self, channel: str, meta: dict[str, Any]) -> bool:
         if meta.get("status") not in states.READY_STATES:
             return False
         pending = self._take(channel)

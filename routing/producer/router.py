@@ -149,11 +149,13 @@ class Router:
         keep = self.keep_strict_args or not binding.affinity.strict  # s1: strict calls too with Sentinel
         waiting = Waiting(binding.session_id, binding.affinity.strict, node, incarnation,
                           binding.pool, copy.deepcopy(args) if keep else None)
-        reply = self.results.expect(task_id, waiting)
+        reply = self.results.expect(task_id, waiting, replied=True)
         try:
             # declare=[]: publishing to a Redis list needs no declaration (workers declare what they consume),
             # and kombu's per-publish maybe_declare (a bound copy of the queue) was ~6 % of a call's producer CPU.
+            # reply_to: the worker publishes the result on the listener's one channel (no subscription per call).
             self.app.send_task(names.CALL_TASK, args=args, queue=queue, task_id=task_id, declare=[],
+                               reply_to=self.results.reply_channel,
                                shadow=task_view.task_name(op, kwargs), argsrepr=redacted_argsrepr(args))
         except EncodeError as exc:
             self.results.discard(task_id)

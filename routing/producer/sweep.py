@@ -106,9 +106,10 @@ class OrphanSweep:
                 self._due[pool] = (now + self.window_s, now + max_sweep_s)
                 if failover:
                     self._failover.add(pool)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="flagship-sweep", daemon=True)
-                self._thread.start()
+            if self._thread is None:  # started before it is published: close() may join it at any time
+                thread = threading.Thread(target=self._run, name="flagship-sweep", daemon=True)
+                thread.start()
+                self._thread = thread
         self._wake.set()
 
     def close(self) -> None:
@@ -233,7 +234,8 @@ class OrphanSweep:
         pipe.zremrangebyscore(names.RESENT_KEY, 0, now - resent_retention_s)
         pipe.execute()
         self.app.send_task(names.CALL_TASK, args=args, queue=_queue_for(waiting), task_id=task_id,
-                           shadow=task_view.task_name(args[1], args[2]), argsrepr=redacted_argsrepr(args),
+                           reply_to=self.results.reply_channel, shadow=task_view.task_name(args[1], args[2]),
+                           argsrepr=redacted_argsrepr(args),
                            headers={names.RESENT_HEADER: 1})
 
 

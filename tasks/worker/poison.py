@@ -136,6 +136,7 @@ class MessageGuard:
         letter = Letter(
             queue=str((message.delivery_info or {}).get("routing_key") or "?"), reason=reason, raw=_raw(message),
             task_id=_text(headers.get("id")), task=_text(headers.get("task")),
+            reply_to=(message.properties or {}).get("reply_to") if isinstance(message.properties, dict) else None,
         )
         try:
             with message.channel.conn_or_acquire() as client:
