@@ -57,10 +57,22 @@ def liveness_worker(stack: Stack, sessions: Callable[..., Session]) -> Iterator[
 
 
 def pulse_of(worker: WorkerProcess) -> int:
-    """The pid of the worker's pulse process."""
-    pulses = [pid for pid in children_of(worker.pid) if b"pulse.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(pulses) == 1, f"expected one pulse child of {worker.pid}, found {pulses}"
-    return pulses[0]
+    """The pid of the worker's pulse process (started just after the worker registers, so waited for)."""
+
+    def pulses() -> list[int]:
+        found = []
+        for pid in children_of(worker.pid):
+            try:
+                if b"pulse.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:  # exited meanwhile
+                continue
+        return found
+
+    wait_until(lambda: len(pulses()) >= 1, timeout_s=10, what=f"the pulse child of {worker.pid}")
+    found = pulses()
+    assert len(found) == 1, f"expected one pulse child of {worker.pid}, found {found}"
+    return found[0]
 
 
 def test_a_worker_whose_threads_all_hold_the_gil_stays_live_and_its_strict_session_works_after(
