@@ -8,7 +8,8 @@ does the same check and writes, with the same key, value, expiry and channel, so
 producers (ours, or Celery's result consumer) see no difference. A call whose
 message names a reply channel (``reply_to``, ``routing.names.reply_channel``) has
 its result published there too: the producer that sent it listens on that one
-channel instead of subscribing per call.
+channel instead of subscribing per call. On a worker whose broker is this server,
+a SUCCESS also acknowledges its message in the same script (``routing.result_acks``).
 """
 
 from __future__ import annotations
@@ -22,11 +23,17 @@ from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 from redis.commands.core import Script
 
-from routing import names
+from routing import names, result_acks
 from routing.connect import is_sentinel
 from routing.scripts import source
 
-__all__ = ["StoreBackend", "SentinelStoreBackend", "store_backend_url"]
+__all__ = ["StoreBackend", "SentinelStoreBackend", "store_backend_url", "ACK_WITH_RESULT", "DEFAULT_ACK_KEYS"]
+
+#: Celery setting a worker sets when its broker is its result backend (``{"hash": ..., "index": ...}``: kombu's
+#: un-acked keys): a SUCCESS is stored and its message acknowledged in the same script (``routing.result_acks``).
+ACK_WITH_RESULT = "flagship_ack_with_result"
+#: kombu's Redis un-acked keys (``unacked_key``, ``unacked_index_key``), named even when nothing is acknowledged.
+DEFAULT_ACK_KEYS = {"hash": "unacked", "index": "unacked_index"}
 
 
 class AtomicStore:
@@ -55,14 +62,27 @@ class AtomicStore:
         if expires is None:
             expires = backend.expires
         key = backend.get_key_for_task(task_id)
-        backend.ensure(self._store_unless_succeeded, (key, value, expires, reply))
+        acks = backend.app.conf.get(ACK_WITH_RESULT)
+        tag = _delivery_tag(request) if acks and state == states.SUCCESS else None
+        backend.ensure(self._store_unless_succeeded, (key, value, expires, reply, tag, acks or DEFAULT_ACK_KEYS))
+        if tag:
+            result_acks.remember(tag)
         return result
 
-    def _store_unless_succeeded(self, key: Any, value: Any, expires: float | None, reply: str | None) -> None:
+    def _store_unless_succeeded(self, key: Any, value: Any, expires: float | None, reply: str | None,
+                                tag: str | None, acks: dict[str, str]) -> None:
         client = self.client  # type: ignore[attr-defined]
         if self._store_script is None:
             self._store_script = client.register_script(source("store_unless_succeeded"))
-        self._store_script(keys=[key], args=[value, int((expires or 0) * 1000), reply or ""], client=client)
+        self._store_script(keys=[key, acks["hash"], acks["index"]],
+                           args=[value, int((expires or 0) * 1000), reply or "", tag or ""], client=client)
+
+
+def _delivery_tag(request: Any) -> str | None:
+    """The broker delivery tag of the message a task request came in (None: not from a broker, e.g. eager)."""
+    properties = getattr(request, "properties", None)
+    tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+    return tag if isinstance(tag, str) and tag else None
 
 
 class StoreBackend(AtomicStore, RedisBackend):  # type: ignore[misc]

@@ -34,8 +34,10 @@ from typing import TYPE_CHECKING, Any
 import redis as redis_lib
 from kombu.exceptions import ChannelError
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.objects import cached_property
 
+from routing import result_acks
 from routing.deadletter import DELIVERIES_HEADER, DeadLetterSettings, Letter, dead_letter, deliveries
 from routing.drain import PrerecordedQoS, drain_own_queue
 from routing.envelope import NotAnEnvelope, envelope_problem, parse_item, text_or_none
@@ -50,7 +52,20 @@ _restoring_invisible = threading.local()
 
 
 class CountingQoS(PrerecordedQoS):
-    """kombu's QoS, marking the visibility-timeout restore so only its restores count as failed deliveries."""
+    """kombu's QoS, marking the visibility-timeout restore so only its restores count as failed deliveries.
+
+    A delivery the result store acknowledged with its result (``routing.result_acks``) is acked in memory only.
+    """
+
+    def ack(self, delivery_tag: str) -> None:
+        if result_acks.take(delivery_tag):
+            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        result_acks.take(delivery_tag)
+        super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
         _restoring_invisible.active = True

@@ -84,3 +84,74 @@ def test_compressed_results_take_celerys_own_path_with_the_same_rule(stack: Stac
         assert app.AsyncResult(task_id).get(timeout=5) == "kept"
     finally:
         app.close()
+
+
+def _unacked(stack: Stack, tag: str) -> tuple[bool, bool]:
+    return bool(stack.redis.hexists("unacked", tag)), stack.redis.zscore("unacked_index", tag) is not None
+
+
+def test_a_success_acknowledges_its_delivery_in_the_same_script_when_the_worker_says_so(
+        app: Celery, stack: Stack) -> None:
+    from celery.app.task import Context
+
+    from routing import result_acks
+    from routing.result_store import ACK_WITH_RESULT, DEFAULT_ACK_KEYS
+
+    def delivered(tag: str) -> Context:
+        stack.redis.hset("unacked", tag, '[{"fake": 1}, "", "q"]')
+        stack.redis.zadd("unacked_index", {tag: 1.0})
+        return Context(properties={"delivery_tag": tag})
+
+    tags = [str(uuid.uuid4()) for _ in range(3)]
+    app.conf[ACK_WITH_RESULT] = None  # as on a producer, or a worker whose broker is another server
+    app.backend.store_result(str(uuid.uuid4()), "kept", states.SUCCESS, request=delivered(tags[0]))
+    assert _unacked(stack, tags[0]) == (True, True) and not result_acks.take(tags[0])
+    app.conf[ACK_WITH_RESULT] = dict(DEFAULT_ACK_KEYS)
+    try:
+        done = str(uuid.uuid4())
+        app.backend.store_result(done, "kept", states.SUCCESS, request=delivered(tags[1]))
+        assert _unacked(stack, tags[1]) == (False, False)  # gone with the stored result, in one script
+        assert _stored(stack, app, done)["result"] == "kept"
+        assert result_acks.take(tags[1]) and not result_acks.take(tags[1])
+        app.backend.store_result(str(uuid.uuid4()), ValueError("x"), states.FAILURE, request=delivered(tags[2]))
+        assert _unacked(stack, tags[2]) == (True, True)  # a failure is acknowledged by Celery, as before
+    finally:
+        app.conf[ACK_WITH_RESULT] = None
+        stack.redis.hdel("unacked", *tags)
+        stack.redis.zrem("unacked_index", *tags)
+
+
+def test_the_consumer_acks_a_delivery_acknowledged_with_its_result_in_memory_only(stack: Stack) -> None:
+    from kombu import Connection
+
+    from routing import result_acks
+    from routing.transport import SHARED_CLIENT_TRANSPORT
+
+    with Connection(stack.redis_url, transport=SHARED_CLIENT_TRANSPORT) as conn:
+        channel = conn.default_channel
+        qos = channel.qos
+        remembered, plain = str(uuid.uuid4()), str(uuid.uuid4())
+        for tag in (remembered, plain):
+            stack.redis.hset("unacked", tag, '[{"fake": 1}, "", "q"]')
+            stack.redis.zadd("unacked_index", {tag: 1.0})
+            qos._delivered[tag] = object()
+        result_acks.remember(remembered)
+        try:
+            qos.ack(remembered)
+            qos.ack(plain)
+            qos._flush()  # kombu drops acked tags from its in-memory record lazily
+            assert remembered not in qos._delivered and plain not in qos._delivered
+            assert _unacked(stack, remembered) == (True, True)  # no command sent: the script removed it already
+            assert _unacked(stack, plain) == (False, False)  # kombu's own ack, as before
+        finally:
+            stack.redis.hdel("unacked", remembered)
+            stack.redis.zrem("unacked_index", remembered)
+
+
+def test_flagship_workers_acknowledge_with_the_result(client: Client) -> None:
+    from routing.result_store import ACK_WITH_RESULT, DEFAULT_ACK_KEYS
+
+    replies = client.app.control.inspect(timeout=5).conf(with_defaults=False) or {}
+    assert replies, "no worker answered"
+    flagship = {node: conf for node, conf in replies.items() if "triage" in node or "analytics" in node}
+    assert flagship and all(conf.get(ACK_WITH_RESULT) == DEFAULT_ACK_KEYS for conf in flagship.values())

@@ -1,9 +1,15 @@
 -- Store a task result as Celery's Redis backend does (SET with expiry, PUBLISH on the key's channel),
 -- unless a SUCCESS is already stored there (Celery's own rule against a lost duplicate overwriting a
 -- completed result), in one atomic round trip instead of Celery's GET, then MULTI/SET/PUBLISH/EXEC.
--- It is also published on the producer's reply channel when the call named one.
--- KEYS[1] celery-task-meta-<id>; ARGV[1] the encoded result; ARGV[2] expiry in ms (0: none);
--- ARGV[3] the reply channel ('' for none)
+-- It is also published on the producer's reply channel when the call named one, and the delivery's
+-- un-acked record (kombu's) is removed when a tag is given: the message is acknowledged with its result.
+-- KEYS[1] celery-task-meta-<id>; KEYS[2] kombu's un-acked hash; KEYS[3] its index;
+-- ARGV[1] the encoded result; ARGV[2] expiry in ms (0: none); ARGV[3] the reply channel ('' for none);
+-- ARGV[4] the delivery tag to acknowledge ('' for none)
+if ARGV[4] ~= '' then
+  redis.call('ZREM', KEYS[3], ARGV[4])
+  redis.call('HDEL', KEYS[2], ARGV[4])
+end
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, meta = pcall(cjson.decode, current)
@@ -18,7 +24,7 @@ else
   redis.call('SET', KEYS[1], ARGV[1])
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
-if ARGV[3] and ARGV[3] ~= '' then
+if ARGV[3] ~= '' then
   redis.call('PUBLISH', ARGV[3], ARGV[1])
 end
 return 1

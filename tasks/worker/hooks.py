@@ -23,6 +23,7 @@ from routing.connect import redis_client
 from routing.errors import ServerUnavailable
 from routing.pools import Pool, PoolKind, PoolTable
 from routing.registry import Registry
+from routing.result_store import ACK_WITH_RESULT, DEFAULT_ACK_KEYS
 from routing.settings import redact_url
 from tasks.lm.dspy_caches import freeze_proxy_environment, preload_prices
 from tasks.sandbox.pool import SandboxPool
@@ -103,6 +104,20 @@ def tune_worker(conf: Any, task_log: bool) -> None:
     conf.result_backend_thread_safe = True
 
 
+def ack_keys(conf: Any) -> dict[str, str] | None:
+    """kombu's un-acked keys when a SUCCESS may be acknowledged in the script that stores it, else None.
+
+    Only with late acks, the result backend on the broker's server, and no key prefix (``routing.result_acks``).
+    """
+    backend = conf.result_backend if isinstance(conf.result_backend, str) else ""
+    options = conf.broker_transport_options or {}
+    if (not conf.task_acks_late or options.get("global_keyprefix") or "+" not in backend
+            or not same_server(conf.broker_url, backend.split("+", 1)[1])):
+        return None
+    return {"hash": options.get("unacked_key", DEFAULT_ACK_KEYS["hash"]),
+            "index": options.get("unacked_index_key", DEFAULT_ACK_KEYS["index"])}
+
+
 def current_worker() -> WorkerState:
     if _state is None:
         raise RuntimeError("this process is not a registered flagship worker")
@@ -155,6 +170,7 @@ def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
     for queue in (names.pool_queue(pool.name), names.worker_queue(sender)):
         if queue not in consumed:
             queues.select_add(queue)
+    conf[ACK_WITH_RESULT] = ack_keys(conf)
     _state = WorkerState(node=sender, pool=pool, settings=settings, redis=redis,
                          concurrency=int(instance.concurrency), capabilities=capabilities, redis_url=conf.broker_url)
     install_services(_state)
