@@ -21,6 +21,7 @@ differently, is not recorded by it (kombu's own write records it).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -46,16 +47,34 @@ REPLY_PREFIX = names.PREFIX + ":drain:"
 
 
 class PrerecordedQoS(kombu_redis.QoS):
-    """kombu's QoS; a message a drain recorded un-acked already is only added to the in-memory record."""
+    """kombu's QoS; a message a drain recorded un-acked already is only added to the in-memory record.
+
+    A message delivered as popped (``popped_as``) is recorded from the popped bytes, as the drain
+    script does, instead of re-encoding kombu's parsed copy: the same entry, no JSON encoding on
+    the consumer thread.
+    """
 
     prerecorded: set[str] | None = None
+    #: Delivery tag -> the list item it was popped as, while kombu delivers it.
+    popped_as: dict[str, bytes | str] | None = None
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.prerecorded and delivery_tag in self.prerecorded:
             self.prerecorded.discard(delivery_tag)
             virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
             return
-        super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+        item = self.popped_as.pop(delivery_tag, None) if self.popped_as else None
+        if item is None:
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        delivery = message.delivery_info
+        raw = item.encode() if isinstance(item, str) else item
+        entry = b"".join((b"[", raw, b",", json.dumps(delivery["exchange"]).encode(), b",",
+                          json.dumps(delivery["routing_key"]).encode(), b"]"))
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
+                self.unacked_key, delivery_tag, entry).execute()
+        virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
 
     def expect(self, tag: str) -> None:
         if self.prerecorded is None:

@@ -152,6 +152,10 @@ class GuardedChannel(_ChannelBase):
         elif recorded_tag:  # the script read it differently: kombu's own write records it
             qos.forget(recorded_tag)
             recorded_tag = None
+        if not recorded_tag:
+            if qos.popped_as is None:
+                qos.popped_as = {}
+            qos.popped_as[tag] = item
         try:
             self.connection._deliver(envelope, queue)
         except self._broker_errors:
@@ -168,6 +172,9 @@ class GuardedChannel(_ChannelBase):
                 qos.ack(tag)
             elif recorded_tag:
                 qos.forget(tag)
+        finally:
+            if qos.popped_as:
+                qos.popped_as.pop(tag, None)
 
     def _checked(self, item: bytes, queue: str) -> dict[str, Any] | None:
         """The envelope in ``item``, or None once it has been dead-lettered."""

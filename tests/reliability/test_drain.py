@@ -133,3 +133,31 @@ def test_the_drain_script_records_what_it_pops_and_a_retry_gets_the_same_message
     assert rest[0::2] == [messages[4], "not json"] and rest[1::2] == ["tag-4", ""]  # unreadable: not recorded
     assert stack.redis.hlen(unacked) == 5 and 0 < stack.redis.pttl(reply) <= 60_000
     stack.redis.delete(queue, unacked, index, reply, f"{reply}.2")
+
+
+def test_a_message_taken_by_brpop_is_recorded_unacked_from_its_popped_bytes(stack: Stack) -> None:
+    """The un-acked entry kombu's restore reads back: ``[message, exchange, routing key]``, the message as popped."""
+    from kombu import Connection, Consumer, Queue
+
+    from routing.transport import SHARED_CLIENT_TRANSPORT
+
+    queue = f"drain.popped.{uuid.uuid4().hex}"
+    seen: list[tuple[str, Any]] = []
+    with Connection(stack.redis_url, transport=SHARED_CLIENT_TRANSPORT) as conn:
+        conn.default_channel.basic_qos(0, 10, False)
+        with conn.Producer() as producer:
+            producer.publish({"hello": "popped"}, routing_key=queue, declare=[Queue(queue)], serializer="json")
+        raw = stack.redis.lindex(queue, 0)
+        assert raw is not None
+
+        def on_message(body: Any, message: Any) -> None:
+            seen.append((message.delivery_tag, stack.redis.hget(UNACKED_KEY, message.delivery_tag)))
+            message.ack()
+
+        with Consumer(conn, [Queue(queue)], callbacks=[on_message], accept=["json"]):
+            conn.drain_events(timeout=5)
+        assert conn.default_channel.qos.popped_as == {}  # nothing kept after delivery
+    [(tag, entry)] = seen
+    assert entry is not None
+    assert json.loads(entry) == [json.loads(raw), "", queue]  # what kombu's own write would hold
+    assert stack.redis.hget(UNACKED_KEY, tag) is None and stack.redis.zscore(UNACKED_INDEX_KEY, tag) is None
