@@ -1,16 +1,15 @@
-"""Draining a burst from a worker's own queue: the rest of it popped and recorded un-acked in one step.
+"""Draining a burst from a worker's own queue: popped and recorded un-acked in one step.
 
 Celery's consumer takes one message per turn of its event loop: a ``BRPOP``,
 then kombu's un-acked write (``QoS.append``), a round trip each, on one thread
 that shares the GIL with the task threads. Under a burst of LM calls a call
-waited a median 17-23 ms (p90 68-73 ms) between its send and its receipt. After
-a ``BRPOP`` from the worker's own queue, :func:`drain_own_queue` pops the rest
-of the burst (up to the prefetch room) and records each message un-acked, in
-one script (``drain_direct_queue.lua``): 7.5-8.5 ms (p90 32-34 ms). Only a
-worker's own queue: a shared queue stays one message per ``BRPOP``, fair to the
-pool's other workers. Only while the worker has other messages in flight (a lone
-call is not a burst) and not within 20 ms of a drain that found nothing, so calls
-one at a time cost no extra round trip.
+waited a median 17-23 ms (p90 68-73 ms) between its send and its receipt. For
+a ``BRPOP`` from the worker's own queue, :func:`deliver_popped` records the
+message un-acked *and* pops the rest of the burst (up to the prefetch room),
+recording each, in one script (``drain_direct_queue.lua``) that takes the round
+trip kombu's write alone would: a lone call costs what it did, a burst one
+round trip. Only a worker's own queue: a shared queue stays one message per
+``BRPOP``, fair to the pool's other workers.
 
 No message is ever outside both the queue and the un-acked record: the script
 pops and records atomically; a retried call (its reply lost) gets the same
@@ -40,8 +39,6 @@ log = logging.getLogger(__name__)
 drain_max = 32
 #: How long a drain's reply is kept for a retried call (ms).
 reply_ttl_ms = 60_000
-#: After a drain that found nothing, no drain for this long (a steady trickle is taken by BRPOP alone).
-quiet_after_empty_s = 0.02
 #: Key prefix of those replies.
 REPLY_PREFIX = names.PREFIX + ":drain:"
 
@@ -89,41 +86,42 @@ class PrerecordedQoS(kombu_redis.QoS):
             self._remove_from_indices(tag, client.pipeline()).execute()  # type: ignore[no-untyped-call]
 
 
-def drain_own_queue(channel: Any, key: str, queue: str) -> None:
-    """After a ``BRPOP`` from ``key`` (of ``queue``): the rest of a burst there, if it is this worker's own.
+def _drains(channel: Any, queue: str) -> bool:
+    """Whether a pop from ``queue`` goes through the script: this worker's own queue, consumed, on a usable channel."""
+    return (names.is_worker_queue(queue) and not channel._closing and not channel.global_keyprefix
+            and not channel._drain_off and queue in (channel.connection._callbacks or {}))
 
-    ``channel``: a ``routing.transport.GuardedChannel`` (it calls its ``_deliver_popped``).
+
+def deliver_popped(channel: Any, key: str, queue: str, item: bytes) -> None:
+    """Deliver ``item``, which a ``BRPOP`` took from ``key`` (of ``queue``).
+
+    From this worker's own queue, one script records it un-acked together with the rest of a burst
+    there (popped and recorded likewise), in the round trip kombu's un-acked write alone would take;
+    anything else goes through ``channel._deliver_popped`` (``routing.transport.GuardedChannel``) as is.
     """
-    if not names.is_worker_queue(queue) or channel._closing or channel.global_keyprefix:
-        return
-    if queue not in (channel.connection._callbacks or {}):  # not consuming it (any more): leave it queued
+    if not _drains(channel, queue):
+        channel._deliver_popped(item, queue)
         return
     qos: Any = channel.qos
-    if len(qos._delivered) < 2 or time.monotonic() < channel._drain_quiet_until:
-        return  # a lone call (nothing else in flight), or the last drain found nothing: no round trip
-    room = qos.can_consume_max_estimate()  # kombu's prefetch room (None: no prefetch limit)
-    room = drain_max if room is None else room
-    if room <= 0:
-        return
-    with channel.conn_or_acquire() as client:
-        if channel._drain_script is None or channel._drain_script.registered_client is not client:
-            channel._drain_script = client.register_script(source("drain_direct_queue"))
-        try:
+    room = qos.can_consume_max_estimate()  # kombu's prefetch room (None: no prefetch limit), this item included
+    more = drain_max if room is None else max(0, min(room - 1, drain_max))
+    try:
+        with channel.conn_or_acquire() as client:
+            if channel._drain_script is None or channel._drain_script.registered_client is not client:
+                channel._drain_script = client.register_script(source("drain_direct_queue"))
             reply = channel._drain_script(
                 keys=[key, qos.unacked_key, qos.unacked_index_key, REPLY_PREFIX + uuid.uuid4().hex],
-                args=[min(room, drain_max), time.time(), reply_ttl_ms], client=client)
-        except redis_lib.ResponseError as exc:  # a server without RPOP's count (Redis < 6.2): pop one by one
-            log.warning("draining %s is off for this connection: %s", queue, exc)
-            channel._drain_quiet_until = float("inf")
-            return
-    if not reply:
-        channel._drain_quiet_until = time.monotonic() + quiet_after_empty_s
+                args=[more, time.time(), reply_ttl_ms, item], client=client)
+    except redis_lib.ResponseError as exc:  # a server without RPOP's count (Redis < 6.2): kombu's way
+        log.warning("draining %s is off for this connection: %s", queue, exc)
+        channel._drain_off = True
+        channel._deliver_popped(item, queue)
         return
-    popped = [(item, tag.decode() if isinstance(tag, bytes) else str(tag))
-              for item, tag in zip(reply[0::2], reply[1::2], strict=True)]
-    for i, (item, tag) in enumerate(popped):
+    popped = [(popped_item, tag.decode() if isinstance(tag, bytes) else str(tag))
+              for popped_item, tag in zip(reply[0::2], reply[1::2], strict=True)]
+    for i, (popped_item, tag) in enumerate(popped):
         try:
-            channel._deliver_popped(item, queue, recorded_tag=tag or None)
+            channel._deliver_popped(popped_item, queue, recorded_tag=tag or None)
         except BaseException:
             _give_back(qos, [later for _, later in popped[i + 1:] if later])
             raise

@@ -39,7 +39,7 @@ from kombu.utils.objects import cached_property
 
 from routing import result_acks
 from routing.deadletter import DELIVERIES_HEADER, DeadLetterSettings, Letter, dead_letter, deliveries
-from routing.drain import PrerecordedQoS, drain_own_queue
+from routing.drain import PrerecordedQoS, deliver_popped
 from routing.envelope import NotAnEnvelope, envelope_problem, parse_item, text_or_none
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class GuardedChannel(_ChannelBase):
     QoS = CountingQoS
     _shared: tuple[Any, Any] | None = None
     _drain_script: Any = None
-    _drain_quiet_until = 0.0
+    _drain_off = False
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -120,8 +120,7 @@ class GuardedChannel(_ChannelBase):
             key = dest.decode() if isinstance(dest, bytes) else dest
             dest = key.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            self._deliver_popped(item, dest)
-            drain_own_queue(self, key, dest)
+            deliver_popped(self, key, dest, item)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]

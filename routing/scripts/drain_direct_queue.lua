@@ -1,16 +1,30 @@
--- Pop up to ARGV[1] more messages from a worker's own queue and record each as un-acked, in one atomic
--- step: what kombu's QoS.append writes per message (the index score and the [message, exchange,
--- routing key] entry), so no popped message is ever outside both the queue and the un-acked record.
--- Replies {message, tag, message, tag, ...}; tag is '' for a message it could not read (not recorded).
--- The reply is kept under KEYS[4] for ARGV[3] ms: a retried call (its first reply lost) gets the same
--- messages back instead of popping more, so none is left recorded but never delivered.
--- KEYS[1] the queue's list; KEYS[2] kombu's un-acked hash; KEYS[3] its index; KEYS[4] this drain's reply
--- ARGV[1] how many at most; ARGV[2] now (the index score, seconds); ARGV[3] how long the reply is kept (ms)
+-- Record a message BRPOP took from a worker's own queue as un-acked (ARGV[4], optional), pop up to
+-- ARGV[1] more from the queue and record each too, in one atomic step: what kombu's QoS.append writes
+-- per message (the index score and the [message, exchange, routing key] entry), so no popped message
+-- is ever outside both the queue and the un-acked record, and a burst costs one round trip.
+-- Replies {message, tag, message, tag, ...} (the BRPOP'd one first); tag is '' for a message it could
+-- not read (not recorded). The reply is kept under KEYS[4] for ARGV[3] ms: a retried call (its first
+-- reply lost) gets the same messages back instead of popping more, so none is left recorded but
+-- never delivered.
+-- KEYS[1] the queue's list; KEYS[2] kombu's un-acked hash; KEYS[3] its index; KEYS[4] this call's reply
+-- ARGV[1] how many more at most; ARGV[2] now (the index score, seconds); ARGV[3] how long the reply is
+-- kept (ms); ARGV[4] the message BRPOP took (optional)
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return redis.call('LRANGE', KEYS[4], 0, -1)
 end
-local items = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
-if not items then
+local items = {}
+if ARGV[4] then
+  items[1] = ARGV[4]
+end
+if tonumber(ARGV[1]) > 0 then
+  local more = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
+  if more then
+    for _, item in ipairs(more) do
+      items[#items + 1] = item
+    end
+  end
+end
+if #items == 0 then
   return {}
 end
 local reply = {}

@@ -161,3 +161,23 @@ def test_a_message_taken_by_brpop_is_recorded_unacked_from_its_popped_bytes(stac
     assert entry is not None
     assert json.loads(entry) == [json.loads(raw), "", queue]  # what kombu's own write would hold
     assert stack.redis.hget(UNACKED_KEY, tag) is None and stack.redis.zscore(UNACKED_INDEX_KEY, tag) is None
+
+
+def test_the_script_records_the_message_brpop_took_first_then_the_rest(stack: Stack) -> None:
+    from routing.scripts import source
+
+    run = uuid.uuid4().hex
+    queue, unacked, index, reply = (f"drain.first.{run}.{part}" for part in ("queue", "unacked", "index", "reply"))
+
+    def message(i: int) -> str:
+        return json.dumps({"body": str(i), "headers": {}, "properties": {
+            "delivery_tag": f"t-{i}", "delivery_info": {"exchange": "", "routing_key": queue}}})
+
+    stack.redis.lpush(queue, message(1), message(2))
+    script = stack.redis.register_script(source("drain_direct_queue"))
+    got = script(keys=[queue, unacked, index, reply], args=[5, 7.0, 60_000, message(0)])
+    assert got[0::2] == [message(0), message(1), message(2)] and got[1::2] == ["t-0", "t-1", "t-2"]
+    assert json.loads(stack.redis.hget(unacked, "t-0") or "") == [json.loads(message(0)), "", queue]
+    lone = script(keys=[queue, unacked, index, f"{reply}.2"], args=[0, 7.0, 60_000, message(3)])
+    assert lone == [message(3), "t-3"] and stack.redis.hlen(unacked) == 4  # no room: only the one it was given
+    stack.redis.delete(queue, unacked, index, reply, f"{reply}.2")
