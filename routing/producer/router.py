@@ -31,6 +31,7 @@ from routing.pools import Affinity, PoolTable
 from routing.producer.backlog import Backlog
 from routing.producer.binding import Binding, Sent, Waiting, redacted_argsrepr
 from routing.producer.deadlines import UNTIMED_OPS, DeadlineSweeper, start_by
+from routing.producer.publish import Publisher
 from routing.producer.results import ResultListener
 from routing.producer.slots import DirectSlots, direct_hold_intervals
 from routing.producer.watch import WorkerWatch
@@ -50,6 +51,7 @@ class Router:
         self.claim_threshold_bytes = claim_threshold_bytes
         self.app = app
         self.redis = redis
+        self.publisher = Publisher(app, redis)
         self.sessions = sessions
         self.registry = registry
         self.watch = watch
@@ -151,12 +153,10 @@ class Router:
                           binding.pool, copy.deepcopy(args) if keep else None)
         reply = self.results.expect(task_id, waiting, replied=True)
         try:
-            # declare=[]: publishing to a Redis list needs no declaration (workers declare what they consume),
-            # and kombu's per-publish maybe_declare (a bound copy of the queue) was ~6 % of a call's producer CPU.
-            # reply_to: the worker publishes the result on the listener's one channel (no subscription per call).
-            self.app.send_task(names.CALL_TASK, args=args, queue=queue, task_id=task_id, declare=[],
-                               reply_to=self.results.reply_channel,
-                               shadow=task_view.task_name(op, kwargs), argsrepr=redacted_argsrepr(args))
+            # Celery's message, pushed without send_task's overhead (routing/producer/publish.py); reply_to: the
+            # worker publishes the result on the listener's one channel (no subscription per call).
+            self.publisher.send(names.CALL_TASK, args, queue, task_id, reply_to=self.results.reply_channel,
+                                shadow=task_view.task_name(op, kwargs), argsrepr=redacted_argsrepr(args))
         except EncodeError as exc:
             self.results.discard(task_id)
             claims.discard(self.redis, binding.session_id, moved.claims)
