@@ -153,6 +153,36 @@ def test_client_map_reruns_the_chunks_of_a_worker_that_dies(client, pool_workers
         share.session.close()
 
 
+def test_client_map_skips_a_worker_found_dead_before_its_first_chunk(client, pool_workers) -> None:
+    from helpers import wait_until
+
+    from routing.errors import SessionWorkerUnavailable
+    from routing.producer.fleet import FleetMap, Worker
+
+    workers = {w.node: w for w in pool_workers("kill_pool", 2)}
+    shares = []
+    for node in workers:
+        session = client.session("kill_pool", node=node)
+        shares.append(Worker(session, None, "predict", TRIAGE, None, slots=2))
+    dead_share, live_share = shares
+    doomed, survivor = dead_share.session.worker, live_share.session.worker
+    workers[doomed].kill()
+
+    def seen_dead() -> bool:
+        try:
+            client.router.route(dead_share.session.binding)
+        except SessionWorkerUnavailable:
+            return True
+        return False
+
+    wait_until(seen_dead, timeout_s=30, what="the producer to see the worker gone")
+    examples = [{"ticket": text} for _, text in TICKETS] * 5
+    result = FleetMap(shares, examples, chunk_size=5).run(timeout_s=60)
+    assert [o["category"] for o in result.outputs] == [label for label, _ in TICKETS] * 5
+    assert result.per_worker == {survivor: len(examples)} and result.rerun_chunks == 0
+    live_share.session.close()
+
+
 MAP_SCRIPT = """
 import json, sys
 from routing import Client

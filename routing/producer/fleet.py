@@ -109,9 +109,9 @@ class FleetMap:
         deadline = None if timeout_s is None else started + timeout_s
         done_chunks = 0
         while done_chunks < len(self.chunks):
+            self._fill()
             if not self.workers:
                 raise NoCapableWorker("the pool", ["a live worker (all died during the map)"])
-            self._fill()
             calls = [call for w in self.workers for call in w.running]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             finished, _ = wait_any(calls, left, FIRST_COMPLETED)
@@ -130,23 +130,32 @@ class FleetMap:
     def _fill(self) -> None:
         """Top every worker up to ``chunks_in_flight``, a level at a time: first chunks go one per worker."""
         for level in range(1, chunks_in_flight + 1):
-            for worker in self.workers:
+            for worker in list(self.workers):
                 if self.todo and len(worker.running) < level:
                     chunk = self.todo.popleft()
                     items = [{"ref": worker.module.ref_id, "inputs": self.examples[i]} for i in self.chunks[chunk]]
-                    call = worker.session.submit("map", op="call", items=items, num_threads=worker.slots)
+                    try:
+                        call = worker.session.submit("map", op="call", items=items, num_threads=worker.slots)
+                    except SessionWorkerUnavailable:  # died since its last chunk: this one was never sent
+                        self.todo.appendleft(chunk)
+                        self._drop(worker, [])
+                        continue
                     worker.running[call] = chunk
+
+    def _drop(self, worker: Worker, lost: list[int]) -> None:
+        """A worker died: its chunks in flight (and ``lost``) go back to the front of the queue."""
+        lost = [*lost, *worker.running.values()]
+        self.workers.remove(worker)
+        worker.running.clear()
+        self.todo.extendleft(reversed(lost))
+        self.result.rerun_chunks += len(lost)
 
     def _land(self, worker: Worker, chunk: int, call: CallFuture) -> bool:
         """Record a finished chunk; a chunk whose worker died goes back to the queue (returns False)."""
         try:
             replies = call.result(0)
         except SessionWorkerUnavailable:
-            lost = [chunk, *worker.running.values()]
-            self.workers.remove(worker)
-            worker.running.clear()
-            self.todo.extendleft(reversed(lost))
-            self.result.rerun_chunks += len(lost)
+            self._drop(worker, [chunk])
             return False
         node = worker.session.worker or "?"
         for index, entry in zip(self.chunks[chunk], replies):
