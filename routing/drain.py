@@ -112,19 +112,26 @@ def deliver_popped(channel: Any, key: str, queue: str, item: bytes) -> None:
             reply = channel._drain_script(
                 keys=[key, qos.unacked_key, qos.unacked_index_key, REPLY_PREFIX + uuid.uuid4().hex],
                 args=[more, time.time(), reply_ttl_ms, item], client=client)
-    except redis_lib.ResponseError as exc:  # a server without RPOP's count (Redis < 6.2): kombu's way
-        log.warning("draining %s is off for this connection: %s", queue, exc)
-        channel._drain_off = True
+    except redis_lib.ResponseError as exc:  # the script wrote nothing: kombu's way for this message
+        if "wrong number of arguments" in str(exc).lower():  # no RPOP count (Redis < 6.2): not on this connection
+            log.warning("draining %s is off for this connection: %s", queue, exc)
+            channel._drain_off = True
         channel._deliver_popped(item, queue)
         return
-    popped = [(popped_item, tag.decode() if isinstance(tag, bytes) else str(tag))
-              for popped_item, tag in zip(reply[0::2], reply[1::2], strict=True)]
+    popped = [(item, _text(reply[0]))] + [(more_item, _text(tag)) for more_item, tag in
+                                         zip(reply[1::2], reply[2::2], strict=True)]
     for i, (popped_item, tag) in enumerate(popped):
         try:
             channel._deliver_popped(popped_item, queue, recorded_tag=tag or None)
         except BaseException:
-            _give_back(qos, [later for _, later in popped[i + 1:] if later])
+            # Recorded but not delivered (kombu never took it): this one unless kombu has it, and the rest.
+            undelivered = [tag] if tag and tag not in qos._delivered else []
+            _give_back(qos, undelivered + [later for _, later in popped[i + 1:] if later])
             raise
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _give_back(qos: Any, tags: list[str]) -> None:

@@ -3,11 +3,13 @@
 On a worker whose broker is also its result backend, the script that stores a
 call's SUCCESS (``routing.result_store``) also removes the delivery's un-acked
 record (kombu's ``ZREM`` + ``HDEL``), atomically with the result, on the task's
-own thread. Celery still acknowledges the message afterwards on the consumer
-thread; for these deliveries that ack is only kombu's in-memory bookkeeping
-(``ResultAckedQoS``): no Redis round trip, and no wait for the GIL around one,
-on the thread every message must pass through. A crash between the two loses
-nothing: the result is stored, and the message is no longer redelivered.
+own thread. Celery still acknowledges the message afterwards (in the worker's
+event loop, as profiled under ``-P threads``); for these deliveries that ack is
+only kombu's in-memory bookkeeping (``routing.transport.CountingQoS``): no Redis
+round trip, and no wait for the GIL around one. A tag is remembered only when
+the script removed a record (the same server, the task's own SUCCESS). A crash
+between the two loses nothing: the result is stored, and the message is no
+longer redelivered.
 """
 
 from __future__ import annotations

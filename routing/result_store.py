@@ -63,19 +63,23 @@ class AtomicStore:
             expires = backend.expires
         key = backend.get_key_for_task(task_id)
         acks = backend.app.conf.get(ACK_WITH_RESULT)
-        tag = _delivery_tag(request) if acks and state == states.SUCCESS else None
-        backend.ensure(self._store_unless_succeeded, (key, value, expires, reply, tag, acks or DEFAULT_ACK_KEYS))
-        if tag:
+        # Only the task's own SUCCESS acknowledges its delivery (not update_state, not another task's result).
+        own = acks and state == states.SUCCESS and getattr(request, "id", None) == meta["task_id"]
+        tag = _delivery_tag(request) if own else None
+        _, acked = backend.ensure(self._store_unless_succeeded,
+                                  (key, value, expires, reply, tag, acks or DEFAULT_ACK_KEYS))
+        if tag and acked:  # the record was there, on this server: Celery's ack has nothing left to remove
             result_acks.remember(tag)
         return result
 
     def _store_unless_succeeded(self, key: Any, value: Any, expires: float | None, reply: str | None,
-                                tag: str | None, acks: dict[str, str]) -> None:
+                                tag: str | None, acks: dict[str, str]) -> list[int]:
         client = self.client  # type: ignore[attr-defined]
         if self._store_script is None:
             self._store_script = client.register_script(source("store_unless_succeeded"))
-        self._store_script(keys=[key, acks["hash"], acks["index"]],
-                           args=[value, int((expires or 0) * 1000), reply or "", tag or ""], client=client)
+        return list(self._store_script(keys=[key, acks["hash"], acks["index"]],
+                                       args=[value, int((expires or 0) * 1000), reply or "", tag or ""],
+                                       client=client))
 
 
 def _delivery_tag(request: Any) -> str | None:

@@ -48,6 +48,13 @@ def _messages(pubsub: Any, count: int, timeout_s: float = 10.0) -> list[dict[str
     return got
 
 
+def _confirm_reply_channel(client: Client) -> None:
+    """Start the listener and wait until its reply channel is confirmed (a first call does)."""
+    warm_up = str(uuid.uuid4())
+    client.results.expect(warm_up, replied=True)
+    client.results.discard(warm_up)
+
+
 def test_session_calls_are_answered_on_the_reply_channel_with_no_channel_per_call(
         client: Client, sessions: Callable[..., Session], stack: Stack, observer: Callable[[str], Any]) -> None:
     session = sessions(POOL)
@@ -70,7 +77,7 @@ def test_a_result_published_only_on_its_key_channel_is_found_by_the_safety_sweep
         client: Client, stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(results_module, "sweep_every_s", 0.2)
     monkeypatch.setattr(results_module, "stale_after_s", 0.2)
-    client.results.expect(str(uuid.uuid4()), replied=True).cancel()  # starts the listener, reply channel confirmed
+    _confirm_reply_channel(client)
     task_id = str(uuid.uuid4())
     future = client.results.expect(task_id, replied=True)
     # As a worker of an older version stores it: the key channel only.
@@ -84,7 +91,7 @@ def test_a_result_published_only_on_its_key_channel_is_found_by_the_safety_sweep
 def test_results_published_while_the_reply_channel_was_down_are_read_after_it_is_back(
         client: Client, stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(results_module, "sweep_every_s", 3600.0)  # only the gap read (or the message) can settle it
-    client.results.expect(str(uuid.uuid4()), replied=True).cancel()
+    _confirm_reply_channel(client)
     task_ids = [str(uuid.uuid4()) for _ in range(20)]
     futures = [client.results.expect(task_id, replied=True) for task_id in task_ids]
     host, port = client.results._pubsub.connection._sock.getsockname()[:2]
@@ -157,7 +164,7 @@ def test_celerys_own_store_path_tells_the_reply_channel_which_call_to_read(
 def test_a_pointer_on_the_reply_channel_has_the_listener_read_the_key(
         client: Client, stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(results_module, "sweep_every_s", 3600.0)
-    client.results.expect(str(uuid.uuid4()), replied=True).cancel()
+    _confirm_reply_channel(client)
     task_id = str(uuid.uuid4())
     future = client.results.expect(task_id, replied=True)
     stack.redis.set(RESULT_KEY_PREFIX + task_id, json.dumps(
@@ -166,3 +173,18 @@ def test_a_pointer_on_the_reply_channel_has_the_listener_read_the_key(
     stack.redis.publish(client.results.reply_channel, json.dumps({"task_id": task_id}))
     with pytest.raises(ValueError, match="bad"):
         future.result(timeout=5)
+
+
+def test_an_unreadable_stored_result_fails_its_own_call_and_the_listener_goes_on(
+        client: Client, stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(results_module, "sweep_every_s", 3600.0)
+    _confirm_reply_channel(client)
+    bad, good = str(uuid.uuid4()), str(uuid.uuid4())
+    bad_future, good_future = client.results.expect(bad, replied=True), client.results.expect(good, replied=True)
+    stack.redis.set(RESULT_KEY_PREFIX + bad, "{not json", ex=60)
+    stack.redis.publish(client.results.reply_channel, json.dumps({"task_id": bad}))
+    assert bad_future.exception(timeout=5) is not None
+    meta = json.dumps({"status": "SUCCESS", "result": "fine", "traceback": None, "children": [], "task_id": good,
+                       "date_done": None})
+    stack.redis.publish(client.results.reply_channel, meta)
+    assert good_future.result(timeout=5) == "fine"

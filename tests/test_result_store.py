@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -86,8 +87,19 @@ def test_compressed_results_take_celerys_own_path_with_the_same_rule(stack: Stac
         app.close()
 
 
-def _unacked(stack: Stack, tag: str) -> tuple[bool, bool]:
-    return bool(stack.redis.hexists("unacked", tag)), stack.redis.zscore("unacked_index", tag) is not None
+def _own_keys() -> dict[str, str]:
+    """Un-acked keys of this test's own (the workers' ``unacked`` is restored by their visibility sweeps)."""
+    run = uuid.uuid4().hex
+    return {"hash": f"test.unacked.{run}", "index": f"test.unacked_index.{run}"}
+
+
+def _unacked(stack: Stack, keys: dict[str, str], tag: str) -> tuple[bool, bool]:
+    return bool(stack.redis.hexists(keys["hash"], tag)), stack.redis.zscore(keys["index"], tag) is not None
+
+
+def _delivered(stack: Stack, keys: dict[str, str], tag: str) -> None:
+    stack.redis.hset(keys["hash"], tag, '[{"fake": 1}, "", "q"]')
+    stack.redis.zadd(keys["index"], {tag: time.time()})
 
 
 def test_a_success_acknowledges_its_delivery_in_the_same_script_when_the_worker_says_so(
@@ -95,30 +107,35 @@ def test_a_success_acknowledges_its_delivery_in_the_same_script_when_the_worker_
     from celery.app.task import Context
 
     from routing import result_acks
-    from routing.result_store import ACK_WITH_RESULT, DEFAULT_ACK_KEYS
+    from routing.result_store import ACK_WITH_RESULT
 
-    def delivered(tag: str) -> Context:
-        stack.redis.hset("unacked", tag, '[{"fake": 1}, "", "q"]')
-        stack.redis.zadd("unacked_index", {tag: 1.0})
-        return Context(properties={"delivery_tag": tag})
+    keys = _own_keys()
 
-    tags = [str(uuid.uuid4()) for _ in range(3)]
+    def request(task_id: str, tag: str) -> Context:
+        _delivered(stack, keys, tag)
+        return Context(id=task_id, properties={"delivery_tag": tag})
+
+    tags = [str(uuid.uuid4()) for _ in range(5)]
+    ids = [str(uuid.uuid4()) for _ in range(5)]
     app.conf[ACK_WITH_RESULT] = None  # as on a producer, or a worker whose broker is another server
-    app.backend.store_result(str(uuid.uuid4()), "kept", states.SUCCESS, request=delivered(tags[0]))
-    assert _unacked(stack, tags[0]) == (True, True) and not result_acks.take(tags[0])
-    app.conf[ACK_WITH_RESULT] = dict(DEFAULT_ACK_KEYS)
+    app.backend.store_result(ids[0], "kept", states.SUCCESS, request=request(ids[0], tags[0]))
+    assert _unacked(stack, keys, tags[0]) == (True, True) and not result_acks.take(tags[0])
+    app.conf[ACK_WITH_RESULT] = keys
     try:
-        done = str(uuid.uuid4())
-        app.backend.store_result(done, "kept", states.SUCCESS, request=delivered(tags[1]))
-        assert _unacked(stack, tags[1]) == (False, False)  # gone with the stored result, in one script
-        assert _stored(stack, app, done)["result"] == "kept"
+        app.backend.store_result(ids[1], "kept", states.SUCCESS, request=request(ids[1], tags[1]))
+        assert _unacked(stack, keys, tags[1]) == (False, False)  # gone with the stored result, in one script
+        assert _stored(stack, app, ids[1])["result"] == "kept"
         assert result_acks.take(tags[1]) and not result_acks.take(tags[1])
-        app.backend.store_result(str(uuid.uuid4()), ValueError("x"), states.FAILURE, request=delivered(tags[2]))
-        assert _unacked(stack, tags[2]) == (True, True)  # a failure is acknowledged by Celery, as before
+        app.backend.store_result(ids[2], ValueError("x"), states.FAILURE, request=request(ids[2], tags[2]))
+        assert _unacked(stack, keys, tags[2]) == (True, True)  # a failure is acknowledged by Celery, as before
+        app.backend.store_result(ids[4], "other", states.SUCCESS, request=request(ids[3], tags[3]))
+        assert _unacked(stack, keys, tags[3]) == (True, True)  # another task's result: not this delivery's ack
+        app.backend.store_result(ids[4], "again", states.SUCCESS, request=Context(id=ids[4], properties={
+            "delivery_tag": tags[4]}))  # no record to remove (another server, a restore): Celery's ack stays real
+        assert not result_acks.take(tags[4])
     finally:
         app.conf[ACK_WITH_RESULT] = None
-        stack.redis.hdel("unacked", *tags)
-        stack.redis.zrem("unacked_index", *tags)
+        stack.redis.delete(keys["hash"], keys["index"])
 
 
 def test_the_consumer_acks_a_delivery_acknowledged_with_its_result_in_memory_only(stack: Stack) -> None:
@@ -127,13 +144,14 @@ def test_the_consumer_acks_a_delivery_acknowledged_with_its_result_in_memory_onl
     from routing import result_acks
     from routing.transport import SHARED_CLIENT_TRANSPORT
 
-    with Connection(stack.redis_url, transport=SHARED_CLIENT_TRANSPORT) as conn:
-        channel = conn.default_channel
-        qos = channel.qos
+    keys = _own_keys()
+    options = {"unacked_key": keys["hash"], "unacked_index_key": keys["index"]}
+    with Connection(stack.redis_url, transport=SHARED_CLIENT_TRANSPORT, transport_options=options) as conn:
+        qos = conn.default_channel.qos
+        assert qos.unacked_key == keys["hash"]
         remembered, plain = str(uuid.uuid4()), str(uuid.uuid4())
         for tag in (remembered, plain):
-            stack.redis.hset("unacked", tag, '[{"fake": 1}, "", "q"]')
-            stack.redis.zadd("unacked_index", {tag: 1.0})
+            _delivered(stack, keys, tag)
             qos._delivered[tag] = object()
         result_acks.remember(remembered)
         try:
@@ -141,11 +159,10 @@ def test_the_consumer_acks_a_delivery_acknowledged_with_its_result_in_memory_onl
             qos.ack(plain)
             qos._flush()  # kombu drops acked tags from its in-memory record lazily
             assert remembered not in qos._delivered and plain not in qos._delivered
-            assert _unacked(stack, remembered) == (True, True)  # no command sent: the script removed it already
-            assert _unacked(stack, plain) == (False, False)  # kombu's own ack, as before
+            assert _unacked(stack, keys, remembered) == (True, True)  # no command: the script removed it already
+            assert _unacked(stack, keys, plain) == (False, False)  # kombu's own ack, as before
         finally:
-            stack.redis.hdel("unacked", remembered)
-            stack.redis.zrem("unacked_index", remembered)
+            stack.redis.delete(keys["hash"], keys["index"])
 
 
 def test_flagship_workers_acknowledge_with_the_result(client: Client) -> None:

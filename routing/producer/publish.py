@@ -13,7 +13,8 @@ writes for the default exchange (the body in base64, ``delivery_info``, a delive
 tag), with kombu's JSON encoder. Whatever this shortcut does not reproduce takes
 ``send_task`` as before: publish signals with receivers (tracing instrumentation),
 a call made from inside a Celery task (root and parent ids), sent events,
-compression, another serializer or protocol, a key prefix, a default priority.
+compression, another serializer or protocol, a key prefix, a default priority, task
+routes or declared queues (an exchange of their own).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class Publisher:
             signals.before_task_publish.receivers or signals.after_task_publish.receivers
             or signals.task_sent.receivers
             or conf.task_serializer != "json" or conf.task_compression or conf.task_protocol != 2
-            or conf.task_send_sent_event or conf.task_default_priority
+            or conf.task_send_sent_event or conf.task_default_priority or conf.task_routes or conf.task_queues
+            or conf.task_default_exchange_type != "direct"
             or (conf.broker_transport_options or {}).get("global_keyprefix")
             or self.app.current_worker_task is not None
         )
@@ -63,7 +65,7 @@ class Publisher:
             task_headers.update(headers)
         try:
             payload = dumps(body)  # type: ignore[no-untyped-call]
-        except (TypeError, ValueError) as exc:  # what kombu's serializer raises it as
+        except Exception as exc:  # any encoder failure, as kombu's serializer reports it
             raise EncodeError(exc) from exc
         envelope = {
             "body": base64.b64encode(payload.encode("utf-8")).decode("ascii"),

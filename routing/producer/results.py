@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis as redis_lib
-from celery import Celery, states
+from celery import Celery
 
 from routing import names
 from routing.connect import redis_client
+from routing.producer import outcome
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Pending:
     tag: Any
     subscribed: bool = True  # to its own result channel (it was not sent naming the reply channel)
     since: float = 0.0  # time.monotonic() when it was expected
+    next_read: float = 0.0  # when the safety sweep reads its key next
 
 
 class ResultListener:
@@ -88,24 +90,21 @@ class ResultListener:
         return self._home
 
     def expect(self, task_id: str, tag: Any = None, *, replied: bool = False) -> Future[Any]:
-        """A future settled with the call's return value (or its error); register before sending.
-
-        ``replied``: the call will be sent with ``reply_to=``:attr:`reply_channel`, so it needs no
-        subscription of its own (once the reply channel is confirmed; until then it subscribes anyway).
-        """
+        """A future settled with the call's return value (or its error); register before sending. ``replied``: it
+        names :attr:`reply_channel` as ``reply_to`` (no subscription of its own once that one is confirmed)."""
         future: Future[Any] = Future()
         future.set_running_or_notify_cancel()
         channel = RESULT_KEY_PREFIX + task_id
         with self._lock:
             if self._thread is None:  # started before it is published: close() may join it at any time
-                thread = threading.Thread(target=self._run, name="flagship-results", daemon=True)
-                thread.start()
+                (thread := threading.Thread(target=self._run, name="flagship-results", daemon=True)).start()
                 self._thread = thread
         if replied and not self._home_ready.is_set():
             self._wake()
             replied = self._home_ready.wait(home_ready_timeout_s)
         with self._lock:
-            self._pending[channel] = Pending(future, tag, subscribed=not replied, since=time.monotonic())
+            now = time.monotonic()
+            self._pending[channel] = Pending(future, tag, not replied, now, now + stale_after_s)
             if not replied:
                 self._subscribe.append(channel)
                 self._wake()
@@ -191,6 +190,7 @@ class ResultListener:
             except Exception:  # the listener must survive anything; pending calls are re-read
                 log.exception("result listener failed; restarting it")
                 time.sleep(backoff)
+                backoff = min(max_reconnect_backoff_s, backoff * 2)
                 self._resubscribe_all()
 
     def _resubscribe_all(self) -> None:
@@ -221,10 +221,9 @@ class ResultListener:
                     selector.register(sock, selectors.EVENT_READ)
                 watched_sock = sock
             self._drain_messages()
-            now = time.monotonic()
-            if now >= self._next_sweep:
-                self._next_sweep = now + sweep_every_s
-                self._read_replied(before=now - stale_after_s)
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + sweep_every_s
+                self._read_replied(sweep=True)
             for key, _ in selector.select(timeout=1.0):
                 if key.fileobj == self._wake_r:
                     os.read(self._wake_r, 4096)
@@ -232,22 +231,26 @@ class ResultListener:
     def _home_confirmed(self) -> None:
         """The reply channel is subscribed: after a gap, read what landed meanwhile; after a lost connection, say so."""
         self._home_confirms += 1
-        reconnected = self._reconnected or self._home_confirms > 1
-        self._reconnected = False
-        if self._home_ready.is_set():  # not the first subscription: there was a gap
-            self._read_replied()
+        reconnected, self._reconnected = self._reconnected or self._home_confirms > 1, False
+        gap = self._home_ready.is_set()  # not the first subscription: results may have landed meanwhile
         self._home_ready.set()
-        if not reconnected or self.on_reconnect is None:
-            return
-        try:
-            self.on_reconnect()
-        except Exception:  # the listener outlives its callback
-            log.exception("result listener's reconnect callback failed")
+        if reconnected and self.on_reconnect is not None:
+            try:
+                self.on_reconnect()
+            except Exception:  # the listener outlives its callback
+                log.exception("result listener's reconnect callback failed")
+        if gap:
+            self._read_replied()
 
-    def _read_replied(self, before: float = float("inf")) -> None:
-        """Settle the calls sent naming the reply channel (expected ``before``) whose results are stored."""
+    def _read_replied(self, sweep: bool = False) -> None:
+        """Settle the calls sent naming the reply channel whose results are stored (``sweep``: those due, each
+        read again once it has waited as long again: at 2, 4, 8 ... s)."""
+        now, channels = time.monotonic(), []
         with self._lock:
-            channels = [channel for channel, p in self._pending.items() if not p.subscribed and p.since < before]
+            for channel, p in self._pending.items():
+                if not p.subscribed and (not sweep or p.next_read <= now):
+                    channels.append(channel)
+                    p.next_read = now + max(stale_after_s, now - p.since)
         self._read(channels)
 
     def _drain_messages(self) -> None:
@@ -285,16 +288,13 @@ class ResultListener:
 
     def _settle(self, channel: str, raw: bytes) -> bool:
         """Settle the call of ``channel`` from a stored result; False if not final or not pending."""
-        return self._settle_meta(channel, self.app.backend.decode_result(raw))
+        return self._settle_meta(channel, outcome.decoded(self.app.backend, raw))
 
-    def _settle_meta(self, channel: str, meta: dict[str, Any]) -> bool:
-        if meta.get("status") not in states.READY_STATES:
+    def _settle_meta(self, channel: str, meta: dict[str, Any] | BaseException) -> bool:
+        if not outcome.final(meta):
             return False
         pending = self._take(channel)
         if pending is None:
             return False  # already settled (the message and the read-back both arrived)
-        if meta["status"] == states.SUCCESS:
-            pending.future.set_result(meta["result"])
-        else:
-            pending.future.set_exception(self.app.backend.exception_to_python(meta["result"]))
+        outcome.settle(pending.future, self.app.backend, meta)
         return True

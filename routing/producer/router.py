@@ -162,6 +162,7 @@ class Router:
             claims.discard(self.redis, binding.session_id, moved.claims)
             raise InvalidArgument(op, f"arguments must be JSON-serializable ({exc})") from None
         except BaseException:
+            self.results.discard(task_id)  # the caller gets the error: nothing waits for this call
             claims.discard(self.redis, binding.session_id, moved.claims)
             raise
         if queue_timeout_s is not None:

@@ -2,48 +2,46 @@
 -- ARGV[1] more from the queue and record each too, in one atomic step: what kombu's QoS.append writes
 -- per message (the index score and the [message, exchange, routing key] entry), so no popped message
 -- is ever outside both the queue and the un-acked record, and a burst costs one round trip.
--- Replies {message, tag, message, tag, ...} (the BRPOP'd one first); tag is '' for a message it could
--- not read (not recorded). The reply is kept under KEYS[4] for ARGV[3] ms: a retried call (its first
--- reply lost) gets the same messages back instead of popping more, so none is left recorded but
--- never delivered.
+-- Replies {tag of ARGV[4], message, tag, message, tag, ...}; a tag is '' for a message it could not
+-- read (not recorded) or when ARGV[4] is absent. When it popped any, the reply is kept under KEYS[4]
+-- for ARGV[3] ms: a retried call (its first reply lost) gets the same messages back instead of
+-- popping more, so none is left recorded but never delivered.
 -- KEYS[1] the queue's list; KEYS[2] kombu's un-acked hash; KEYS[3] its index; KEYS[4] this call's reply
 -- ARGV[1] how many more at most; ARGV[2] now (the index score, seconds); ARGV[3] how long the reply is
 -- kept (ms); ARGV[4] the message BRPOP took (optional)
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return redis.call('LRANGE', KEYS[4], 0, -1)
 end
-local items = {}
-if ARGV[4] then
-  items[1] = ARGV[4]
-end
-if tonumber(ARGV[1]) > 0 then
-  local more = redis.call('RPOP', KEYS[1], tonumber(ARGV[1]))
-  if more then
-    for _, item in ipairs(more) do
-      items[#items + 1] = item
-    end
-  end
-end
-if #items == 0 then
-  return {}
-end
-local reply = {}
-for _, item in ipairs(items) do
-  local tag = ''
+local function record(item)
   local ok, message = pcall(cjson.decode, item)
   if ok and type(message) == 'table' and type(message['properties']) == 'table' then
     local properties = message['properties']
     local info = properties['delivery_info']
     if type(properties['delivery_tag']) == 'string' and type(info) == 'table' then
-      tag = properties['delivery_tag']
+      local tag = properties['delivery_tag']
       local entry = '[' .. item .. ',' .. cjson.encode(info['exchange'] or '') .. ','
         .. cjson.encode(info['routing_key'] or '') .. ']'
       redis.call('HSET', KEYS[2], tag, entry)
       redis.call('ZADD', KEYS[3], ARGV[2], tag)
+      return tag
     end
   end
+  return ''
+end
+local reply = {''}
+if ARGV[4] then
+  reply[1] = record(ARGV[4])
+end
+local more = {}
+if tonumber(ARGV[1]) > 0 then
+  more = redis.call('RPOP', KEYS[1], tonumber(ARGV[1])) or {}
+end
+if #more == 0 then
+  return reply
+end
+for _, item in ipairs(more) do
   reply[#reply + 1] = item
-  reply[#reply + 1] = tag
+  reply[#reply + 1] = record(item)
 end
 redis.call('RPUSH', KEYS[4], unpack(reply))
 redis.call('PEXPIRE', KEYS[4], ARGV[3])

@@ -5,16 +5,18 @@
 -- un-acked record (kombu's) is removed when a tag is given: the message is acknowledged with its result.
 -- KEYS[1] celery-task-meta-<id>; KEYS[2] kombu's un-acked hash; KEYS[3] its index;
 -- ARGV[1] the encoded result; ARGV[2] expiry in ms (0: none); ARGV[3] the reply channel ('' for none);
--- ARGV[4] the delivery tag to acknowledge ('' for none)
+-- ARGV[4] the delivery tag to acknowledge ('' for none).
+-- Replies {stored (1, or 0: a SUCCESS was there), acknowledged (1: an un-acked record was removed)}.
+local acked = 0
 if ARGV[4] ~= '' then
   redis.call('ZREM', KEYS[3], ARGV[4])
-  redis.call('HDEL', KEYS[2], ARGV[4])
+  acked = redis.call('HDEL', KEYS[2], ARGV[4])
 end
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, meta = pcall(cjson.decode, current)
   if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
-    return 0
+    return {0, acked}
   end
 end
 local expiry = tonumber(ARGV[2])
@@ -27,4 +29,4 @@ redis.call('PUBLISH', KEYS[1], ARGV[1])
 if ARGV[3] ~= '' then
   redis.call('PUBLISH', ARGV[3], ARGV[1])
 end
-return 1
+return {1, acked}

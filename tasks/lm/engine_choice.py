@@ -34,6 +34,10 @@ __all__ = ["EngineChoices", "install", "choice_key"]
 #: Shapes kept per LM (and its copies); beyond it the oldest choice is dropped.
 MAX_SHAPES = 256
 
+#: Call options the choice never reads (neither ``select_backend`` nor the canonical request): a rollout id
+#: per call must not make every call a new shape.
+_NOT_IN_CHOICE = frozenset({"messages", "n", "rollout_id", "num_generations"})
+
 _lock = threading.Lock()
 _original: Callable[..., tuple[Any, Any, Any]] | None = None
 
@@ -95,7 +99,7 @@ def choice_key(lm: Any, call: Any, asynchronous: bool) -> Hashable | None:
     roles = _message_roles(legacy.get("messages"))
     if roles is None:
         return None
-    options = tuple(sorted((k, v) for k, v in legacy.items() if k != "messages"))
+    options = tuple(sorted((k, type(v).__name__, v) for k, v in legacy.items() if k not in _NOT_IN_CHOICE))
     key = (lm.model, lm.model_type, lm._engine_spec, options, roles)
     try:
         hash(key)
@@ -124,7 +128,8 @@ def _live(lm: Any, backend: Any) -> bool:
     """The kept engine is still open and still this LM's (``lm.close()`` drops it from the store)."""
     if getattr(backend, "_closed", True):
         return False
-    return any(engine is backend for engine in lm._engine_store.values())
+    with lm._engine_lock:  # DSPy changes the store under it (new client settings, event loops, close())
+        return any(engine is backend for engine in lm._engine_store.values())
 
 
 def choose_engine(lm: Any, call: Any, asynchronous: bool) -> tuple[Any, Any, Any]:

@@ -124,15 +124,19 @@ def test_the_drain_script_records_what_it_pops_and_a_retry_gets_the_same_message
     first = script(keys=[queue, unacked, index, reply], args=[4, 1000.5, 60_000])
     again = script(keys=[queue, unacked, index, reply], args=[4, 1000.5, 60_000])
     assert first == again  # the same four messages, none popped twice or lost
-    assert first[0::2] == messages[:4] and first[1::2] == ["tag-0", "tag-1", "tag-2", "tag-3"]
+    assert first[0] == "" and first[1::2] == messages[:4] and first[2::2] == ["tag-0", "tag-1", "tag-2", "tag-3"]
     assert stack.redis.llen(queue) == 2
     entry = json.loads(stack.redis.hget(unacked, "tag-2") or "")
     assert entry == [json.loads(messages[2]), "", queue]  # the shape kombu's QoS.append writes
     assert stack.redis.zscore(index, "tag-2") == 1000.5
     rest = script(keys=[queue, unacked, index, f"{reply}.2"], args=[4, 1000.5, 60_000])
-    assert rest[0::2] == [messages[4], "not json"] and rest[1::2] == ["tag-4", ""]  # unreadable: not recorded
+    assert rest[1::2] == [messages[4], "not json"] and rest[2::2] == ["tag-4", ""]  # unreadable: not recorded
     assert stack.redis.hlen(unacked) == 5 and 0 < stack.redis.pttl(reply) <= 60_000
     stack.redis.delete(queue, unacked, index, reply, f"{reply}.2")
+
+
+def raw_text_entry(raw: str, queue: str) -> str:
+    return "[" + raw + "," + json.dumps("") + "," + json.dumps(queue) + "]"
 
 
 def test_a_message_taken_by_brpop_is_recorded_unacked_from_its_popped_bytes(stack: Stack) -> None:
@@ -160,6 +164,7 @@ def test_a_message_taken_by_brpop_is_recorded_unacked_from_its_popped_bytes(stac
     [(tag, entry)] = seen
     assert entry is not None
     assert json.loads(entry) == [json.loads(raw), "", queue]  # what kombu's own write would hold
+    assert entry == raw_text_entry(raw, queue)  # byte for byte the popped item (kombu's re-encoding differs)
     assert stack.redis.hget(UNACKED_KEY, tag) is None and stack.redis.zscore(UNACKED_INDEX_KEY, tag) is None
 
 
@@ -176,8 +181,10 @@ def test_the_script_records_the_message_brpop_took_first_then_the_rest(stack: St
     stack.redis.lpush(queue, message(1), message(2))
     script = stack.redis.register_script(source("drain_direct_queue"))
     got = script(keys=[queue, unacked, index, reply], args=[5, 7.0, 60_000, message(0)])
-    assert got[0::2] == [message(0), message(1), message(2)] and got[1::2] == ["t-0", "t-1", "t-2"]
+    assert got == ["t-0", message(1), "t-1", message(2), "t-2"]  # the given message's tag, then what it popped
     assert json.loads(stack.redis.hget(unacked, "t-0") or "") == [json.loads(message(0)), "", queue]
+    assert stack.redis.lrange(reply, 0, -1) == got  # kept for a retry
     lone = script(keys=[queue, unacked, index, f"{reply}.2"], args=[0, 7.0, 60_000, message(3)])
-    assert lone == [message(3), "t-3"] and stack.redis.hlen(unacked) == 4  # no room: only the one it was given
+    assert lone == ["t-3"] and stack.redis.hlen(unacked) == 4  # no room: only the one it was given
+    assert not stack.redis.exists(f"{reply}.2")  # nothing popped: nothing a retry could lose, nothing kept
     stack.redis.delete(queue, unacked, index, reply, f"{reply}.2")
