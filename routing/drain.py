@@ -64,10 +64,7 @@ class PrerecordedQoS(kombu_redis.QoS):
         if item is None:
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
             return
-        delivery = message.delivery_info
-        raw = item.encode() if isinstance(item, str) else item
-        entry = b"".join((b"[", raw, b",", json.dumps(delivery["exchange"]).encode(), b",",
-                          json.dumps(delivery["routing_key"]).encode(), b"]"))
+        entry = unacked_entry(item, message.delivery_info)
         with self.pipe_or_acquire() as pipe:
             pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
                 self.unacked_key, delivery_tag, entry).execute()
@@ -86,6 +83,13 @@ class PrerecordedQoS(kombu_redis.QoS):
             self._remove_from_indices(tag, client.pipeline()).execute()  # type: ignore[no-untyped-call]
 
 
+def unacked_entry(item: bytes | str, delivery_info: dict[str, Any]) -> bytes:
+    """kombu's un-acked entry ``[message, exchange, routing key]`` for a popped item, from its bytes as popped."""
+    raw = item.encode() if isinstance(item, str) else item
+    return b"".join((b"[", raw, b",", json.dumps(delivery_info["exchange"]).encode(), b",",
+                     json.dumps(delivery_info["routing_key"]).encode(), b"]"))
+
+
 def _drains(channel: Any, queue: str) -> bool:
     """Whether a pop from ``queue`` goes through the script: this worker's own queue, consumed, on a usable channel."""
     return (names.is_worker_queue(queue) and not channel._closing and not channel.global_keyprefix
@@ -102,6 +106,11 @@ def deliver_popped(channel: Any, key: str, queue: str, item: bytes) -> None:
     if not _drains(channel, queue):
         channel._deliver_popped(item, queue)
         return
+    envelope = channel._checked(item, queue)  # parsed once; poison is dead-lettered here
+    if envelope is None:
+        return
+    properties = envelope["properties"]
+    tag, entry = properties["delivery_tag"], unacked_entry(item, properties["delivery_info"])
     qos: Any = channel.qos
     room = qos.can_consume_max_estimate()  # kombu's prefetch room (None: no prefetch limit), this item included
     more = drain_max if room is None else max(0, min(room - 1, drain_max))
@@ -111,22 +120,22 @@ def deliver_popped(channel: Any, key: str, queue: str, item: bytes) -> None:
                 channel._drain_script = client.register_script(source("drain_direct_queue"))
             reply = channel._drain_script(
                 keys=[key, qos.unacked_key, qos.unacked_index_key, REPLY_PREFIX + uuid.uuid4().hex],
-                args=[more, time.time(), reply_ttl_ms, item], client=client)
+                args=[more, time.time(), reply_ttl_ms, tag, entry], client=client)
     except redis_lib.ResponseError as exc:  # the script wrote nothing: kombu's way for this message
         if "wrong number of arguments" in str(exc).lower():  # no RPOP count (Redis < 6.2): not on this connection
             log.warning("draining %s is off for this connection: %s", queue, exc)
             channel._drain_off = True
-        channel._deliver_popped(item, queue)
+        channel._deliver_popped(item, queue, envelope=envelope)
         return
-    popped = [(item, _text(reply[0]))] + [(more_item, _text(tag)) for more_item, tag in
-                                         zip(reply[1::2], reply[2::2], strict=True)]
-    for i, (popped_item, tag) in enumerate(popped):
+    popped = [(item, _text(reply[0]), envelope)] + [(more_item, _text(more_tag), None) for more_item, more_tag in
+                                                     zip(reply[1::2], reply[2::2], strict=True)]
+    for i, (popped_item, popped_tag, parsed) in enumerate(popped):
         try:
-            channel._deliver_popped(popped_item, queue, recorded_tag=tag or None)
+            channel._deliver_popped(popped_item, queue, recorded_tag=popped_tag or None, envelope=parsed)
         except BaseException:
             # Recorded but not delivered (kombu never took it): this one unless kombu has it, and the rest.
-            undelivered = [tag] if tag and tag not in qos._delivered else []
-            _give_back(qos, undelivered + [later for _, later in popped[i + 1:] if later])
+            undelivered = [popped_tag] if popped_tag and popped_tag not in qos._delivered else []
+            _give_back(qos, undelivered + [later for _, later, _ in popped[i + 1:] if later])
             raise
 
 

@@ -137,10 +137,12 @@ class GuardedChannel(_ChannelBase):
             self._maybe_update_queues_expire(client, queue)  # type: ignore[no-untyped-call]
             raise Empty()
 
-    def _deliver_popped(self, item: bytes, queue: str, recorded_tag: str | None = None) -> None:
-        """Check and deliver one popped item; ``recorded_tag``: a drain recorded it un-acked under this tag."""
+    def _deliver_popped(self, item: bytes, queue: str, recorded_tag: str | None = None,
+                        envelope: dict[str, Any] | None = None) -> None:
+        """Check and deliver one popped item (``envelope``: checked already); ``recorded_tag``: a drain recorded it
+        un-acked under this tag."""
         qos: Any = self.qos
-        envelope = self._checked(item, queue)
+        envelope = envelope if envelope is not None else self._checked(item, queue)
         if envelope is None:
             if recorded_tag:
                 qos.forget(recorded_tag)

@@ -1,14 +1,15 @@
--- Record a message BRPOP took from a worker's own queue as un-acked (ARGV[4], optional), pop up to
+-- Record a message BRPOP took from a worker's own queue as un-acked (ARGV[4] its tag, ARGV[5] its
+-- entry, built by the caller, which has parsed it already; optional), pop up to
 -- ARGV[1] more from the queue and record each too, in one atomic step: what kombu's QoS.append writes
 -- per message (the index score and the [message, exchange, routing key] entry), so no popped message
 -- is ever outside both the queue and the un-acked record, and a burst costs one round trip.
--- Replies {tag of ARGV[4], message, tag, message, tag, ...}; a tag is '' for a message it could not
--- read (not recorded) or when ARGV[4] is absent. When it popped any, the reply is kept under KEYS[4]
+-- Replies {ARGV[4] or '', message, tag, message, tag, ...}; a tag is '' for a message it could not
+-- read (not recorded). When it popped any, the reply is kept under KEYS[4]
 -- for ARGV[3] ms: a retried call (its first reply lost) gets the same messages back instead of
 -- popping more, so none is left recorded but never delivered.
 -- KEYS[1] the queue's list; KEYS[2] kombu's un-acked hash; KEYS[3] its index; KEYS[4] this call's reply
 -- ARGV[1] how many more at most; ARGV[2] now (the index score, seconds); ARGV[3] how long the reply is
--- kept (ms); ARGV[4] the message BRPOP took (optional)
+-- kept (ms); ARGV[4], ARGV[5] the tag and un-acked entry of the message BRPOP took (optional)
 if redis.call('EXISTS', KEYS[4]) == 1 then
   return redis.call('LRANGE', KEYS[4], 0, -1)
 end
@@ -30,7 +31,9 @@ local function record(item)
 end
 local reply = {''}
 if ARGV[4] then
-  reply[1] = record(ARGV[4])
+  redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[4])
+  reply[1] = ARGV[4]
 end
 local more = {}
 if tonumber(ARGV[1]) > 0 then

@@ -169,6 +169,7 @@ def test_a_message_taken_by_brpop_is_recorded_unacked_from_its_popped_bytes(stac
 
 
 def test_the_script_records_the_message_brpop_took_first_then_the_rest(stack: Stack) -> None:
+    """The caller parsed the BRPOP'd message already: it hands the script the tag and the entry to record."""
     from routing.scripts import source
 
     run = uuid.uuid4().hex
@@ -180,11 +181,12 @@ def test_the_script_records_the_message_brpop_took_first_then_the_rest(stack: St
 
     stack.redis.lpush(queue, message(1), message(2))
     script = stack.redis.register_script(source("drain_direct_queue"))
-    got = script(keys=[queue, unacked, index, reply], args=[5, 7.0, 60_000, message(0)])
+    got = script(keys=[queue, unacked, index, reply], args=[5, 7.0, 60_000, "t-0", raw_text_entry(message(0), queue)])
     assert got == ["t-0", message(1), "t-1", message(2), "t-2"]  # the given message's tag, then what it popped
     assert json.loads(stack.redis.hget(unacked, "t-0") or "") == [json.loads(message(0)), "", queue]
     assert stack.redis.lrange(reply, 0, -1) == got  # kept for a retry
-    lone = script(keys=[queue, unacked, index, f"{reply}.2"], args=[0, 7.0, 60_000, message(3)])
+    lone = script(keys=[queue, unacked, index, f"{reply}.2"],
+                  args=[0, 7.0, 60_000, "t-3", raw_text_entry(message(3), queue)])
     assert lone == ["t-3"] and stack.redis.hlen(unacked) == 4  # no room: only the one it was given
     assert not stack.redis.exists(f"{reply}.2")  # nothing popped: nothing a retry could lose, nothing kept
     stack.redis.delete(queue, unacked, index, reply, f"{reply}.2")
