@@ -129,14 +129,20 @@ def test_default_chunk_size_gives_every_worker_equal_chunks_of_at_most_eight_exa
     assert default_chunk_size(90, [SimpleNamespace(slots=4)] * 3) == 30  # type: ignore[arg-type]
 
 
-def test_client_map_reruns_the_chunks_of_a_worker_that_dies(client, pool_workers) -> None:
-    from routing.producer.fleet import FleetMap, Worker
+def _two_kill_pool_shares(client, pool_workers):
+    """Two fresh ``kill_pool`` workers (by node) and a map share on each (a session bound to it)."""
+    from routing.producer.fleet import Worker
 
     workers = {w.node: w for w in pool_workers("kill_pool", 2)}
-    shares = []
-    for node in workers:
-        session = client.session("kill_pool", node=node)
-        shares.append(Worker(session, None, "predict", TRIAGE, None, slots=2))
+    shares = [Worker(client.session("kill_pool", node=node), None, "predict", TRIAGE, None, slots=2)
+              for node in workers]
+    return workers, shares
+
+
+def test_client_map_reruns_the_chunks_of_a_worker_that_dies(client, pool_workers) -> None:
+    from routing.producer.fleet import FleetMap
+
+    workers, shares = _two_kill_pool_shares(client, pool_workers)
     doomed = shares[0].session.worker
     examples = [{"ticket": text} for _, text in TICKETS] * 40
     killed: list[str] = []
@@ -157,13 +163,9 @@ def test_client_map_skips_a_worker_found_dead_before_its_first_chunk(client, poo
     from helpers import wait_until
 
     from routing.errors import SessionWorkerUnavailable
-    from routing.producer.fleet import FleetMap, Worker
+    from routing.producer.fleet import FleetMap
 
-    workers = {w.node: w for w in pool_workers("kill_pool", 2)}
-    shares = []
-    for node in workers:
-        session = client.session("kill_pool", node=node)
-        shares.append(Worker(session, None, "predict", TRIAGE, None, slots=2))
+    workers, shares = _two_kill_pool_shares(client, pool_workers)
     dead_share, live_share = shares
     doomed, survivor = dead_share.session.worker, live_share.session.worker
     workers[doomed].kill()
