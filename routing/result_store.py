@@ -25,6 +25,7 @@ from redis.commands.core import Script
 
 from routing import names, result_acks
 from routing.connect import is_sentinel
+from routing.reaper import UNACKED_INDEX_KEY, UNACKED_KEY
 from routing.scripts import source
 
 __all__ = ["StoreBackend", "SentinelStoreBackend", "store_backend_url", "ACK_WITH_RESULT", "DEFAULT_ACK_KEYS"]
@@ -33,7 +34,7 @@ __all__ = ["StoreBackend", "SentinelStoreBackend", "store_backend_url", "ACK_WIT
 #: un-acked keys): a SUCCESS is stored and its message acknowledged in the same script (``routing.result_acks``).
 ACK_WITH_RESULT = "flagship_ack_with_result"
 #: kombu's Redis un-acked keys (``unacked_key``, ``unacked_index_key``), named even when nothing is acknowledged.
-DEFAULT_ACK_KEYS = {"hash": "unacked", "index": "unacked_index"}
+DEFAULT_ACK_KEYS = {"hash": UNACKED_KEY, "index": UNACKED_INDEX_KEY}
 
 
 class AtomicStore:

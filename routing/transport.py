@@ -163,7 +163,6 @@ class GuardedChannel(_ChannelBase):
             raise
         except Exception as exc:  # kombu choked on it (a body that is not base64, ...): not fatal
             properties, headers = envelope["properties"], envelope["headers"]
-            tag = properties["delivery_tag"]
             what = f"{type(exc).__name__}: {str(exc)[:200]}"
             reason = f"body is not valid base64 ({what})" if isinstance(exc, binascii.Error) else \
                 f"delivery failed ({what})"

@@ -113,23 +113,23 @@ def _native_choice(lm: Any, call: Any, backend: Any, request: Any, provider: Any
     from dspy.clients.backend_selection import select_backend
     from dspy.clients.engines.lm15_engine import LM15Engine
 
-    if request is None or not isinstance(backend, LM15Engine):
+    if request is None or not isinstance(backend, LM15Engine) or not _in_store(lm, backend):
         return None
-    with lm._engine_lock:
-        if not any(engine is backend for engine in lm._engine_store.values()):
-            return None
     resolution = select_backend(lm, call.legacy).resolution
     if resolution is None:
         return None
     return backend, resolution.compat, provider
 
 
-def _live(lm: Any, backend: Any) -> bool:
-    """The kept engine is still open and still this LM's (``lm.close()`` drops it from the store)."""
-    if getattr(backend, "_closed", True):
-        return False
+def _in_store(lm: Any, backend: Any) -> bool:
+    """``backend`` is one of this LM's (and its copies') engines: ``lm.close()`` drops them from the store."""
     with lm._engine_lock:  # DSPy changes the store under it (new client settings, event loops, close())
         return any(engine is backend for engine in lm._engine_store.values())
+
+
+def _live(lm: Any, backend: Any) -> bool:
+    """The kept engine is still open and still this LM's."""
+    return not getattr(backend, "_closed", True) and _in_store(lm, backend)
 
 
 def choose_engine(lm: Any, call: Any, asynchronous: bool) -> tuple[Any, Any, Any]:
