@@ -29,8 +29,8 @@ import os
 import sys
 import time
 
-from routing.broker_errors import check_broker
-from routing.embedded import resolve_url
+from routing.broker.failures import check_broker
+from routing.broker.embedded import resolve_url
 from routing.errors import ServerUnavailable
 from routing.settings import Settings
 

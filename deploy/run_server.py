@@ -35,8 +35,8 @@ from pathlib import Path
 
 import redis as redis_lib
 
-from routing.connect import redis_client
-from routing.embedded import ensure_server, read_record, stop_server
+from routing.broker.connect import redis_client
+from routing.broker.embedded import ensure_server, read_record, stop_server
 from routing.settings import Settings
 
 #: How often the server process is checked while idling.

@@ -1,7 +1,13 @@
 """Pools, sessions and affinity routing for stateful workers on Celery + Redis.
 
-Shared contracts (names, errors, settings, the pool table, the registry, session
-records, recipes, heartbeat and reaper) and the producer side (``routing.producer``).
+Rooms, each importing only the ones below it (``.importlinter`` checks it):
+
+- ``routing.producer``: the client, sessions, handles, futures, the router (the producer side);
+- ``routing.fleet``: who is alive and what they hold (registry, heartbeat, reaper, session records, recipes);
+- ``routing.broker``: Redis and Celery/kombu plumbing (connections, transport, result store, scripts);
+  the only room that touches kombu's or Celery's private names;
+- the contracts at this level: ``names``, ``errors``, ``settings``, ``pools``, ``arguments``, ``validate``.
+
 Imports neither ``dspy`` nor ``tasks``: producers need only this package.
 """
 

@@ -72,7 +72,7 @@ class Pool:
     #: before the next fails at once with ``PoolSaturated``; None (or 0): no limit.
     max_queued: int | None = DEFAULT_MAX_QUEUED
     #: The pool's own broker (a Redis or Sentinel URL); None: the default (``REDIS_URL`` or the embedded
-    #: server). Its workers, queues, sessions and keys live only there (see ``routing.brokers``).
+    #: server). Its workers, queues, sessions and keys live only there (see ``routing.broker.brokers``).
     broker: str | None = None
 
     def __post_init__(self) -> None:
@@ -90,7 +90,7 @@ class Pool:
         object.__setattr__(self, "broker", _broker(self.name, self.broker))
 
 
-#: URL schemes a pool's ``broker`` may use (those ``routing.connect.redis_client`` knows).
+#: URL schemes a pool's ``broker`` may use (those ``routing.broker.connect.redis_client`` knows).
 BROKER_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
 
 

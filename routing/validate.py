@@ -26,11 +26,12 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from routing.claims import json_size
+from kombu.utils import json as kombu_json
+
 from routing.errors import InvalidArgument, UnknownPool
 from routing.pools import Affinity, Pool, PoolTable
 from routing.settings import Settings
@@ -38,6 +39,33 @@ from routing.settings import Settings
 #: Longest session or ref id.
 max_id_chars = 128
 _ID = re.compile(rf"[A-Za-z0-9._-]{{1,{max_id_chars}}}")
+#: kombu's JSON, as a message carries it (its ``__json__`` hook); untyped upstream.
+_dumps: Callable[[Any], str] = kombu_json.dumps
+
+
+def json_size(value: Any, limit: int) -> int:
+    """About how many bytes of JSON ``value`` takes; counting stops once past ``limit``."""
+    if isinstance(value, str):
+        if value.isascii() or len(value) >= limit:
+            return len(value) + 2
+        return len(_dumps(value))
+    if isinstance(value, dict):
+        size = 2
+        for key, item in value.items():
+            size += json_size(key, limit) + json_size(item, limit - size) + 2
+            if size > limit:
+                break
+        return size
+    if isinstance(value, (list, tuple)):
+        size = 2
+        for item in value:
+            size += json_size(item, limit - size) + 1
+            if size > limit:
+                break
+        return size
+    reducer = getattr(value, "__json__", None)  # kombu's hook (e.g. a context ref handle)
+    return json_size(reducer(), limit) if reducer is not None else 8
+
 #: Longest worker node name (``name@host``).
 max_node_chars = 255
 #: Session TTL bounds: at least a millisecond (Redis expiries are in ms), at most 30 days.

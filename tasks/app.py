@@ -8,8 +8,8 @@ from typing import Any
 from celery import Celery
 
 from routing import names
-from routing.celery_config import celery_config
-from routing.embedded import resolve_url
+from routing.broker.celery_config import celery_config
+from routing.broker.embedded import resolve_url
 from routing.errors import FlagshipError
 from routing.settings import Settings
 

@@ -11,9 +11,9 @@ import socket
 import sys
 import time
 
-from routing.broker_errors import check_broker, translated
-from routing.brokers import broker_url
-from routing.embedded import ensure_server, read_record, resolve_url, stop_server
+from routing.broker.brokers import broker_url
+from routing.broker.embedded import ensure_server, read_record, resolve_url, stop_server
+from routing.broker.failures import check_broker, translated
 from routing.errors import ServerUnavailable
 from routing.pools import PoolTable
 from routing.settings import Settings, redact_url
@@ -117,15 +117,15 @@ def _metrics(args: argparse.Namespace) -> int:
 
 #: ``flagship bench NAME``: the module whose ``main(argv)`` runs that benchmark.
 BENCHES = {
-    "routing": "tasks.local.bench",
-    "sandbox": "tasks.sandbox.bench",
-    "lm": "tasks.local.bench_lm",
-    "batch": "tasks.local.bench_batch",
-    "payload": "tasks.local.bench_payload",
-    "scale": "tasks.local.bench_scale",
-    "broker": "tasks.local.bench_broker",
-    "chaos": "tasks.local.bench_chaos",
-    "all": "tasks.local.bench_all",
+    "routing": "tasks.bench.routing",
+    "sandbox": "tasks.bench.sandbox",
+    "lm": "tasks.bench.lm",
+    "batch": "tasks.bench.batch",
+    "payload": "tasks.bench.payload",
+    "scale": "tasks.bench.scale",
+    "broker": "tasks.bench.broker",
+    "chaos": "tasks.bench.chaos",
+    "all": "tasks.bench.run_all",
 }
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from routing import Client, Session, Settings
-from routing.embedded import stop_server
+from routing.broker.embedded import stop_server
 from tasks.local.stack import Stack, WorkerProcess
 from tasks.sandbox.paths import deno_dir
 

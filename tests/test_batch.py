@@ -118,7 +118,7 @@ def test_client_map_by_default_gives_each_worker_an_even_share_in_one_chunk(clie
 def test_default_chunk_size_gives_every_worker_equal_chunks_of_at_most_eight_examples_per_thread() -> None:
     from types import SimpleNamespace
 
-    from routing.producer.fleet import default_chunk_size
+    from routing.producer.fleet_map import default_chunk_size
 
     two = [SimpleNamespace(slots=64), SimpleNamespace(slots=64)]
     assert default_chunk_size(1000, two) == 500  # type: ignore[arg-type]
@@ -131,7 +131,7 @@ def test_default_chunk_size_gives_every_worker_equal_chunks_of_at_most_eight_exa
 
 def _two_kill_pool_shares(client, pool_workers):
     """Two fresh ``kill_pool`` workers (by node) and a map share on each (a session bound to it)."""
-    from routing.producer.fleet import Worker
+    from routing.producer.fleet_map import Worker
 
     workers = {w.node: w for w in pool_workers("kill_pool", 2)}
     shares = [Worker(client.session("kill_pool", node=node), None, "predict", TRIAGE, None, slots=2)
@@ -140,7 +140,7 @@ def _two_kill_pool_shares(client, pool_workers):
 
 
 def test_client_map_reruns_the_chunks_of_a_worker_that_dies(client, pool_workers) -> None:
-    from routing.producer.fleet import FleetMap
+    from routing.producer.fleet_map import FleetMap
 
     workers, shares = _two_kill_pool_shares(client, pool_workers)
     doomed = shares[0].session.worker
@@ -163,7 +163,7 @@ def test_client_map_skips_a_worker_found_dead_before_its_first_chunk(client, poo
     from helpers import wait_until
 
     from routing.errors import SessionWorkerUnavailable
-    from routing.producer.fleet import FleetMap
+    from routing.producer.fleet_map import FleetMap
 
     workers, shares = _two_kill_pool_shares(client, pool_workers)
     dead_share, live_share = shares

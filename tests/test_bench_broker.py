@@ -12,11 +12,11 @@ import pytest
 import redis as redis_lib
 from helpers import wait_until
 
+from tasks.bench import run_all as bench_all
+from tasks.bench.helpers.broker_meter import ServerMeter
+from tasks.bench.helpers.broker_report import SECTIONS
+from tasks.bench.helpers.report import update_section
 from tasks.cli import BENCHES
-from tasks.local import bench_all
-from tasks.local.bench_report import update_section
-from tasks.local.broker_meter import ServerMeter
-from tasks.local.broker_report import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALING = ROOT / "docs" / "scaling.md"
@@ -107,7 +107,7 @@ def test_every_section_the_benchmark_writes_has_its_markers_in_docs_scaling(tmp_
 
 
 def test_flagship_bench_broker_is_registered_but_not_part_of_bench_all() -> None:
-    assert BENCHES["broker"] == "tasks.local.bench_broker"
+    assert BENCHES["broker"] == "tasks.bench.broker"
     assert "broker" not in Path(bench_all.__file__).read_text()
     done = subprocess.run([str(Path(sys.executable).with_name("flagship")), "bench", "broker", "--help"],
                           capture_output=True, text=True, timeout=60)

@@ -24,8 +24,8 @@ from prometheus_client.core import Metric
 from redis import Redis
 
 from routing import Client, Settings, names
-from routing.connect import redis_client
-from routing.embedded import ensure_server, stop_server
+from routing.broker.connect import redis_client
+from routing.broker.embedded import ensure_server, stop_server
 from routing.errors import SessionNotFound
 from routing.pools import PoolTable
 from tasks.local.demo.data import TICKETS
@@ -188,7 +188,7 @@ def test_status_shows_every_broker_with_its_pools_workers_and_sessions(brokers: 
 
 def test_metrics_read_every_broker(brokers: TwoBrokers) -> None:
     table = PoolTable.load(brokers.settings.pools_config)
-    from routing.brokers import by_broker
+    from routing.broker.brokers import by_broker
 
     parts = [Broker(url, brokers.redis(url), pools) for url, pools in by_broker(table, brokers.url1)]
     families: dict[str, Metric] = {m.name: m for m in FleetCollector(parts, brokers.settings).collect()}

@@ -14,7 +14,8 @@ def run(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_routing_imports_neither_dspy_nor_tasks() -> None:
-    probe = ("import sys, routing, routing.producer.client, routing.recipes, routing.status, routing.embedded; "
+    probe = ("import sys, routing, routing.producer.client, routing.fleet.recipes, routing.fleet.status, "
+             "routing.broker.embedded; "
              "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('dspy', 'tasks')); "
              "print(bad); sys.exit(1 if bad else 0)")
     done = run(sys.executable, "-c", probe)

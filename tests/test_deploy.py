@@ -38,7 +38,7 @@ from conftest import TEST_ENV
 from helpers import wait_until
 
 from routing import names
-from routing.embedded import ensure_server, read_record, stop_server
+from routing.broker.embedded import ensure_server, read_record, stop_server
 from routing.pools import PoolTable
 from routing.settings import Settings
 from tasks.cli import parser as cli_parser
@@ -591,7 +591,7 @@ def test_sentinel_compose_file_is_valid_against_the_compose_spec_schema() -> Non
 
 
 def test_docker_compose_runs_a_primary_a_replica_and_three_sentinels_that_every_flagship_process_goes_through() -> None:
-    from routing.connect import parse_sentinel_url
+    from routing.broker.connect import parse_sentinel_url
 
     done = sentinel_compose_model()
     assert done.returncode == 0, done.stderr
@@ -657,7 +657,7 @@ def env_of(c: dict[str, Any]) -> dict[str, str]:
 
 
 def test_sentinel_statefulsets_name_each_other_by_stable_dns_names_and_clients_list_every_sentinel() -> None:
-    from routing.connect import parse_sentinel_url
+    from routing.broker.connect import parse_sentinel_url
 
     sets, services = sentinel_kind("StatefulSet"), sentinel_kind("Service")
     redis_set, sentinel_set = sets["redis"], sets["sentinel"]
@@ -853,7 +853,7 @@ def _role(client: redis_lib.Redis) -> dict[str, Any]:
 @pytest.mark.timeout(180)
 def test_sentinel_start_scripts_bring_up_a_group_that_fails_over_and_a_restarted_primary_rejoins_as_a_replica(
         tmp_path: Path) -> None:
-    from routing.connect import SentinelOptions, redis_client
+    from routing.broker.connect import SentinelOptions, redis_client
 
     group = ScriptedGroup(tmp_path)
     try:

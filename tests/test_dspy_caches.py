@@ -10,10 +10,10 @@ from dspy.clients import costs as dspy_costs
 from dspy.clients import model_metadata
 from pydantic import BaseModel, TypeAdapter
 
+from tasks.bench.helpers.fake_lm_server import FakeOpenAI
 from tasks.lm import dspy_caches as caches
 from tasks.lm.history import history_entries
 from tasks.lm.provider import LMSettings, build_lm
-from tasks.local.fake_lm_server import FakeOpenAI
 
 
 def test_cached_lookup_answers_like_dspy_and_hands_out_copies() -> None:

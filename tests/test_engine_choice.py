@@ -12,9 +12,9 @@ import pytest
 from dspy.clients import execution
 from dspy.clients.engines.lm15_engine import LM15Engine
 
+from tasks.bench.helpers.fake_lm_server import FakeOpenAI
 from tasks.lm import engine_choice
 from tasks.lm.provider import LMSettings, ProviderLM, build_lm
-from tasks.local.fake_lm_server import FakeOpenAI
 
 TICKETS = ("Checkout returns 502 for all customers", "Password reset email never arrives", "Please add dark mode")
 

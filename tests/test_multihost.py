@@ -31,7 +31,7 @@ from conftest import TEST_ENV
 from helpers import wait_until
 
 from routing import Client, names
-from routing.embedded import pid_alive
+from routing.broker.embedded import pid_alive
 from routing.settings import Settings
 
 #: Prefix of every namespace and link this module makes (the run's pid follows it).

@@ -16,8 +16,9 @@ import pytest
 from celery import Celery
 from helpers import wait_until
 
-from routing import Client, Session, Settings, claims, names
-from routing.celery_config import celery_config
+from routing import Client, Session, Settings, names, validate
+from routing.broker import claims
+from routing.broker.celery_config import celery_config
 from routing.errors import InvalidArgument, RefNotFound
 from routing.producer.handles import ContextRef
 from tasks.local.stack import WorkerProcess
@@ -40,13 +41,13 @@ def sha256(text: str) -> str:
 
 
 def test_only_values_that_can_be_big_are_measured_and_small_calls_store_nothing(client: Client) -> None:
-    assert claims.json_size("abc", 100) == 5
+    assert validate.json_size("abc", 100) == 5
     accented = "é" * 30
-    assert claims.json_size(accented, 1000) == len(json.dumps(accented))  # as kombu's JSON encodes it
-    assert claims.json_size(["x" * 50] * 10_000, 1000) < 2000  # counting stops past the limit
-    assert claims.json_size({"ticket": "short", "n": 3}, 100) < 100
+    assert validate.json_size(accented, 1000) == len(json.dumps(accented))  # as kombu's JSON encodes it
+    assert validate.json_size(["x" * 50] * 10_000, 1000) < 2000  # counting stops past the limit
+    assert validate.json_size({"ticket": "short", "n": 3}, 100) < 100
     handle = ContextRef("context-abc", "s", "w", "context")
-    assert claims.json_size({"context": handle}, 100) < 100
+    assert validate.json_size({"context": handle}, 100) < 100
     small = {"ticket": "short", "inputs": {"a": [1, 2, 3]}}
     kept = claims.offload(client.redis, "s-small", "call", small, 64 * 1024, 60)
     assert kept.kwargs is small and kept.claims == {}

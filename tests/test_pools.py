@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 
 from routing import Client, Pool, PoolTable, Settings
-from routing.celery_config import (
+from routing.broker.celery_config import (
     SENTINEL_TRANSPORT,
     SHARED_CLIENT_TRANSPORT,
     TLS_TRANSPORT,

@@ -12,10 +12,10 @@ import pytest
 from celery import states
 
 from routing import Client, Session, names
-from routing.connect import redis_client
-from routing.deadletter import DeadLetterSettings, Letter, dead_letter, failure_result
-from routing.producer import results as results_module
-from routing.producer.results import RESULT_KEY_PREFIX
+from routing.broker.connect import redis_client
+from routing.broker.deadletter import DeadLetterSettings, Letter, dead_letter, failure_result
+from routing.producer.results import listener as results_module
+from routing.producer.results.listener import RESULT_KEY_PREFIX
 from tasks.local.stack import Stack
 
 POOL = "triage_pool"
@@ -145,7 +145,7 @@ def test_celerys_own_store_path_tells_the_reply_channel_which_call_to_read(
     from celery import Celery
     from celery.app.task import Context
 
-    from routing.celery_config import celery_config
+    from routing.broker.celery_config import celery_config
     from routing.settings import Settings
 
     app = Celery("reply-compressed")

@@ -12,10 +12,10 @@ import pytest
 from celery import Celery, states
 
 from routing import Client, names
-from routing.celery_config import celery_config
-from routing.connect import redis_client
-from routing.result_store import StoreBackend
-from routing.scripts import source
+from routing.broker.celery_config import celery_config
+from routing.broker.connect import redis_client
+from routing.broker.result_store import StoreBackend
+from routing.broker.scripts import source
 from routing.settings import Settings
 from tasks.local.stack import Stack
 
@@ -106,8 +106,8 @@ def test_a_success_acknowledges_its_delivery_in_the_same_script_when_the_worker_
         app: Celery, stack: Stack) -> None:
     from celery.app.task import Context
 
-    from routing import result_acks
-    from routing.result_store import ACK_WITH_RESULT
+    from routing.broker import result_acks
+    from routing.broker.result_store import ACK_WITH_RESULT
 
     keys = _own_keys()
 
@@ -141,8 +141,8 @@ def test_a_success_acknowledges_its_delivery_in_the_same_script_when_the_worker_
 def test_the_consumer_acks_a_delivery_acknowledged_with_its_result_in_memory_only(stack: Stack) -> None:
     from kombu import Connection
 
-    from routing import result_acks
-    from routing.transport import SHARED_CLIENT_TRANSPORT
+    from routing.broker import result_acks
+    from routing.broker.transport import SHARED_CLIENT_TRANSPORT
 
     keys = _own_keys()
     options = {"unacked_key": keys["hash"], "unacked_index_key": keys["index"]}
@@ -166,7 +166,7 @@ def test_the_consumer_acks_a_delivery_acknowledged_with_its_result_in_memory_onl
 
 
 def test_flagship_workers_acknowledge_with_the_result(client: Client) -> None:
-    from routing.result_store import ACK_WITH_RESULT, DEFAULT_ACK_KEYS
+    from routing.broker.result_store import ACK_WITH_RESULT, DEFAULT_ACK_KEYS
 
     replies = client.app.control.inspect(timeout=5).conf(with_defaults=False) or {}
     assert replies, "no worker answered"

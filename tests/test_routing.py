@@ -9,7 +9,7 @@ from helpers import wait_until, worker_by_node
 
 from routing import Client, Session
 from routing.errors import WorkerBusy
-from routing.registry import Liveness
+from routing.fleet.registry import Liveness
 from tasks.local.stack import Stack
 
 

@@ -28,9 +28,9 @@ from celery import Celery
 from helpers import wait_until
 from sentinel_cluster import SentinelCluster
 
-from routing import Client, Session, Settings, names, pulse
-from routing.celery_config import celery_config
-from routing.connect import (
+from routing import Client, Session, Settings, names
+from routing.broker.celery_config import celery_config
+from routing.broker.connect import (
     SentinelAddress,
     SentinelOptions,
     execute_replicated,
@@ -41,8 +41,9 @@ from routing.connect import (
     server_address,
 )
 from routing.errors import CallTimeout, FlagshipError
-from routing.producer.listener_backend import listener_backend_url
-from routing.producer.results import ResultListener
+from routing.fleet import pulse
+from routing.producer.results.listener import ResultListener
+from routing.producer.results.listener_backend import listener_backend_url
 from tasks.local.stack import Stack
 
 STRICT_POOL, HINT_POOL = "sentinel_strict_pool", "sentinel_hint_pool"
@@ -191,7 +192,7 @@ def test_a_killed_primary_loses_no_acknowledged_call_and_sessions_follow_the_new
         assert strict[1].predict("question -> answer", lm=lm)(question="2+2?", timeout=30)
 
         # New sessions bind, on both pools, on the new primary (it has no replica now: writes do not
-        # wait for one each time, see routing.connect.execute_replicated).
+        # wait for one each time, see routing.broker.connect.execute_replicated).
         for pool in (STRICT_POOL, HINT_POOL):
             started = time.monotonic()
             fresh = client.session(pool)
@@ -265,7 +266,7 @@ def test_the_result_listener_says_when_it_is_back_and_still_settles_calls(stack:
 @pytest.mark.parametrize("url", ["sentinel://h1:26379;sentinel://h2:26380/2", "sentinel://:pw@h1;sentinel://h2/0",
                                  "sentinel://user:p%40ss@h1:1;sentinel://h2:2;sentinel://h3:3"])
 def test_the_pulse_reads_a_sentinel_url_as_routing_connect_does(url: str) -> None:
-    """The pulse runs isolated (no ``routing`` import): it loads ``routing/connect.py`` from its file."""
+    """The pulse runs isolated (no ``routing`` import): it loads ``routing/broker/connect.py`` from its file."""
     client = pulse.connect(url, {"FLAGSHIP_SENTINEL_MASTER": "flag"}, 1.0)
     address = parse_sentinel_url(url)
     pool = client.connection_pool

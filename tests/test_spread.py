@@ -12,8 +12,8 @@ from collections.abc import Callable
 from helpers import wait_until
 
 from routing import Client, Session, names
+from routing.fleet.registry import Liveness
 from routing.producer.slots import DirectSlots
-from routing.registry import Liveness
 from tasks.local.stack import WorkerProcess
 
 POOL = "spread_pool"  # hint, two threads per worker (tests/conftest.py)

@@ -7,9 +7,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from routing import task_view
+from routing.fleet import task_view
+from routing.fleet.registry import Liveness
 from routing.pools import Affinity
-from routing.registry import Liveness
 
 
 @dataclass
@@ -52,8 +52,9 @@ class Waiting:
     strict: bool
     target: str | None
     incarnation: str | None
-    #: The call's pool and task arguments: what a resend needs (``routing.producer.sweep``). Kept for hint calls,
-    #: and for strict calls too with Sentinel (a failover may lose any call; see ``Router.keep_strict_args``).
+    #: The call's pool and task arguments: what a resend needs (``routing.producer.recovery.sweep``).
+    #: Kept for hint calls, and for strict calls too with Sentinel (a failover may lose any call;
+    #: see ``Router.keep_strict_args``).
     pool: str | None = None
     args: list[Any] | None = None
 

@@ -11,23 +11,23 @@ from celery import Celery
 from redis import Redis
 
 from routing import validate
-from routing.broker_errors import translated
-from routing.brokers import broker_url, by_broker, server_of
-from routing.embedded import resolve_url
+from routing.broker.brokers import broker_url, by_broker, server_of
+from routing.broker.embedded import resolve_url
+from routing.broker.failures import translated
+from routing.broker.tls import tls_url
 from routing.errors import NoCapableWorker, ServerUnavailable, SessionNotFound, SessionWorkerUnavailable
+from routing.fleet.registry import Registry
+from routing.fleet.sessions import SessionRecord, SessionStore
 from routing.pools import Affinity, PoolTable
 from routing.producer.binding import Binding
-from routing.producer.fleet import FleetMap, MapResult, Worker, check_map_arguments, progress_bar
+from routing.producer.fleet_map import FleetMap, MapResult, Worker, check_map_arguments, progress_bar
 from routing.producer.link import Link
-from routing.producer.results import ResultListener
+from routing.producer.recovery.sweep import OrphanSweep
+from routing.producer.results.listener import ResultListener
 from routing.producer.router import Router
 from routing.producer.session import Session
-from routing.producer.sweep import OrphanSweep
 from routing.producer.watch import WorkerWatch
-from routing.registry import Registry
-from routing.sessions import SessionRecord, SessionStore
 from routing.settings import Settings
-from routing.tls import tls_url
 
 
 class Client:

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 from celery import Celery
 
-from routing.broker_errors import check_broker
-from routing.celery_config import celery_config
-from routing.connect import redis_client
+from routing.broker.celery_config import celery_config
+from routing.broker.connect import redis_client
+from routing.broker.failures import check_broker
+from routing.fleet.registry import Registry
+from routing.fleet.sessions import SessionStore
 from routing.pools import PoolTable
-from routing.producer.listener_backend import listener_backend_url
-from routing.producer.results import ResultListener
+from routing.producer.recovery.sweep import OrphanSweep
+from routing.producer.results.listener import ResultListener
+from routing.producer.results.listener_backend import listener_backend_url
 from routing.producer.router import Router
-from routing.producer.sweep import OrphanSweep
 from routing.producer.watch import WorkerWatch, reap_on_death
-from routing.registry import Registry
-from routing.sessions import SessionStore
 from routing.settings import Settings
 
 
@@ -44,7 +44,7 @@ class Link:
         self.router = Router(self.app, self.redis, self.sessions, self.registry, self.watch, pools,
                              self.results, claim_threshold_bytes=settings.claim_threshold_bytes)
         self._reap = reap_on_death(self.redis)
-        # Hint calls a dead worker took with it come back (see routing/producer/sweep.py).
+        # Hint calls a dead worker took with it come back (see routing/producer/recovery/sweep.py).
         self.sweep = OrphanSweep(self.app, self.redis, self.results, settings.heartbeat_interval_s)
         self.watch.follow_pools(self.sweep.pools_pending)
 

@@ -24,19 +24,21 @@ from celery import Celery
 from kombu.exceptions import EncodeError
 from redis import Redis
 
-from routing import claims, names, recipes, task_view
-from routing.connect import follows_sentinel
+from routing import names
+from routing.broker import claims
+from routing.broker.connect import follows_sentinel
 from routing.errors import CallTimeout, InvalidArgument, PoolSaturated, SessionWorkerUnavailable, WorkerBusy
+from routing.fleet import recipes, task_view
+from routing.fleet.registry import Liveness, Registry
+from routing.fleet.sessions import SessionStore
 from routing.pools import Affinity, PoolTable
-from routing.producer.backlog import Backlog
 from routing.producer.binding import Binding, Sent, Waiting, redacted_argsrepr
-from routing.producer.deadlines import UNTIMED_OPS, DeadlineSweeper, start_by
 from routing.producer.publish import Publisher
-from routing.producer.results import ResultListener
+from routing.producer.recovery.backlog import Backlog
+from routing.producer.recovery.deadlines import UNTIMED_OPS, DeadlineSweeper, start_by
+from routing.producer.results.listener import ResultListener
 from routing.producer.slots import DirectSlots, direct_hold_intervals
 from routing.producer.watch import WorkerWatch
-from routing.registry import Liveness, Registry
-from routing.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,7 @@ class Router:
                  incarnation: str | None) -> Sent:
         """Send to ``node``'s direct queue (None: the pool's shared queue), no routing decision.
 
-        Big arguments go by reference (``routing.claims``): stored first, named in the route. Backpressure:
+        Big arguments go by reference (``routing.broker.claims``): stored first, named in the route. Backpressure:
         ``PoolSaturated`` before anything is written (``max_queued``); ``QueueTimeout`` (see ``deadlines``).
         """
         spec = self.pools.get(binding.pool)

@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any
 
 from routing import arguments, validate
-from routing.broker_errors import translating
+from routing.broker.failures import translating
 from routing.errors import SessionClosed, SessionWorkerUnavailable
 from routing.pools import Affinity
 from routing.producer import batching

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from routing.registry import Liveness
+from routing.fleet.registry import Liveness
 
 #: A hint session keeps its slot of a worker's direct queue while it calls at least once per this many
 #: watch intervals (one calling less often asks for a slot again).

@@ -22,8 +22,8 @@ import redis as redis_lib
 from redis import Redis
 
 from routing import names
-from routing.reaper import reap_dead_workers
-from routing.registry import Liveness, Registry
+from routing.fleet.reaper import reap_dead_workers
+from routing.fleet.registry import Liveness, Registry
 
 log = logging.getLogger(__name__)
 

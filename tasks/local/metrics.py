@@ -2,13 +2,13 @@
 
 Two sources, both real and cheap:
 
-* on every scrape, Redis (:mod:`routing.gauges`): pools, live workers, bound
+* on every scrape, Redis (:mod:`routing.fleet.gauges`): pools, live workers, bound
   sessions, refs and in-flight calls per worker, the depth of every shared and
   direct queue, the dead-letter list (a few pipelined round trips); and, at most
   every ``sessions_every_s``, the session records with their rehydration counts;
 * Celery's task events, the stream Flower reads: call latency and outcomes by
   pool and operation. The operation is the task's shadow name
-  (:mod:`routing.task_view`), the pool the one the worker node registered under.
+  (:mod:`routing.fleet.task_view`), the pool the one the worker node registered under.
   Workers do no extra work for it.
 """
 
@@ -29,12 +29,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from redis import Redis
 from redis.exceptions import RedisError
 
-from routing import gauges, names, task_view
-from routing.brokers import by_broker
-from routing.celery_config import celery_config
-from routing.connect import redis_client
-from routing.embedded import resolve_url
+from routing import names
+from routing.broker.brokers import by_broker
+from routing.broker.celery_config import celery_config
+from routing.broker.connect import redis_client
+from routing.broker.embedded import resolve_url
 from routing.errors import ServerUnavailable
+from routing.fleet import gauges, task_view
 from routing.pools import PoolTable
 from routing.settings import Settings, redact_url
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from redis import Redis
 
 from routing import names
-from routing.brokers import broker_url, server_of
-from routing.connect import redis_client
-from routing.embedded import ensure_server
+from routing.broker.brokers import broker_url, server_of
+from routing.broker.connect import redis_client
+from routing.broker.embedded import ensure_server
 from routing.pools import PoolTable
 from routing.settings import Settings
 from tasks.worker.refusal import EXIT_REFUSED

@@ -10,11 +10,11 @@ from rich.console import Console
 from rich.table import Table
 
 from routing import names
-from routing.connect import server_address
-from routing.embedded import resolve_url
+from routing.broker.connect import server_address
+from routing.broker.embedded import resolve_url
+from routing.fleet.status import fleet_snapshot
 from routing.pools import PoolTable
 from routing.settings import Settings
-from routing.status import fleet_snapshot
 
 
 def render_status(as_json: bool = False) -> None:

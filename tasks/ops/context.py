@@ -4,7 +4,7 @@
 in the session's contexts hash (``flagship:session:<id>:contexts``, ref id ->
 text), which expires, is renewed and is deleted with the session. Its recipe
 names no text: a rehydration rebuilds the ref from that stored copy. A big text
-reaches the worker by reference anyway (``routing.claims``), never inside the
+reaches the worker by reference anyway (``routing.broker.claims``), never inside the
 message. Module inputs name a context as ``{"$ref": "<ref id>"}``
 (``tasks.ops.modules.resolve_inputs``, used by ``call`` for every module kind).
 """

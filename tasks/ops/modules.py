@@ -12,8 +12,8 @@ from typing import Any
 
 import dspy
 
-from routing import recipes
 from routing.errors import InvalidArgument, LMError, RefError
+from routing.fleet import recipes
 from tasks.lm.offline import OfflineLM
 from tasks.lm.provider import build_lm, translate_lm_error
 from tasks.ops.signatures import build_signature

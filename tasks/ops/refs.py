@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from routing import names, recipes
+from routing import names
+from routing.fleet import recipes
 from tasks.lm.history import history_entries
 from tasks.ops.modules import handle, store
 from tasks.worker.allowlist import CallContext, operation

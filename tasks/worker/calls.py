@@ -9,7 +9,7 @@ from typing import Any
 
 from celery.worker import state as celery_state
 
-from routing import claims
+from routing.broker import claims
 from routing.errors import (
     CallCancelled,
     FlagshipError,
@@ -63,7 +63,7 @@ def execute_call(
 ) -> dict[str, Any]:
     """Run ``op`` for ``session_id`` once its earlier calls on this worker are done.
 
-    Arguments sent by reference (``routing.claims``) are read inside the turn and
+    Arguments sent by reference (``routing.broker.claims``) are read inside the turn and
     their keys deleted once the call finished, with a value or an error (a
     worker killed mid-call leaves them for the redelivered call).
     Returns ``{"node": ..., "value": ...}`` so the producer learns who ran it.

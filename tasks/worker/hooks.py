@@ -17,13 +17,13 @@ from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from routing import names
-from routing.broker_errors import check_broker
-from routing.brokers import broker_url, same_server
-from routing.connect import redis_client
+from routing.broker.brokers import broker_url, same_server
+from routing.broker.connect import redis_client
+from routing.broker.failures import check_broker
+from routing.broker.result_store import ACK_WITH_RESULT, DEFAULT_ACK_KEYS
 from routing.errors import ServerUnavailable
+from routing.fleet.registry import Registry
 from routing.pools import Pool, PoolKind, PoolTable
-from routing.registry import Registry
-from routing.result_store import ACK_WITH_RESULT, DEFAULT_ACK_KEYS
 from routing.settings import redact_url
 from tasks.lm.dspy_caches import freeze_proxy_environment, preload_prices
 from tasks.sandbox.pool import SandboxPool
@@ -107,7 +107,7 @@ def tune_worker(conf: Any, task_log: bool) -> None:
 def ack_keys(conf: Any) -> dict[str, str] | None:
     """kombu's un-acked keys when a SUCCESS may be acknowledged in the script that stores it, else None.
 
-    Only with late acks, the result backend on the broker's server, and no key prefix (``routing.result_acks``).
+    Only with late acks, the result backend on the broker's server, and no key prefix (``routing.broker.result_acks``).
     """
     backend = conf.result_backend if isinstance(conf.result_backend, str) else ""
     options = conf.broker_transport_options or {}

@@ -7,8 +7,8 @@ back, and restarts again), a body that is not ``[args, kwargs, embed]`` fails
 deep in the pool, an unknown task is rejected with a traceback, and a
 ``flagship.call`` whose session id is not a string upsets the worker's
 bookkeeping. :class:`MessageGuard` checks each message first (the envelope
-itself was checked by the Redis channel, ``routing.envelope``); what fails goes to
-the dead-letter list (``routing.deadletter``) with the reason, is acknowledged,
+itself was checked by the Redis channel, ``routing.broker.envelope``); what fails goes to
+the dead-letter list (``routing.broker.deadletter``) with the reason, is acknowledged,
 and is logged once. The checks read what Celery reads anyway: the decoded body is
 cached on the message, so a good message costs a few ``isinstance`` calls.
 """
@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from routing import names
-from routing.deadletter import DeadLetterSettings, Letter, dead_letter, deliveries, set_this_node
+from routing.broker.deadletter import DeadLetterSettings, Letter, dead_letter, deliveries, set_this_node
 
 log = logging.getLogger(__name__)
 

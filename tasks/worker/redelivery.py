@@ -22,13 +22,13 @@ from celery.exceptions import Ignore
 from redis import Redis
 
 from routing import names
-from routing.deadletter import DELIVERIES_HEADER
+from routing.broker.deadletter import DELIVERIES_HEADER
 
 log = logging.getLogger(__name__)
 
 
 #: A call reaching its worker this long after it was sent may be the late original of a resent copy
-#: (a producer resends a call it found nowhere for ``routing.producer.sweep.lost_grace_s``, 1 s): checked too.
+#: (a producer resends a call it found nowhere for ``routing.producer.recovery.sweep.lost_grace_s``, 1 s): checked too.
 late_after_s = 0.5
 #: Task ids of reruns kept in ``names.RERUNS_KEY`` (the newest).
 reruns_kept = 100_000

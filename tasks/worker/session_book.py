@@ -7,7 +7,7 @@ import time
 
 from routing import validate
 from routing.errors import SessionNotFound
-from routing.sessions import SessionStore
+from routing.fleet.sessions import SessionStore
 
 #: A session seen to exist is not looked up again for this long.
 session_cache_ttl_s = 5.0

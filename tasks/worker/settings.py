@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from routing.pulse import default_stall_s
+from routing.fleet.pulse import default_stall_s
 from routing.settings import Settings, env_number
 from tasks.lm.provider import LMSettings
 from tasks.sandbox.settings import SandboxSettings

@@ -12,12 +12,12 @@ from typing import Any
 from redis import Redis
 
 from routing import names
-from routing.heartbeat import Heartbeat
+from routing.fleet.heartbeat import Heartbeat
+from routing.fleet.pulse import Pulse
+from routing.fleet.reaper import reap_lock, reap_lock_ttl_s, reap_node
+from routing.fleet.registry import Registry, WorkerInfo
+from routing.fleet.sessions import SessionStore
 from routing.pools import Pool
-from routing.pulse import Pulse
-from routing.reaper import reap_lock, reap_lock_ttl_s, reap_node
-from routing.registry import Registry, WorkerInfo
-from routing.sessions import SessionStore
 from tasks.worker.in_flight import InFlight
 from tasks.worker.session_book import SessionBook
 from tasks.worker.settings import WorkerSettings
@@ -30,7 +30,7 @@ class WorkerState:
 
     The parts: ``turns`` (one call of a session at a time), ``calls`` (in-flight
     accounting), ``book`` (sessions served here) and ``services`` (ref store,
-    sandbox pool). Implements :class:`routing.heartbeat.BeatSource`.
+    sandbox pool). Implements :class:`routing.fleet.heartbeat.BeatSource`.
     """
 
     node: str

@@ -14,9 +14,9 @@ from helpers import wait_until
 from routing import Client, PoolTable, Session, Settings, names
 from routing.errors import PoolSaturated, QueueTimeout
 from routing.pools import DEFAULT_MAX_QUEUED, Pool
-from routing.producer.backlog import Backlog
 from routing.producer.future import gather
-from routing.producer.results import RESULT_KEY_PREFIX
+from routing.producer.recovery.backlog import Backlog
+from routing.producer.results.listener import RESULT_KEY_PREFIX
 from tasks.local.stack import Stack, WorkerProcess
 
 StartWorkers = Callable[..., list[WorkerProcess]]

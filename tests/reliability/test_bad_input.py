@@ -21,7 +21,7 @@ from celery import Celery
 from helpers import wait_until
 
 from routing import Client, Settings, names, validate
-from routing.celery_config import celery_config
+from routing.broker.celery_config import celery_config
 from routing.errors import (
     DeadLettered,
     FlagshipError,
@@ -30,7 +30,7 @@ from routing.errors import (
     UnknownOperation,
     UnknownPool,
 )
-from routing.heartbeat import housekeeping_interval_s
+from routing.fleet.heartbeat import housekeeping_interval_s
 from routing.producer.handles import LMRef, ModuleRef
 from routing.producer.session import Session
 from tasks.local.stack import Stack

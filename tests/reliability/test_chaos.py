@@ -2,7 +2,7 @@
 
 Workers are killed at random moments, preferably while they run calls and more
 wait (calls being popped), and restarted under the same node name. The harness is
-``flagship bench chaos``'s (``tasks/local/bench_chaos.py``), run shorter.
+``flagship bench chaos``'s (``tasks/bench/chaos.py``), run shorter.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from routing import Client
-from tasks.local.bench_chaos import HINT_POOL, STRICT_POOL, Chaos, render
+from tasks.bench.chaos import HINT_POOL, STRICT_POOL, Chaos, render
 from tasks.local.stack import Stack, WorkerProcess
 
 #: A call must settle (value or typed error) within this long of its submission.

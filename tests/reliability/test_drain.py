@@ -19,8 +19,8 @@ import pytest
 from helpers import wait_until
 
 from routing import Client, names
-from routing.deadletter import COUNTER
-from routing.reaper import UNACKED_INDEX_KEY, UNACKED_KEY
+from routing.broker.deadletter import COUNTER
+from routing.broker.envelope import UNACKED_INDEX_KEY, UNACKED_KEY
 from tasks.local.stack import Stack, WorkerProcess
 
 POOL = "drain_pool"
@@ -112,7 +112,7 @@ def test_drained_messages_are_recorded_unacked_before_they_run(client: Client, s
 
 def test_the_drain_script_records_what_it_pops_and_a_retry_gets_the_same_messages(stack: Stack) -> None:
     """A retried call (its reply lost on the way) must not pop more: those would be recorded but never delivered."""
-    from routing.scripts import source
+    from routing.broker.scripts import source
 
     run = uuid.uuid4().hex
     queue, unacked, index, reply = (f"drain.test.{run}.{part}" for part in ("queue", "unacked", "index", "reply"))
@@ -143,7 +143,7 @@ def test_a_message_taken_by_brpop_is_recorded_unacked_from_its_popped_bytes(stac
     """The un-acked entry kombu's restore reads back: ``[message, exchange, routing key]``, the message as popped."""
     from kombu import Connection, Consumer, Queue
 
-    from routing.transport import SHARED_CLIENT_TRANSPORT
+    from routing.broker.transport import SHARED_CLIENT_TRANSPORT
 
     queue = f"drain.popped.{uuid.uuid4().hex}"
     seen: list[tuple[str, Any]] = []
@@ -170,7 +170,7 @@ def test_a_message_taken_by_brpop_is_recorded_unacked_from_its_popped_bytes(stac
 
 def test_the_script_records_the_message_brpop_took_first_then_the_rest(stack: Stack) -> None:
     """The caller parsed the BRPOP'd message already: it hands the script the tag and the entry to record."""
-    from routing.scripts import source
+    from routing.broker.scripts import source
 
     run = uuid.uuid4().hex
     queue, unacked, index, reply = (f"drain.first.{run}.{part}" for part in ("queue", "unacked", "index", "reply"))

@@ -20,13 +20,14 @@ from custom_workers import children_of, pid_alive, spawn_worker
 from helpers import wait_until
 from redis import Redis
 
-from routing import Client, Session, heartbeat, names
+from routing import Client, Session, names
 from routing.errors import SessionWorkerUnavailable
-from routing.heartbeat import Heartbeat
-from routing.pulse import Pulse
-from routing.reaper import reap_dead_workers
-from routing.registry import Registry, WorkerInfo
-from routing.sessions import SessionStore
+from routing.fleet import heartbeat
+from routing.fleet.heartbeat import Heartbeat
+from routing.fleet.pulse import Pulse
+from routing.fleet.reaper import reap_dead_workers
+from routing.fleet.registry import Registry, WorkerInfo
+from routing.fleet.sessions import SessionStore
 from routing.settings import Settings
 from tasks.local.stack import Stack, WorkerProcess
 
@@ -278,7 +279,7 @@ def test_the_heartbeat_thread_survives_any_exception_and_logs_each_failure_once(
     source = FlakySource(registry, names.qualify_node(f"hb-{uuid.uuid4().hex[:6]}"))
     source.register()
     beat = Heartbeat(registry, SessionStore(redis), source, interval_s=0.05)
-    caplog.set_level(logging.WARNING, logger="routing.heartbeat")
+    caplog.set_level(logging.WARNING, logger="routing.fleet.heartbeat")
     beat.start()
     try:
         wait_until(lambda: source.housekeeping_calls >= 10, timeout_s=30, what="ten failed housekeeping rounds")

@@ -19,9 +19,9 @@ import pytest
 from helpers import wait_until
 
 from routing import Client, Session, names
+from routing.broker.envelope import UNACKED_INDEX_KEY, UNACKED_KEY
 from routing.producer.binding import Waiting
 from routing.producer.future import CallFuture
-from routing.reaper import UNACKED_INDEX_KEY, UNACKED_KEY
 from tasks.local.stack import WorkerProcess
 
 StartWorkers = Callable[..., list[WorkerProcess]]

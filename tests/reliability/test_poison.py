@@ -27,18 +27,19 @@ from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
 from routing import Client, Session, names
-from routing.celery_config import (
+from routing.broker.celery_config import (
     SENTINEL_TRANSPORT,
     SHARED_CLIENT_TRANSPORT,
     TLS_TRANSPORT,
     RedisTransport,
     celery_config,
 )
-from routing.deadletter import COUNTER, DELIVERIES_HEADER, DeadLetterSettings, summary
+from routing.broker.deadletter import COUNTER, DELIVERIES_HEADER, DeadLetterSettings, summary
+from routing.broker.envelope import UNACKED_KEY
+from routing.broker.transport import GuardedChannel, SentinelTransport
 from routing.errors import DeadLettered
-from routing.reaper import UNACKED_KEY, reap_dead_workers
+from routing.fleet.reaper import reap_dead_workers
 from routing.settings import Settings
-from routing.transport import GuardedChannel, SentinelTransport
 from tasks.local.stack import Stack, WorkerProcess
 
 POOL = "poison_pool"

@@ -12,11 +12,11 @@ from rich.console import Console as RichConsole
 from rich.progress import Progress
 
 from routing import Client, Settings
-from routing.connect import redis_client
-from routing.embedded import read_record, resolve_url, stop_server
+from routing.broker.connect import redis_client
+from routing.broker.embedded import read_record, resolve_url, stop_server
 from routing.errors import ServerUnavailable
+from routing.fleet.registry import Registry
 from routing.pools import PoolTable
-from routing.registry import Registry
 from routing.settings import redact_url
 from tasks.local.demo.run import Console, FlagshipRun, Hooks, Options
 from tasks.local.stack import Stack

@@ -1,0 +1,280 @@
+"""kombu Redis transports for the broker: one shared client per pool, a poison guard, Sentinel.
+
+:class:`GuardedChannel` is mixed into kombu's plain and Sentinel channels, so
+``redis://``, ``rediss://`` and ``sentinel://`` brokers all get the same behaviour:
+
+* one ``redis.Redis`` client per connection pool (kombu builds one per publish,
+  received message and ack, ~0.1 ms of CPU each);
+* every popped item is checked before kombu builds a message from it: what is not
+  an envelope is dead-lettered, never fatal to the worker;
+* after a ``BRPOP`` from the worker's own queue, the rest of a burst there (up to
+  the prefetch room) is popped and recorded un-acked in one atomic script instead
+  of one event-loop turn and one un-acked write per message (shared queues stay
+  one message per ``BRPOP``, fair to the pool's other workers);
+* an un-acknowledged message that comes back **by the visibility timeout** (its
+  worker died or hung) counts as a delivery that did not complete
+  (``flagship_deliveries``). Other restores do not count: ``restore_unacked_once``
+  after a broker connection drop or at a warm shutdown, and ``reject(requeue=True)``,
+  give back messages whose call never failed, so broker blips (a Sentinel failover
+  too) never dead-letter a healthy call.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from queue import Empty
+from typing import TYPE_CHECKING, Any
+
+import redis as redis_lib
+from kombu.exceptions import ChannelError
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.objects import cached_property
+
+from routing.broker import result_acks
+from routing.broker.deadletter import DELIVERIES_HEADER, DeadLetterSettings, Letter, dead_letter, deliveries
+from routing.broker.drain import PrerecordedQoS, deliver_popped
+from routing.broker.envelope import NotAnEnvelope, envelope_problem, parse_item, text_or_none
+
+log = logging.getLogger(__name__)
+
+#: How often a channel opened during a failover asks again for the primary.
+failover_poll_s = 0.1
+
+#: Set while this thread restores messages whose visibility timeout passed (see :class:`CountingQoS`).
+_restoring_invisible = threading.local()
+
+
+class CountingQoS(PrerecordedQoS):
+    """kombu's QoS, marking the visibility-timeout restore so only its restores count as failed deliveries.
+
+    A delivery the result store acknowledged with its result (``routing.broker.result_acks``) is acked in memory only.
+    """
+
+    def ack(self, delivery_tag: str) -> None:
+        if result_acks.take(delivery_tag):
+            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+            return
+        super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        result_acks.take(delivery_tag)
+        super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        _restoring_invisible.active = True
+        try:
+            super().restore_visible(*args, **kwargs)  # type: ignore[no-untyped-call]
+        finally:
+            _restoring_invisible.active = False
+
+
+if TYPE_CHECKING:
+    _ChannelBase = kombu_redis.Channel
+else:
+    _ChannelBase = object
+
+
+class GuardedChannel(_ChannelBase):
+    """The shared client, the poison guard and the delivery count, for any kombu Redis channel."""
+
+    QoS = CountingQoS
+    _shared: tuple[Any, Any] | None = None
+    _drain_script: Any = None
+    _drain_off = False
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        if client:
+            yield client
+            return
+        if self._pool is None and self.connection.client is None:
+            # Closing a channel whose connection is gone already (kombu, after a lost Sentinel primary): a
+            # connection error, which the close ignores, not an AttributeError that ends the worker. What it
+            # wanted to restore stays un-acked; the reaper or the visibility timeout brings it back.
+            raise redis_lib.ConnectionError("the broker connection is closed")
+        pool, shared = self.pool, self._shared
+        if shared is None or shared[0] is not pool:  # a new pool (after a reconnect) gets a new client
+            shared = self._shared = (pool, self._create_client())  # type: ignore[no-untyped-call]
+        yield shared[1]
+
+    # -- poison guard: every popped item is checked before kombu builds a message from it --------
+
+    def _brpop_read(self, **options: Any) -> bool:
+        """kombu's ``_brpop_read``, delivering through :meth:`_deliver_popped` instead of a bare ``loads``."""
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # the next turn of the loop reconnects
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            key = dest.decode() if isinstance(dest, bytes) else dest
+            dest = key.rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            deliver_popped(self, key, dest, item)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()  # type: ignore[no-untyped-call]
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        """kombu's ``_get`` (``basic_get``), skipping (and dead-lettering) items that are not envelopes."""
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                while item := client.rpop(self._q_for_pri(queue, pri)):  # type: ignore[no-untyped-call]
+                    self._maybe_update_queues_expire(client, queue)  # type: ignore[no-untyped-call]
+                    if (envelope := self._checked(item, queue)) is not None:
+                        return envelope
+            self._maybe_update_queues_expire(client, queue)  # type: ignore[no-untyped-call]
+            raise Empty()
+
+    def _deliver_popped(self, item: bytes, queue: str, recorded_tag: str | None = None,
+                        envelope: dict[str, Any] | None = None) -> None:
+        """Check and deliver one popped item (``envelope``: checked already); ``recorded_tag``: a drain recorded it
+        un-acked under this tag."""
+        qos: Any = self.qos
+        envelope = envelope if envelope is not None else self._checked(item, queue)
+        if envelope is None:
+            if recorded_tag:
+                qos.forget(recorded_tag)
+            return
+        tag = envelope["properties"]["delivery_tag"]
+        if recorded_tag and recorded_tag == tag:
+            qos.expect(tag)
+        elif recorded_tag:  # the script read it differently: kombu's own write records it
+            qos.forget(recorded_tag)
+            recorded_tag = None
+        if not recorded_tag:
+            if qos.popped_as is None:
+                qos.popped_as = {}
+            qos.popped_as[tag] = item
+        try:
+            self.connection._deliver(envelope, queue)
+        except self._broker_errors:
+            raise
+        except Exception as exc:  # kombu choked on it (a body that is not base64, ...): not fatal
+            properties, headers = envelope["properties"], envelope["headers"]
+            what = f"{type(exc).__name__}: {str(exc)[:200]}"
+            reason = f"body is not valid base64 ({what})" if isinstance(exc, binascii.Error) else \
+                f"delivery failed ({what})"
+            self._dead_letter(Letter(queue, reason, item, text_or_none(headers.get("id")),
+                                     text_or_none(headers.get("task")), properties.get("reply_to")))
+            if tag in qos._delivered:  # recorded as un-acked before it failed
+                qos.ack(tag)
+            elif recorded_tag:
+                qos.forget(tag)
+        finally:
+            if qos.popped_as:
+                qos.popped_as.pop(tag, None)
+
+    def _checked(self, item: bytes, queue: str) -> dict[str, Any] | None:
+        """The envelope in ``item``, or None once it has been dead-lettered."""
+        try:
+            return parse_item(item)
+        except NotAnEnvelope as wrong:
+            self._dead_letter(Letter(queue, wrong.problem, item, wrong.task_id, wrong.task))
+            return None
+
+    def _deliver_fanout_message(self, message: Any, exchange: str) -> bool:
+        """A broadcast (Celery's remote control) that is not an envelope is dropped with one line, not fatal."""
+        problem = envelope_problem(message)
+        if problem is not None:
+            log.warning("dropped a broadcast on %s: %s", exchange, problem)
+            return False
+        return bool(super()._deliver_fanout_message(message, exchange))  # type: ignore[no-untyped-call]
+
+    def _dead_letter(self, letter: Letter) -> None:
+        try:
+            with self.conn_or_acquire() as client:
+                dead_letter(client, letter, DeadLetterSettings.from_env())
+        except Exception:  # it was popped already: say what is lost rather than take the worker down
+            log.error("could not dead-letter a message from %s (%s): %.300r", letter.queue, letter.reason,
+                      letter.raw, exc_info=True)
+
+    @cached_property
+    def _broker_errors(self) -> tuple[type[BaseException], ...]:
+        return (*self.connection.connection_errors, *self.connection.channel_errors, ChannelError)
+
+    def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
+                            leftmost: bool = False) -> None:
+        """kombu's restore; one back by the visibility timeout counts the delivery that did not complete."""
+        headers = payload.get("headers") if isinstance(payload, dict) else None
+        if isinstance(headers, dict) and getattr(_restoring_invisible, "active", False):
+            headers[DELIVERIES_HEADER] = deliveries(headers) + 1
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)  # type: ignore[no-untyped-call]
+
+
+class SharedClientChannel(GuardedChannel, kombu_redis.Channel):
+    """kombu's Redis channel with :class:`GuardedChannel`'s behaviour."""
+
+
+class SentinelGuardedChannel(GuardedChannel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (connections follow the current primary) with the same behaviour.
+
+    A new channel waits (up to ``failover_wait_s``, a transport option) for the
+    sentinels to name a primary that answers. Without it, a channel opened during
+    a failover fails at once and Celery's consumer backs off 2, 4, 6 ... s between
+    rounds of attempts, so workers came back seconds after the new primary was up.
+    """
+
+    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options,  # type: ignore[assignment]
+                              "failover_wait_s")
+    #: Longest wait for a primary when a channel is opened (the sentinels agree on one in a few seconds).
+    failover_wait_s = 15.0
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        pool = super()._sentinel_managed_pool(asynchronous)  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + float(self.failover_wait_s)
+        while True:
+            try:
+                redis_lib.Redis(connection_pool=pool).ping()
+                return pool
+            except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    return pool  # kombu's own retries take over from here
+                log.info("waiting for the sentinels to name a primary that answers (%s)", exc)
+                pool.disconnect()
+                time.sleep(failover_poll_s)
+
+
+class RedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport with :class:`SharedClientChannel` (``broker_transport`` for ``redis://``)."""
+
+    Channel = SharedClientChannel
+
+
+class TLSRedisTransport(RedisTransport):
+    """The same for ``rediss://``: TLS even when the URL carries no ``ssl_*`` option.
+
+    kombu turns TLS on from the ``rediss`` scheme only when it picked the transport
+    itself; a transport named in ``broker_transport`` must be told (kombu's own
+    default there is not to verify the certificate; this one verifies it).
+    """
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        if not client.ssl:
+            client.ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        super().__init__(client, **kwargs)  # type: ignore[no-untyped-call]
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with :class:`SentinelGuardedChannel` (``broker_transport`` for ``sentinel://``)."""
+
+    Channel = SentinelGuardedChannel
+
+
+#: ``broker_transport`` for ``redis://`` brokers.
+SHARED_CLIENT_TRANSPORT = f"{__name__}:{RedisTransport.__name__}"
+#: ``broker_transport`` for ``rediss://`` brokers.
+TLS_TRANSPORT = f"{__name__}:{TLSRedisTransport.__name__}"
+#: ``broker_transport`` for ``sentinel://`` brokers.
+SENTINEL_TRANSPORT = f"{__name__}:{SentinelTransport.__name__}"

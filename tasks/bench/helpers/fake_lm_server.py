@@ -1,0 +1,198 @@
+"""A small OpenAI-protocol server: real HTTP, a fixed answer delay, scripted failures, recorded requests.
+
+Benchmarks (``flagship bench lm``) and tests drive the real ``dspy.LM`` HTTP
+client (retries, error mapping, usage accounting) against it without any model
+API. Replies are produced by the offline LM's rules, so they parse as DSPy
+ChatAdapter/JSONAdapter output (e.g. ``ticket -> category``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from tasks.lm.offline import reply_for
+
+__all__ = ["FakeOpenAI", "RecordedRequest", "Failure"]
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_api_key", 403: "permission_denied",
+                404: "model_not_found", 429: "rate_limit_exceeded", 500: "server_error", 503: "overloaded"}
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.body.get("messages") or []
+
+
+@dataclass
+class Failure:
+    """One scripted answer that is not a normal completion."""
+
+    status: int = 200
+    delay_s: float = 0.0
+    message: str = "scripted failure"
+
+
+@dataclass
+class FakeOpenAI:
+    """``POST /v1/chat/completions`` on a free loopback port; use as a context manager."""
+
+    reply: Callable[[list[dict[str, Any]]], str] = reply_for
+    model: str = "fake-model"
+    #: Seconds every successful answer takes (a model's latency); scripted delays add to it.
+    delay_s: float = 0.0
+    #: Keep every request in ``requests`` (off for long benchmark runs).
+    record: bool = True
+    requests: list[RecordedRequest] = field(default_factory=list)
+    served: int = 0
+    _script: deque[Failure] = field(default_factory=deque)
+    _always: Failure | None = None
+    _server: ThreadingHTTPServer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- scripting ---------------------------------------------------------
+    def fail(self, status: int, times: int = 1, message: str = "scripted failure") -> FakeOpenAI:
+        """The next ``times`` requests get ``status``; later ones succeed."""
+        self._script.extend(Failure(status, message=message) for _ in range(times))
+        return self
+
+    def always(self, status: int, message: str = "scripted failure") -> FakeOpenAI:
+        """Every request gets ``status`` (e.g. 401 for a revoked key)."""
+        self._always = Failure(status, message=message)
+        return self
+
+    def slow(self, delay_s: float, times: int = 1) -> FakeOpenAI:
+        """The next ``times`` requests succeed only after ``delay_s`` seconds."""
+        self._script.extend(Failure(200, delay_s=delay_s) for _ in range(times))
+        return self
+
+    # -- lifecycle ---------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None, "server not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> FakeOpenAI:
+        handler = type("Handler", (_Handler,), {"fake": self})
+        # Many clients connect at once (64 benchmark threads): the default listen backlog of 5 drops SYNs.
+        server_cls = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 1024})
+        self._server = server_cls(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-openai", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- behaviour ---------------------------------------------------------
+    def _next(self, request: RecordedRequest) -> Failure:
+        with self._lock:
+            self.served += 1
+            if self.record:
+                self.requests.append(request)
+            if self._always is not None:
+                return self._always
+            return self._script.popleft() if self._script else Failure()
+
+    def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        messages = body.get("messages") or []
+        text = self.reply(messages)
+        prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // 4 + 1
+        completion_tokens = len(text) // 4 + 1
+        return {
+            "id": f"chatcmpl-fake-{self.served}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or self.model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeOpenAI
+    protocol_version = "HTTP/1.1"
+    #: Headers and body go out as two writes: without TCP_NODELAY the body waits ~40 ms for a delayed ACK.
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+        return
+
+    def _send(self, status: int, payload: dict[str, Any], not_before: float = 0.0) -> None:
+        data = json.dumps(payload).encode()
+        wait = not_before - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout test); nothing to answer
+
+    def do_POST(self) -> None:
+        arrived = time.monotonic()
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            body = {"_unparsed": raw.decode(errors="replace")}
+        request = RecordedRequest(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        outcome = self.fake._next(request)
+        # The answer is ready first and leaves ``delay_s`` after the request arrived, as a model's latency
+        # would: the server's own work does not add to the delay.
+        answer_at = arrived + outcome.delay_s + (self.fake.delay_s if outcome.status == 200 else 0.0)
+        if not self.path.rstrip("/").endswith("/chat/completions"):
+            self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found", "code": None}},
+                       answer_at)
+        elif outcome.status != 200:
+            error_type = _ERROR_TYPES.get(outcome.status, "error")
+            self._send(outcome.status, {"error": {"message": outcome.message, "type": error_type,
+                                                  "code": error_type, "param": None}}, answer_at)
+        else:
+            self._send(200, self.fake.completion(body), answer_at)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tasks.bench.helpers.fake_lm_server --delay-s 0.2``: print the base URL, serve until stdin closes."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.bench.helpers.fake_lm_server")
+    parser.add_argument("--delay-s", type=float, default=0.2, help="seconds each answer takes")
+    args = parser.parse_args(argv)
+    with FakeOpenAI(delay_s=args.delay_s, record=False) as server:
+        print(server.base_url, flush=True)
+        sys.stdin.read()  # the parent closes our stdin (or exits) to stop us
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

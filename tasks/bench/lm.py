@@ -1,0 +1,215 @@
+"""`flagship bench lm`: LM calls through an LM pool's workers vs ``dspy.Predict`` from threads in one process.
+
+Both sides call the same local OpenAI-protocol server (``tasks.bench.helpers.fake_lm_server``,
+its own process, answering every request after ``--delay-s``) with the same
+signature, in alternating rounds: ``--sessions`` sessions (threads) of
+``--per-session`` calls each, every session's calls one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from routing import Client, Pool, PoolTable, Settings
+from routing.pools import PoolKind
+from tasks.bench.helpers.env import CpuMeter, own_server, server_pid
+from tasks.bench.helpers.report import markdown_table, update_section
+from tasks.lm.dspy_caches import installed as dspy_caches_installed
+from tasks.local.stack import Stack
+
+POOL_NAME = "lm_bench_pool"
+SIGNATURE = "ticket -> category"
+TICKETS = ("Checkout returns 502 for all customers", "Password reset email never arrives",
+           "Invoice PDF shows the wrong VAT rate", "Dashboard is slow since this morning",
+           "Mobile app crashes on login", "Please add dark mode")
+MODEL = "openai/local-model"
+NO_KEY = "sk-no-key-required"
+
+
+class FakeServer:
+    """The fake LM server in a child process (so its CPU and GIL are its own)."""
+
+    def __init__(self, delay_s: float) -> None:
+        argv = [sys.executable, "-m", "tasks.bench.helpers.fake_lm_server", "--delay-s", str(delay_s)]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.base_url = self.proc.stdout.readline().strip()
+        if not self.base_url.startswith("http"):
+            self.stop()
+            raise RuntimeError("the fake LM server did not start")
+
+    def stop(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> FakeServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _fan_out(threads: ThreadPoolExecutor, sessions: int, one: Callable[[int], None]) -> float:
+    """Run ``one(i)`` for every session, each on its own thread; wall seconds.
+
+    The threads live across rounds, as in a service: Celery builds a result backend per new thread.
+    """
+    t = time.perf_counter()
+    list(threads.map(one, range(sessions)))
+    return time.perf_counter() - t
+
+
+class InProcess:
+    """The baseline: plain ``dspy.Predict`` with a plain ``dspy.LM`` per thread, all in this process."""
+
+    def __init__(self, base_url: str, sessions: int) -> None:
+        import dspy
+
+        self.dspy = dspy
+        self.threads = ThreadPoolExecutor(sessions)
+        self.lms = [dspy.LM(MODEL, api_base=base_url, api_key=NO_KEY, cache=False, temperature=0.0,
+                            max_tokens=4000) for _ in range(sessions)]
+        self.modules = [dspy.Predict(SIGNATURE) for _ in range(sessions)]
+        self.calls(sessions, 1)  # warm-up, like the sessions' first calls: model metadata, HTTP clients
+
+    def calls(self, sessions: int, per_session: int) -> float:
+        def one(i: int) -> None:
+            with self.dspy.context(lm=self.lms[i]):
+                for k in range(per_session):
+                    self.modules[i](ticket=TICKETS[(i + k) % len(TICKETS)])
+
+        return _fan_out(self.threads, sessions, one)
+
+
+def _round(meter: CpuMeter, run: Callable[[], float], calls: int) -> dict[str, Any]:
+    meter.start()
+    wall = run()
+    cpu = meter.stop()
+    return {"wall_s": wall, "cpu_ms_per_call": {k: v * 1000 / calls for k, v in cpu.items()},
+            "cpu_ms_per_call_total": sum(cpu.values()) * 1000 / calls}
+
+
+def run(sessions: int = 64, per_session: int = 4, delay_s: float = 0.2, rounds: int = 3, workers: int = 2,
+        concurrency: int | None = None) -> dict[str, Any]:
+    with own_server(Settings.from_env()) as base:
+        return _run(base, sessions, per_session, delay_s, rounds, workers, concurrency)
+
+
+def _run(base: Settings, sessions: int, per_session: int, delay_s: float, rounds: int, workers: int,
+         concurrency: int | None) -> dict[str, Any]:
+    pool = Pool(POOL_NAME, size=workers, kind=PoolKind.LM, concurrency=concurrency or 0)
+    table = PoolTable.load(base.pools_config).with_pool(pool)
+    settings = replace(base, pools_config=table.to_json())
+    calls = sessions * per_session
+    with FakeServer(delay_s) as server:
+        env = {"FLAGSHIP_POOLS": table.to_json(), "FLAGSHIP_LM_API_BASE": server.base_url,
+               "FLAGSHIP_LM": MODEL, "FLAGSHIP_LM_RETRIES": "0"}
+        with Stack(settings, env=env, loglevel="warning") as stack:
+            procs = stack.start_pools(pools=[POOL_NAME])
+            client = Client(stack.redis_url, settings)
+            threads = ThreadPoolExecutor(sessions)
+            try:
+                opened = [client.session(POOL_NAME) for _ in range(sessions)]
+                modules = [s.predict(SIGNATURE) for s in opened]
+
+                def flagship(per_session: int = per_session) -> float:
+                    def one(i: int) -> None:
+                        for k in range(per_session):
+                            modules[i](ticket=TICKETS[(i + k) % len(TICKETS)], timeout_s=60)
+
+                    return _fan_out(threads, sessions, one)
+
+                flagship(1)  # warm-up: each session's LM is built by its first call
+
+                local = InProcess(server.base_url, sessions)
+                redis_pid = server_pid(stack.settings)
+                flagship_meter = CpuMeter({"producer": [os.getpid()], "workers": [p.pid for p in procs],
+                                           "redis": [redis_pid], "lm_server": [server.proc.pid]})
+                local_meter = CpuMeter({"process": [os.getpid()], "lm_server": [server.proc.pid]})
+                results: dict[str, list[dict[str, Any]]] = {"flagship": [], "in_process": []}
+                for _ in range(rounds):  # alternating, so drift and neighbours hit both sides alike
+                    results["in_process"].append(_round(local_meter, lambda: local.calls(sessions, per_session),
+                                                        calls))
+                    results["flagship"].append(_round(flagship_meter, flagship, calls))
+                local.threads.shutdown()
+                bound = sorted({s.worker or "" for s in opened})
+                for s in opened:
+                    s.close()
+            finally:
+                threads.shutdown()
+                client.close()
+    return _report(results, sessions, per_session, delay_s, workers, pool.concurrency, bound)
+
+
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    return sorted(rounds, key=lambda r: r["wall_s"])[len(rounds) // 2]
+
+
+def _report(results: dict[str, list[dict[str, Any]]], sessions: int, per_session: int, delay_s: float,
+            workers: int, concurrency: int, bound: list[str]) -> dict[str, Any]:
+    flagship, local = _median_round(results["flagship"]), _median_round(results["in_process"])
+    return {
+        "calls": sessions * per_session, "sessions": sessions, "per_session": per_session, "delay_s": delay_s,
+        "workers": workers, "worker_concurrency": concurrency, "bound_workers": len(bound),
+        "flagship": flagship, "in_process": local,
+        # False: the in-process side ran stock DSPy (nothing in this process installed the project's caches).
+        "in_process_dspy_caches": dspy_caches_installed(),
+        "wall_ratio": flagship["wall_s"] / local["wall_s"],
+        "cpu_ratio": flagship["cpu_ms_per_call_total"] / local["cpu_ms_per_call_total"],
+        "rounds": results,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    f, p = report["flagship"], report["in_process"]
+    rows = [
+        [f"flagship: {report['sessions']} sessions over {report['workers']} workers (`-c "
+         f"{report['worker_concurrency']}`)", f"{f['wall_s']:.2f}", f"{f['cpu_ms_per_call_total']:.2f}",
+         ", ".join(f"{k} {v:.2f}" for k, v in f["cpu_ms_per_call"].items())],
+        [f"`dspy.Predict` from {report['sessions']} threads in one process", f"{p['wall_s']:.2f}",
+         f"{p['cpu_ms_per_call_total']:.2f}", ", ".join(f"{k} {v:.2f}" for k, v in p["cpu_ms_per_call"].items())],
+        ["**ratio flagship / in-process**", f"**{report['wall_ratio']:.3f}**", f"{report['cpu_ratio']:.3f}", ""],
+    ]
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{report['calls']} `Predict` calls ({report['sessions']} × {report['per_session']}, each session's "
+            f"calls in order), server delay {report['delay_s'] * 1000:.0f} ms; median of "
+            f"{len(report['rounds']['flagship'])} alternating rounds, {when} (2 shared cores):\n\n"
+            + markdown_table(["", "wall (s)", "CPU ms / call", "CPU ms / call by process"], rows)
+            + "\n\nTarget: wall ratio ≤ 1.0 "
+            + ("(met)." if report["wall_ratio"] <= 1.0 else "(**not met** in this run).") + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flagship bench lm")
+    parser.add_argument("--sessions", type=int, default=64, help="sessions (producer threads; in-process threads)")
+    parser.add_argument("--per-session", type=int, default=4, help="calls per session, one after another")
+    parser.add_argument("--delay-s", type=float, default=0.2, help="the fake LM server's answer time")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side (median reported)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, help="threads per worker (default: the LM pool kind's)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write-docs", action="store_true", help="replace the `lm` section of docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    report = run(args.sessions, args.per_session, args.delay_s, args.rounds, args.workers, args.concurrency)
+    if args.write_docs:
+        update_section("lm", markdown(report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(markdown(report))
+    return 0
