@@ -23,6 +23,7 @@ from routing.validate import (
     max_threads,
     number,
     operation_name,
+    program_path,
     ref_id,
     show,
     sized,
@@ -72,6 +73,24 @@ def _signature(op: str, name: str, value: Any, limits: SizeLimits) -> None:
     _any(context=False)(op, name, value, limits)
 
 
+def _program(optional: bool = True) -> Rule:
+    def rule(op: str, name: str, value: Any, _: SizeLimits) -> None:
+        if value is not None or not optional:
+            program_path(op, name, value)
+    return rule
+
+
+def _names(op: str, name: str, value: Any, _: SizeLimits) -> None:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise InvalidArgument(op, f"{name} must be a non-empty list of field names")
+
+
+def _object(op: str, name: str, value: Any, limits: SizeLimits) -> None:
+    if value is not None and not isinstance(value, dict):
+        raise InvalidArgument(op, f"{name} must be a JSON object, got {show(value)}")
+    _any(context=True)(op, name, value, limits)
+
+
 def _inputs(op: str, name: str, value: Any, limits: SizeLimits) -> None:
     input_fields(op, value, limits, name)
 
@@ -99,7 +118,11 @@ ARGUMENTS: dict[str, dict[str, Rule]] = {
     "rlm": {**_MODULE, "sub_lm": _ref(), "max_iters": _number(1, 50, integer=True, optional=False),
             "max_llm_calls": _number(1, 500, integer=True, optional=False),
             "max_output_chars": _number(100, 1_000_000, integer=True, optional=False)},
-    "call": {"ref": _ref(optional=False), "inputs": _inputs},
+    "call": {"ref": _ref(optional=False), "inputs": _inputs, "program": _program()},
+    "program": {"path": _program(optional=False), "init": _object, "state": _object, "lm": _ref(), "ref_id": _ref()},
+    "dump_state": {"ref": _ref(optional=False)},
+    "score": {"ref": _ref(optional=False), "example": _object, "input_keys": _names,
+              "metric": _program(optional=False), "return_outputs": _flag},
     "context": {"text": _text(context=True), "ref_id": _ref()},
     "release_ref": {"ref": _ref(optional=False)},
     "history": {"lm": _ref(), "n": _number(0, 10_000, integer=True, optional=False)},

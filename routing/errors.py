@@ -9,43 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = [
-    "FlagshipError",
-    "RoutingError",
-    "UnknownPool",
-    "SessionNotFound",
-    "SessionClosed",
-    "SessionWorkerUnavailable",
-    "WorkerBusy",
-    "NoCapableWorker",
-    "ServerUnavailable",
-    "QueueTimeout",
-    "PoolSaturated",
-    "CallError",
-    "InvalidArgument",
-    "UnknownOperation",
-    "OperationFailed",
-    "CallTimeout",
-    "CallCancelled",
-    "DeadLettered",
-    "RefError",
-    "RefNotFound",
-    "RefSessionMismatch",
-    "RefEvicted",
-    "InvalidSignature",
-    "LMError",
-    "LMAuthError",
-    "LMBadRequest",
-    "LMUnavailable",
-    "SandboxError",
-    "SandboxCrashed",
-    "SandboxTimeout",
-    "SandboxClosed",
-    "CodeFailed",
-    "AnalyticsError",
-    "InvalidAnalyticsInput",
-]
-
 
 class FlagshipError(Exception):
     """Root of every error raised by pools, sessions, refs, sandboxes and operations."""
@@ -165,6 +128,20 @@ class OperationFailed(CallError):
 
     fields = ("op", "error_type", "message")
     template = "{op!r} failed with {error_type}: {message}"
+
+
+class UnknownProgram(CallError):
+    """A program, tool or metric path that no module listed in the worker's ``FLAGSHIP_PROGRAMS`` defines."""
+
+    fields = ("path", "reason")
+    template = "unknown program {path!r}: {reason}"
+
+
+class ProgramError(CallError):
+    """A user's program raised inside ``forward`` (or a tool or metric did); the worker keeps serving."""
+
+    fields = ("path", "error_type", "message", "traceback")
+    template = "program {path!r} raised {error_type}: {message}\n{traceback}"
 
 
 class CallCancelled(CallError):
@@ -293,3 +270,8 @@ def error_from_json(data: dict[str, Any]) -> FlagshipError:
     if isinstance(cls, type) and issubclass(cls, FlagshipError):
         return cls(*args)
     return OperationFailed("?", str(data.get("type")), " ".join(map(str, args)))
+
+
+#: Every error class, by name (the names a worker may send back).
+__all__ = sorted(name for name, value in dict(globals()).items()
+                 if isinstance(value, type) and issubclass(value, FlagshipError))

@@ -74,6 +74,9 @@ class Pool:
     #: The pool's own broker (a Redis or Sentinel URL); None: the default (``REDIS_URL`` or the embedded
     #: server). Its workers, queues, sessions and keys live only there (see ``routing.broker.brokers``).
     broker: str | None = None
+    #: Program packages (importable module names) this pool's workers import at start, on top of
+    #: ``FLAGSHIP_PROGRAMS``; producers may name programs, tools and metrics defined in them.
+    programs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "affinity", Affinity(self.affinity))
@@ -88,6 +91,15 @@ class Pool:
         object.__setattr__(self, "queue_timeout_s", _limit(self.name, "queue_timeout_s", timeout, float))
         object.__setattr__(self, "max_queued", _limit(self.name, "max_queued", self.max_queued, int))
         object.__setattr__(self, "broker", _broker(self.name, self.broker))
+        object.__setattr__(self, "programs", _programs(self.name, self.programs))
+
+
+def _programs(pool: str, value: Any) -> tuple[str, ...]:
+    """A pool's program packages: a list of dotted module names."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, str) and v and all(part.isidentifier() for part in v.split(".")) for v in value):
+        raise ValueError(f"pool {pool}: programs must be a list of importable module names (got {value!r})")
+    return tuple(value)
 
 
 #: URL schemes a pool's ``broker`` may use (those ``routing.broker.connect.redis_client`` knows).
@@ -143,6 +155,8 @@ def _pool_from_mapping(name: str, data: Mapping[str, Any], base: Pool | None) ->
         changes["max_queued"] = _limit(name, "max_queued", data["max_queued"], int)
     if "broker" in data:
         changes["broker"] = _broker(name, data["broker"])
+    if "programs" in data:
+        changes["programs"] = _programs(name, data["programs"] or [])
     if "kind" in data:
         changes["kind"] = PoolKind(data["kind"])
         if "concurrency" not in data:  # a new kind brings its own default
@@ -172,7 +186,8 @@ class PoolTable:
             p.name: {"affinity": p.affinity.value, "kind": p.kind.value, "size": p.size,
                      "concurrency": p.concurrency, "requires": list(p.requires),
                      "queue_timeout_s": p.queue_timeout_s, "max_queued": p.max_queued,
-                     **({"broker": p.broker} if p.broker else {})}
+                     **({"broker": p.broker} if p.broker else {}),
+                     **({"programs": list(p.programs)} if p.programs else {})}
             for p in self.pools.values()
         })
 
@@ -184,13 +199,14 @@ class PoolTable:
         """Defaults, updated by ``config``: a path to a JSON file or a JSON string.
 
         The JSON maps pool names to fields (``affinity``, ``kind``, ``size``,
-        ``concurrency``, ``requires``, ``queue_timeout_s``, ``max_queued``, ``broker``); unknown
+        ``concurrency``, ``requires``, ``queue_timeout_s``, ``max_queued``, ``broker``, ``programs``); unknown
         names add pools, ``null`` removes one. A pool without ``concurrency`` gets its
         kind's default (``lm``: 64 threads, ``cpu``: 2); a new pool's kind defaults to
         ``cpu``. Without ``queue_timeout_s`` a pool gets its affinity's default (10 s
         for the strict ones, none for ``hint``); ``max_queued`` defaults to 1,000 per
         worker; ``null`` or 0 turns either limit off. ``broker`` (a Redis or Sentinel
         URL) puts the pool on its own server; ``null`` or absent: the default one.
+        ``programs`` lists program packages its workers import at start (with ``FLAGSHIP_PROGRAMS``).
         """
         pools = {p.name: p for p in DEFAULT_POOLS}
         if not config:

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from kombu.utils import json as kombu_json
 
-from routing.errors import InvalidArgument, UnknownPool
+from routing.errors import InvalidArgument, UnknownPool, UnknownProgram
 from routing.pools import Affinity, Pool, PoolTable
 from routing.settings import Settings
 
@@ -204,6 +204,18 @@ def number(op: str, name: str, value: Any, low: float, high: float, *, integer: 
     if not typed or not low <= value <= high:
         kind = "an integer" if integer else "a number"
         raise InvalidArgument(op, f"{name} must be {kind} between {low} and {high}, got {show(value)}")
+
+
+#: ``"package.module:Name"`` (``"dspy:ReAct"`` too): a program, tool or metric a worker's configuration lists.
+_PROGRAM_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+max_program_path_chars = 300
+
+
+def program_path(op: str, name: str, value: Any) -> str:
+    """A program path's form (what it names is the worker's to resolve); anything else is ``UnknownProgram``."""
+    if isinstance(value, str) and len(value) <= max_program_path_chars and _PROGRAM_PATH.fullmatch(value):
+        return value
+    raise UnknownProgram(show(value), f"{name} of {op!r} must be 'package.module:Name' (or 'dspy:Module')")
 
 
 def item_list(value: Any, op: str, what: str = "items") -> list[dict[str, Any]]:

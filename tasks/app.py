@@ -23,7 +23,18 @@ app = Celery("flagship")
 # Evaluated lazily, when Celery first reads its configuration (not at import).
 app.add_defaults(_config)
 
-from tasks.ops import analytics, batch, context, modules, record, refs, rlm, session  # noqa: E402, F401  (the operation allow-list)
+from tasks.ops import (  # noqa: E402, F401  (the operation allow-list)
+    analytics,
+    batch,
+    context,
+    evaluation,
+    modules,
+    programs,
+    record,
+    refs,
+    rlm,
+    session,
+)
 from tasks.worker import hooks, redelivery  # noqa: E402  (Celery signals; effectively once for completed work)
 from tasks.worker.calls import execute_call  # noqa: E402
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -51,7 +52,14 @@ TEST_POOLS = {
     # Sentinel failover (tests/test_sentinel.py): workers on their own primary + replica + sentinels.
     "sentinel_strict_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 4, "queue_timeout_s": None},
     "sentinel_hint_pool": {"affinity": "hint", "size": 2, "concurrency": 4},
+    # Users' programs (tests/test_programs.py): the test package and the example one, listed by the pool table.
+    "program_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 4, "kind": "lm",
+                     "programs": ["user_programs", "support_programs"]},
+    "program_kill_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 2, "programs": ["user_programs"]},
 }
+#: Where the program packages live (workers and this process import them from here).
+PROGRAM_PATHS = [str(Path(__file__).resolve().parent / "programs"),
+                 str(Path(__file__).resolve().parents[1] / "examples")]
 
 #: Short liveness timings so death is noticed quickly in tests.
 TEST_ENV = {
@@ -69,6 +77,7 @@ TEST_ENV = {
     # Tests point LMs at their own local OpenAI-protocol server.
     "FLAGSHIP_LM_API_BASES": "http://127.0.0.1",
     "GEMINI_API_KEY": "",
+    "PYTHONPATH": os.pathsep.join(PROGRAM_PATHS),
 }
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from fake_openai import FakeOpenAI
 from helpers import wait_until
+from scripted_lm import scripted_reply
 
 from routing import Client, Session
 from routing.errors import NoCapableWorker, SandboxTimeout
@@ -91,6 +92,17 @@ def test_rlm_over_a_long_incident_log_answers_from_code_that_ran(
     assert trajectory["iterations"] >= 2 and trajectory["llm_calls"] >= 2
     assert reply["worker"] in {w.node for w in rlm_workers}
     assert context[:2000] not in str(session.history(n=12)["entries"])  # the log never went into a prompt
+
+
+def test_program_of_thought_built_by_name_runs_its_code_in_the_sandbox(
+    rlm_workers: list[WorkerProcess], sessions: Callable[..., Session]
+) -> None:
+    with FakeOpenAI(reply=scripted_reply) as server:
+        session = sessions("rlm_pool")
+        session.lm("openai/fake-model", api_base=server.base_url, api_key="sk-test")
+        pot = session.program("dspy:ProgramOfThought", signature="question -> answer", max_iters=2)
+        answer = pot(question="What is the sum of 0 to 9?", timeout_s=120)
+    assert answer.answer == "45 emscripten"  # printed by Pyodide in the worker's sandbox, not by the worker
 
 
 def test_a_megabyte_context_stays_in_the_sandbox_and_out_of_the_prompts(

@@ -21,6 +21,8 @@ class WorkerInfo:
     pid: int
     queue: str
     capabilities: tuple[str, ...] = ()
+    #: Program modules the worker imported at start (``FLAGSHIP_PROGRAMS``).
+    programs: tuple[str, ...] = ()
     concurrency: int = 1
     started: float = field(default_factory=time.time)
     #: Tells one run of a node from the next under the same name (its refs died with the last one).
@@ -37,6 +39,7 @@ class WorkerInfo:
     def as_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["capabilities"] = list(self.capabilities)
+        data["programs"] = list(self.programs)
         data["heartbeat_age_s"] = self.heartbeat_age_s
         return data
 
@@ -49,6 +52,7 @@ class WorkerInfo:
             pid=int(data.get("pid", 0)),
             queue=data.get("queue", names.worker_queue(data["node"])),
             capabilities=tuple(json.loads(data.get("capabilities", "[]"))),
+            programs=tuple(json.loads(data.get("programs", "[]"))),
             concurrency=int(data.get("concurrency", 1)),
             started=float(data.get("started", 0)),
             incarnation=data.get("incarnation", ""),
@@ -107,6 +111,7 @@ class Registry:
         pipe.hset(names.worker_key(info.node), mapping={
             "node": info.node, "pool": info.pool, "host": info.host, "pid": info.pid,
             "queue": info.queue, "capabilities": json.dumps(list(info.capabilities)),
+            "programs": json.dumps(list(info.programs)),
             "concurrency": info.concurrency, "started": info.started,
             "in_flight": info.in_flight, "last_beat": time.time(), "draining": 0,
             "incarnation": info.incarnation, "holding": "[]",

@@ -18,9 +18,21 @@ from routing.broker.tls import tls_url
 from routing.errors import NoCapableWorker, ServerUnavailable, SessionNotFound, SessionWorkerUnavailable
 from routing.fleet.registry import Registry
 from routing.fleet.sessions import SessionRecord, SessionStore
-from routing.pools import Affinity, PoolTable
+from routing.pools import Affinity, Pool, PoolTable
+from routing.producer import evaluation
 from routing.producer.binding import Binding
-from routing.producer.fleet_map import FleetMap, MapResult, Worker, check_map_arguments, progress_bar
+from routing.producer.evaluation import EvaluationResult
+from routing.producer.fleet_map import (
+    FleetMap,
+    Job,
+    MapResult,
+    ProgramSpec,
+    Worker,
+    check_map_arguments,
+    check_run_arguments,
+    program_spec,
+    progress_bar,
+)
 from routing.producer.link import Link
 from routing.producer.recovery.sweep import OrphanSweep
 from routing.producer.results.listener import ResultListener
@@ -178,14 +190,16 @@ class Client:
             raise unreachable
         raise SessionNotFound(session_id)
 
-    def map(self, pool: str, signature: str | dict[str, Any], examples: Sequence[dict[str, Any]], *,
-            module: str = "predict", lm: dict[str, Any] | None = None, instructions: str | None = None,
-            chunk_size: int | None = None, progress: bool | None = None,
+    def map(self, pool: str, signature: str | dict[str, Any] | None = None,
+            examples: Sequence[dict[str, Any]] | None = None, *, module: str = "predict", program: str | None = None,
+            state: Any = None, init: dict[str, Any] | None = None, lm: dict[str, Any] | None = None,
+            instructions: str | None = None, chunk_size: int | None = None, progress: bool | None = None,
             timeout_s: float | None = None) -> MapResult:
         """Run one DSPy program over ``examples`` on every live worker of ``pool``; outputs in input order.
 
         The program (``module`` "predict" or "chain_of_thought" over ``signature``,
-        with an LM built from ``lm``'s ``session.lm`` arguments) is built once per
+        or ``program=`` a path as ``session.program`` takes it, with its ``state`` and
+        ``init`` arguments; with an LM built from ``lm``'s ``session.lm`` arguments) is built once per
         worker. Chunks (default: the examples split evenly over the workers, at
         most 8 per worker thread) go to the workers as they free up, and a worker
         runs a chunk on all its threads; a chunk whose worker dies runs again
@@ -193,8 +207,37 @@ class Client:
         stderr (None: only on a terminal).
         """
         spec = validate.pool(pool, self.pools)
-        examples = check_map_arguments(self.settings, signature, examples, module, lm, instructions, chunk_size,
-                                       progress, timeout_s)
+        items, build = check_map_arguments(self.settings, signature, examples, module, lm, instructions, chunk_size,
+                                           progress, timeout_s, program, state, init)
+        return self._fleet(spec, build, items, Job(), chunk_size, progress, timeout_s)
+
+    def evaluate(self, pool: str, program: str, devset: Sequence[Any], metric: str, *, state: Any = None,
+                 init: dict[str, Any] | None = None, input_keys: Sequence[str] | None = None,
+                 lm: dict[str, Any] | None = None, num_threads: int | None = None, progress: bool | None = None,
+                 return_outputs: bool = True, chunk_size: int | None = None,
+                 timeout_s: float | None = None) -> EvaluationResult:
+        """``dspy.Evaluate(devset, metric)(program)`` over every live worker of ``pool``.
+
+        ``program``: a path as ``session.program`` takes it (``state``, ``init``: its state and
+        constructor arguments); ``devset``: ``dspy.Example``s with inputs marked, or dicts with
+        ``input_keys``; ``metric``: a ``"package.module:function"`` path run on the worker as
+        ``metric(example, prediction)``. ``num_threads``: examples at once per worker (default:
+        its threads). The result has ``score`` (a percentage) and ``results``
+        (example, prediction or typed error, score) in devset order.
+        """
+        spec = validate.pool(pool, self.pools)
+        build = program_spec(self.settings, "evaluate", program, state, init, lm)
+        check_run_arguments("evaluate", chunk_size, progress, timeout_s)
+        if num_threads is not None:
+            validate.number("evaluate", "num_threads", num_threads, 1, validate.max_threads, integer=True)
+        work = evaluation.plan(devset, metric, input_keys, return_outputs)
+        run = self._fleet(spec, build, work.items, work.job, chunk_size, progress, timeout_s, num_threads)
+        return work.result(run)
+
+    def _fleet(self, spec: Pool, build: ProgramSpec, examples: list[dict[str, Any]], job: Job,
+               chunk_size: int | None, progress: bool | None, timeout_s: float | None,
+               num_threads: int | None = None) -> MapResult:
+        """One session per live worker of ``spec`` builds ``build``; ``examples`` run through ``job``."""
         link = self.link(spec.name)
         with translated(link.url):
             infos = [info for info in link.registry.workers([spec.name]) if info.live]
@@ -205,13 +248,13 @@ class Client:
                         session = self.session(spec.name, node=info.node, affinity=Affinity.STRICT_QUEUE)
                     except (SessionWorkerUnavailable, NoCapableWorker):
                         continue  # gone or draining since we looked
-                    workers.append(Worker(session, session.lm(**lm) if lm else None, module, signature,
-                                          instructions, info.concurrency))
+                    slots = min(info.concurrency, num_threads or info.concurrency, validate.max_threads)
+                    workers.append(Worker(session, build, slots))
                 if not workers:
                     raise NoCapableWorker(spec.name, list(spec.requires))
                 advance, stop = progress_bar(len(examples), progress)
                 try:
-                    return FleetMap(workers, examples, chunk_size, advance).run(timeout_s)
+                    return FleetMap(workers, examples, chunk_size, advance, job).run(timeout_s)
                 finally:
                     stop()
             finally:

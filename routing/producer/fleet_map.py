@@ -39,6 +39,7 @@ from routing.errors import (
 )
 from routing.producer.future import CallFuture
 from routing.producer.handles import LMRef, ModuleRef
+from routing.producer.program_state import read_state
 from routing.producer.session import Session
 from routing.validate import SizeLimits
 
@@ -69,14 +70,43 @@ class MapResult:
                 "failures": dict(self.failures), "rerun_chunks": self.rerun_chunks}
 
 
+@dataclass(frozen=True)
+class ProgramSpec:
+    """What every worker of a map builds once: a predict/chain_of_thought over a signature, or a program."""
+
+    module: str = "predict"
+    signature: str | dict[str, Any] | None = None
+    instructions: str | None = None
+    #: ``session.program`` arguments (``module == "program"``).
+    path: str | None = None
+    state: dict[str, Any] | None = None
+    init: dict[str, Any] = field(default_factory=dict)
+    #: ``session.lm`` arguments of the LM built for it (None: the session default).
+    lm: dict[str, Any] | None = None
+
+    def build(self, session: Session) -> ModuleRef:
+        lm: LMRef | None = session.lm(**self.lm) if self.lm else None
+        if self.module == "program":
+            return session.program(str(self.path), state=self.state, lm=lm, **self.init)
+        make = session.predict if self.module == "predict" else session.chain_of_thought
+        return make(self.signature or "", lm=lm, instructions=self.instructions)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one example becomes: the operation mapped, its item for a module ref, what a reply keeps."""
+
+    op: str = "call"
+    item: Callable[[ModuleRef, dict[str, Any]], dict[str, Any]] = lambda module, example: module.call_kwargs(example)
+    keep: Callable[[dict[str, Any]], Any] = lambda ok: ok["outputs"]
+
+
 class Worker:
     """One live worker's share of a map: its session and the program built there."""
 
-    def __init__(self, session: Session, lm: LMRef | None, module: str, signature: str | dict[str, Any],
-                 instructions: str | None, slots: int) -> None:
+    def __init__(self, session: Session, spec: ProgramSpec, slots: int) -> None:
         self.session = session
-        make = session.predict if module == "predict" else session.chain_of_thought
-        self.module: ModuleRef = make(signature, lm=lm, instructions=instructions)
+        self.module: ModuleRef = spec.build(session)
         self.slots = slots
         self.running: dict[CallFuture, int] = {}  # call in flight -> its chunk
 
@@ -95,7 +125,8 @@ def default_chunk_size(examples: int, workers: Sequence[Worker]) -> int:
 
 class FleetMap:
     def __init__(self, workers: list[Worker], examples: Sequence[dict[str, Any]], chunk_size: int | None,
-                 on_progress: Callable[[int], None] | None = None) -> None:
+                 on_progress: Callable[[int], None] | None = None, job: Job | None = None) -> None:
+        self.job = job or Job()
         self.workers = workers
         self.examples = list(examples)
         size = chunk_size or default_chunk_size(len(self.examples), workers)
@@ -133,9 +164,9 @@ class FleetMap:
             for worker in list(self.workers):
                 if self.todo and len(worker.running) < level:
                     chunk = self.todo.popleft()
-                    items = [{"ref": worker.module.ref_id, "inputs": self.examples[i]} for i in self.chunks[chunk]]
+                    items = [self.job.item(worker.module, self.examples[i]) for i in self.chunks[chunk]]
                     try:
-                        call = worker.session.submit("map", op="call", items=items, num_threads=worker.slots)
+                        call = worker.session.submit("map", op=self.job.op, items=items, num_threads=worker.slots)
                     except SessionWorkerUnavailable:  # died since its last chunk: this one was never sent
                         self.todo.appendleft(chunk)
                         self._drop(worker, [])
@@ -164,7 +195,7 @@ class FleetMap:
                 self.result.outputs[index] = error
                 self.result.failures[type(error).__name__] = self.result.failures.get(type(error).__name__, 0) + 1
             else:
-                self.result.outputs[index] = entry["ok"]["outputs"]
+                self.result.outputs[index] = self.job.keep(entry["ok"])
         self.result.per_worker = dict(Counter(self.result.per_worker) + Counter({node: len(replies)}))
         if self.on_progress is not None:
             self.on_progress(len(replies))
@@ -175,24 +206,52 @@ class FleetMap:
 LM_ARGUMENTS = frozenset({"model", "temperature", "max_tokens", "api_base", "api_key", "default"})
 
 
-def check_map_arguments(limits: SizeLimits, signature: Any, examples: Any, module: Any, lm: Any, instructions: Any,
-                        chunk_size: Any, progress: Any, timeout_s: Any) -> list[dict[str, Any]]:
-    """``Client.map``'s arguments checked before any session opens; returns the examples as a list."""
-    validate.choice(module, "map", "module", ("predict", "chain_of_thought"))
-    arguments.call_arguments(module, {"signature": signature, "instructions": instructions}, limits)
+def program_spec(limits: SizeLimits, op: str, path: Any, state: Any, init: Any, lm: Any) -> ProgramSpec:
+    """A program's arguments for ``Client.map``/``evaluate``, checked before any session opens."""
+    init = {} if init is None else init
+    if not isinstance(init, dict):
+        raise InvalidArgument(op, "init must be a dict of the program's constructor arguments")
+    state = read_state(state)
+    arguments.call_arguments("program", {"path": path, "init": init, "state": state}, limits)
+    check_lm(op, lm, limits)
+    return ProgramSpec("program", path=path, state=state, init=init, lm=lm)
+
+
+def check_lm(op: str, lm: Any, limits: SizeLimits) -> None:
     if lm is not None:
         if not isinstance(lm, dict) or not set(lm) <= LM_ARGUMENTS:
-            raise InvalidArgument("map", f"lm must be a dict of session.lm arguments ({sorted(LM_ARGUMENTS)})")
+            raise InvalidArgument(op, f"lm must be a dict of session.lm arguments ({sorted(LM_ARGUMENTS)})")
         arguments.call_arguments("lm", lm, limits)
+
+
+def check_map_arguments(limits: SizeLimits, signature: Any, examples: Any, module: Any, lm: Any, instructions: Any,
+                        chunk_size: Any, progress: Any, timeout_s: Any, program: Any = None, state: Any = None,
+                        init: Any = None) -> tuple[list[dict[str, Any]], ProgramSpec]:
+    """``Client.map``'s arguments checked before any session opens: the examples as a list, what to build."""
+    if program is not None:
+        if signature is not None:
+            raise InvalidArgument("map", "give a signature or program=, not both")
+        spec = program_spec(limits, "map", program, state, init, lm)
+    else:
+        if state is not None or init is not None:
+            raise InvalidArgument("map", "state= and init= go with program=")
+        validate.choice(module, "map", "module", ("predict", "chain_of_thought"))
+        arguments.call_arguments(module, {"signature": signature, "instructions": instructions}, limits)
+        check_lm("map", lm, limits)
+        spec = ProgramSpec(module, signature, instructions, lm=lm)
+    check_run_arguments("map", chunk_size, progress, timeout_s)
     items = validate.item_list(examples, "map", "examples")
     for example in items:
         validate.input_fields("map", example, limits, "an example")
+    return items, spec
+
+
+def check_run_arguments(op: str, chunk_size: Any, progress: Any, timeout_s: Any) -> None:
     if chunk_size is not None:
-        validate.number("map", "chunk_size", chunk_size, 1, validate.max_items, integer=True)
+        validate.number(op, "chunk_size", chunk_size, 1, validate.max_items, integer=True)
     if progress is not None:
-        validate.flag(progress, "map", "progress")
-    validate.timeout(timeout_s, "map", "timeout_s")
-    return items
+        validate.flag(progress, op, "progress")
+    validate.timeout(timeout_s, op, "timeout_s")
 
 
 def progress_bar(total: int, enabled: bool | None) -> tuple[Callable[[int], None] | None, Callable[[], None]]:

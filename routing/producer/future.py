@@ -27,8 +27,10 @@ class CallFuture(Future[Any]):
     """
 
     def __init__(self, router: Router, binding: Binding, op: str, kwargs: dict[str, Any], sent: Sent,
-                 rehydrate: bool = False) -> None:
+                 rehydrate: bool = False, decode: Callable[[Any], Any] | None = None) -> None:
         super().__init__()
+        #: Turns the operation's JSON into what ``result()`` gives (a module call's ``Prediction``).
+        self.decode = decode
         self.router = router
         self.binding = binding
         self.op = op
@@ -109,6 +111,11 @@ class CallFuture(Future[Any]):
     def _settle(self, node: str | None, value: Any, error: BaseException | None = None) -> None:
         self.node, self.completed_at = node, time.monotonic()
         try:
+            if error is None and self.decode is not None:
+                try:
+                    value = self.decode(value)
+                except Exception as exc:  # a reply not of the expected shape: the call's error, not the thread's
+                    value, error = None, exc
             if error is not None:
                 self.set_exception(error)
             else:

@@ -6,7 +6,7 @@ A handle is JSON (ref id, session id, worker, kind); calling it sends the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
@@ -14,6 +14,7 @@ from routing import validate
 from routing.errors import InvalidArgument
 from routing.producer.future import CallFuture
 from routing.producer.prediction import Prediction
+from routing.producer.program_state import read_state
 
 
 class SessionCalls(Protocol):
@@ -23,6 +24,9 @@ class SessionCalls(Protocol):
     def id(self) -> str: ...
 
     def submit(self, op: str, /, **kwargs: Any) -> CallFuture: ...
+
+    def submit_decoded(self, op: str, kwargs: dict[str, Any], decode: Callable[[Any], Any] | None, *,
+                       rehydrate: bool | None = None) -> CallFuture: ...
 
     def call(self, op: str, /, *, timeout_s: float | None = None, **kwargs: Any) -> Any: ...
 
@@ -88,8 +92,13 @@ class ContextRef(RefHandle):
         return self.as_input()
 
 
+def prediction_of(reply: Any) -> Prediction:
+    """A module call's reply as the ``Prediction`` of its output fields."""
+    return Prediction(reply["outputs"])
+
+
 class ModuleRef:
-    """A callable module (Predict, ChainOfThought, RLM) bound to its session."""
+    """A callable module (Predict, ChainOfThought, RLM, a program) bound to its session."""
 
     def __init__(self, session: SessionCalls, handle: RefHandle) -> None:
         self.session = session
@@ -99,22 +108,43 @@ class ModuleRef:
     def ref_id(self) -> str:
         return self.handle.ref_id
 
+    @property
+    def path(self) -> str | None:
+        """The program's path (``"package.module:Name"``, ``"dspy:ReAct"``); None for other module refs."""
+        path = self.handle.info.get("path")
+        return path if isinstance(path, str) else None
+
     def __repr__(self) -> str:
-        return f"<{self.handle.kind} {self.ref_id} session={self.session.id}>"
+        return f"<{self.handle.kind} {self.path or self.ref_id} ref={self.ref_id} session={self.session.id}>"
+
+    def __json__(self) -> dict[str, str]:
+        """As a constructor argument (``module=`` of ``dspy:BestOfN``): the ref, resolved on the worker."""
+        return {"$ref": self.ref_id}
+
+    def call_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The ``call`` operation's arguments for ``inputs``."""
+        path = self.path  # shown in Flower's args (``program='pkg.mod:Name'``) and checked by the worker
+        return {"ref": self.ref_id, "inputs": inputs, **({"program": path} if path else {})}
 
     def submit(self, **inputs: Any) -> CallFuture:
-        """Send the call now; ``.result()`` returns ``{"outputs": {...}, ...}``."""
-        return self.session.submit("call", ref=self.ref_id, inputs=inputs)
+        """Send the call now; ``.result()`` returns the same ``Prediction`` a call does."""
+        return self.session.submit_decoded("call", self.call_kwargs(inputs), prediction_of)
 
     def __call__(self, *, timeout: float | None = None, timeout_s: float | None = None, **inputs: Any) -> Prediction:
         """The module's output fields (``reasoning`` included where the module has it): ``pred.category``."""
-        reply = self.session.call("call", ref=self.ref_id, inputs=inputs, timeout_s=timeout_s or timeout)
-        return Prediction(reply["outputs"])
+        return prediction_of(self.session.call("call", **self.call_kwargs(inputs), timeout_s=timeout_s or timeout))
 
     async def acall(self, **inputs: Any) -> Prediction:
         """``await module.acall(ticket=...)``: DSPy's async spelling, no thread held while it runs."""
-        reply = await self.session.acall("call", ref=self.ref_id, inputs=inputs)
-        return Prediction(reply["outputs"])
+        return prediction_of(await self.session.acall("call", **self.call_kwargs(inputs)))
+
+    def dump_state(self) -> dict[str, Any]:
+        """The worker-held module's state (DSPy's ``dump_state()`` JSON): save it, load it elsewhere with ``state=``.
+
+        A program's recipe keeps this state from now on, so a rehydrated session rebuilds it as it is now.
+        """
+        reply: dict[str, Any] = self.session.call("dump_state", ref=self.ref_id)
+        return dict(reply["state"])
 
     def batch(self, examples: Iterable[dict[str, Any]], *, num_threads: int = 16, return_exceptions: bool = False,
               chunk_size: int | None = None, timeout_s: float | None = None) -> list[Any]:
@@ -125,7 +155,7 @@ class ModuleRef:
         in its place with ``return_exceptions=True``.
         """
         checked = validate.item_list(examples, "batch", "examples")
-        items = [{"ref": self.ref_id, "inputs": example} for example in checked]
+        items = [self.call_kwargs(example) for example in checked]
         replies = self.session.map("call", items, return_exceptions=return_exceptions, chunk_size=chunk_size,
                                    num_threads=num_threads, timeout_s=timeout_s)
         return [reply if isinstance(reply, Exception) else Prediction(reply["outputs"]) for reply in replies]
@@ -134,7 +164,7 @@ class ModuleRef:
                      return_exceptions: bool = False, chunk_size: int | None = None) -> list[Any]:
         """``batch`` for asyncio."""
         checked = validate.item_list(examples, "batch", "examples")
-        items = [{"ref": self.ref_id, "inputs": example} for example in checked]
+        items = [self.call_kwargs(example) for example in checked]
         replies = await self.session.amap("call", items, return_exceptions=return_exceptions,
                                           chunk_size=chunk_size, num_threads=num_threads)
         return [reply if isinstance(reply, Exception) else Prediction(reply["outputs"]) for reply in replies]
@@ -193,6 +223,22 @@ class RefMethods:
         reply = self.call("rlm", signature=signature, max_iters=max_iters, max_llm_calls=max_llm_calls,
                           max_output_chars=max_output_chars, lm=ref_of("rlm", "lm", lm),
                           sub_lm=ref_of("rlm", "sub_lm", sub_lm))
+        return ModuleRef(self, RefHandle.from_reply(reply))  # type: ignore[arg-type]
+
+    def program(self, path: str, *, state: Any = None, lm: RefHandle | None = None,
+                **init_kwargs: Any) -> ModuleRef:
+        """Your own DSPy program (or one of DSPy's modules) on the session's worker, named, never sent.
+
+        ``path``: ``"package.module:Name"`` from a package the workers list in ``FLAGSHIP_PROGRAMS``
+        (a ``dspy.Module`` subclass, or a function returning one), or ``"dspy:ReAct"`` and the other DSPy
+        modules. ``init_kwargs`` (JSON) go to its constructor; functions among them (``tools``,
+        ``reward_fn``) are ``"package.module:function"`` paths, a module is a path or a ``ModuleRef``.
+        ``state``: ``module.dump_state()``'s dict, or ``module.save("x.json")``'s text or file, applied
+        with DSPy's ``load_state``. ``lm``: the program's LM (default: the session's).
+        """
+        init = {name: value.__json__() if isinstance(value, ModuleRef) else value
+                for name, value in init_kwargs.items()}
+        reply = self.call("program", path=path, init=init, state=read_state(state), lm=ref_of("program", "lm", lm))
         return ModuleRef(self, RefHandle.from_reply(reply))  # type: ignore[arg-type]
 
     def release(self, ref: RefHandle | ModuleRef) -> None:

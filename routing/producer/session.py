@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -81,6 +81,11 @@ class Session(RefMethods):
         recipes, then run the call there. Without it the error is
         ``SessionWorkerUnavailable``.
         """
+        return self.submit_decoded(op, kwargs, None, rehydrate=rehydrate)
+
+    def submit_decoded(self, op: str, kwargs: dict[str, Any], decode: Callable[[Any], Any] | None, *,
+                       rehydrate: bool | None = None) -> CallFuture:
+        """``submit``, with ``decode`` turning the JSON result into what the future gives (module refs use it)."""
         if self.closed:
             raise SessionClosed(self.id)
         arguments.call_arguments(op, kwargs, self.limits)
@@ -93,7 +98,7 @@ class Session(RefMethods):
                 raise
             self.router.rehydrate(self.binding, exc.node, incarnation)
             sent = self.router.send(self.binding, op, kwargs)
-        return CallFuture(self.router, self.binding, op, kwargs, sent, rehydrate)
+        return CallFuture(self.router, self.binding, op, kwargs, sent, rehydrate, decode)
 
     def call(self, op: str, /, *, timeout: float | None = None, timeout_s: float | None = None,
              rehydrate: bool | None = None, **kwargs: Any) -> Any:

@@ -179,11 +179,16 @@ def resolve_inputs(ctx: CallContext, inputs: Any) -> Any:
 
 
 @operation("call")
-def call_module(ctx: CallContext, ref: str, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Run a module ref with keyword inputs (a context ref as ``{"$ref": id}``); returns every output field."""
+def call_module(ctx: CallContext, ref: str, inputs: dict[str, Any], program: str | None = None) -> dict[str, Any]:
+    """Run a module ref with keyword inputs (a context ref as ``{"$ref": id}``); returns every output field.
+
+    ``program``: the program path the producer believes the ref holds (shown in Flower); checked.
+    """
     entry = store(ctx).get(ctx.session_id, ref)
     if entry.kind in ("lm", "context"):
         raise InvalidArgument("call", f"{ref} is {'an LM' if entry.kind == 'lm' else 'a context'}; call a module ref")
+    if program is not None and entry.recipe["kwargs"].get("path") != program:
+        raise InvalidArgument("call", f"{ref} holds {entry.recipe['kwargs'].get('path') or entry.kind}, not {program}")
     inputs = resolve_inputs(ctx, inputs)
     invoke = MODULE_INVOKERS.get(entry.kind)
     if invoke is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ from tasks.lm.dspy_caches import freeze_proxy_environment, preload_prices
 from tasks.sandbox.pool import SandboxPool
 from tasks.worker.capabilities import probe_capabilities
 from tasks.worker.poison import PoisonGuarded
+from tasks.worker.programs import ProgramImportFailed, configured_packages, load_catalog
 from tasks.worker.ref_store import RefStore
 from tasks.worker.refusal import cannot_start, refuse
 from tasks.worker.settings import WorkerSettings
@@ -167,12 +169,18 @@ def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
     capabilities, failures = probe_capabilities(pool.requires)
     if failures:
         refuse(sender, pool.name, failures)
+    try:  # the user's programs, before anything is consumed: all of them or the worker does not start
+        programs = load_catalog(configured_packages(os.environ, pool.programs))
+    except ProgramImportFailed as exc:
+        refuse(sender, pool.name, [str(exc)])
     for queue in (names.pool_queue(pool.name), names.worker_queue(sender)):
         if queue not in consumed:
             queues.select_add(queue)
     conf[ACK_WITH_RESULT] = ack_keys(conf)
     _state = WorkerState(node=sender, pool=pool, settings=settings, redis=redis,
-                         concurrency=int(instance.concurrency), capabilities=capabilities, redis_url=conf.broker_url)
+                         concurrency=int(instance.concurrency), capabilities=capabilities, redis_url=conf.broker_url,
+                         programs=tuple(programs.module_names()))
+    _state.services["programs"] = programs
     install_services(_state)
 
 

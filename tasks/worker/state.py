@@ -39,6 +39,8 @@ class WorkerState:
     redis: Redis
     concurrency: int
     capabilities: tuple[str, ...] = ()
+    #: Program modules imported at start (``FLAGSHIP_PROGRAMS`` and the pool's ``programs``).
+    programs: tuple[str, ...] = ()
     turns: SessionTurns = field(default_factory=SessionTurns)
     #: Objects operations keep per worker (ref store, sandbox pool, ...), by name.
     services: dict[str, Any] = field(default_factory=dict)
@@ -81,7 +83,7 @@ class WorkerState:
     def register(self) -> None:
         self.registry.register(WorkerInfo(
             node=self.node, pool=self.pool.name, host=socket.gethostname(), pid=os.getpid(),
-            queue=self.queue, capabilities=self.capabilities, concurrency=self.concurrency,
+            queue=self.queue, capabilities=self.capabilities, programs=self.programs, concurrency=self.concurrency,
             started=self.started, incarnation=self.incarnation,
         ))
 

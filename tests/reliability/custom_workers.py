@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ def spawn_worker(stack: Stack, pool: str, name: str, *, env: dict[str, str] | No
     node = qualify_node(name)
     child_env = stack.child_env()
     child_env.update(env or {})
-    child_env["PYTHONPATH"] = str(HERE)
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), child_env.get("PYTHONPATH")]))
     assert stack.log_dir is not None
     log_path = stack.log_dir / f"{name}.log"
     cmd = [sys.executable, "-m", "tasks.cli", "worker", "--pool", pool, "--name", node,
