@@ -78,9 +78,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     """Server plus every pool's workers in the foreground until Ctrl-C."""
-    from tasks.local.stack import Stack
+    from tasks.local.stack import Stack, example_programs_env
 
-    stack = Stack()
+    stack = Stack(env=example_programs_env())  # the demo's triage program, beside the user's own
     print(f"server: {redact_url(stack.redis_url)}")
     for pool in stack.pools:
         if pool.broker:  # a pool on its own broker: its workers go there (the server must be running)

@@ -22,7 +22,7 @@ from tasks.sandbox.paths import deno_dir
 #: Extra pools, so destructive tests never disturb the shared workers.
 TEST_POOLS = {
     # Routing tests saturate a triage worker with two sleeping calls; the LM kind's default (64) is in test_pools.
-    "triage_pool": {"concurrency": 2},
+    "triage_pool": {"concurrency": 2, "programs": ["support_programs"]},
     "kill_pool": {"affinity": "strict_queue", "size": 2},
     "hint_kill_pool": {"affinity": "hint", "size": 2},
     "late_pool": {"affinity": "strict_queue", "size": 1},

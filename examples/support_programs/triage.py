@@ -6,7 +6,7 @@ from typing import Literal
 
 import dspy
 
-Category = Literal["billing", "outage", "bug", "account", "feature_request", "other"]
+Category = Literal["outage", "account", "billing", "bug", "feature", "other"]
 Urgency = Literal["low", "medium", "high", "critical"]
 
 

@@ -55,6 +55,7 @@ class PrerecordedQoS(kombu_redis.QoS):
     #: Delivery tag -> the list item it was popped as, while kombu delivers it.
     popped_as: dict[str, bytes | str] | None = None
 
+    # overrides kombu 5.7.0 redis QoS.append (entry reproduced: unacked_entry); pinned in tests/test_upstream_seams.py
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.prerecorded and delivery_tag in self.prerecorded:
             self.prerecorded.discard(delivery_tag)

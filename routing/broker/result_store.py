@@ -43,6 +43,8 @@ class AtomicStore:
 
     _store_script: Script | None = None
 
+    # replaces Celery 5.7.0 BaseKeyValueStoreBackend._store_result (and reproduces RedisBackend.set, _set,
+    # _set_with_state: the same key, value, expiry and channel); pinned in tests/test_upstream_seams.py
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None,
                       **kwargs: Any) -> Any:
         backend: Any = self

@@ -57,16 +57,19 @@ class CountingQoS(PrerecordedQoS):
     A delivery the result store acknowledged with its result (``routing.broker.result_acks``) is acked in memory only.
     """
 
+    # overrides kombu 5.7.0 redis QoS.ack (bypassed for result-acked tags); pinned in tests/test_upstream_seams.py
     def ack(self, delivery_tag: str) -> None:
         if result_acks.take(delivery_tag):
             virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
             return
         super().ack(delivery_tag)  # type: ignore[no-untyped-call]
 
+    # overrides kombu 5.7.0 redis QoS.reject; pinned in tests/test_upstream_seams.py
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         result_acks.take(delivery_tag)
         super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
 
+    # overrides kombu 5.7.0 redis QoS.restore_visible; pinned in tests/test_upstream_seams.py
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
         _restoring_invisible.active = True
         try:
@@ -89,6 +92,7 @@ class GuardedChannel(_ChannelBase):
     _drain_script: Any = None
     _drain_off = False
 
+    # replaces kombu 5.7.0 Channel.conn_or_acquire (a new client per call there); pinned in tests/test_upstream_seams.py
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
         if client:
@@ -106,6 +110,7 @@ class GuardedChannel(_ChannelBase):
 
     # -- poison guard: every popped item is checked before kombu builds a message from it --------
 
+    # a full copy of kombu 5.7.0 Channel._brpop_read; pinned in tests/test_upstream_seams.py (its source's sha256 too)
     def _brpop_read(self, **options: Any) -> bool:
         """kombu's ``_brpop_read``, delivering through :meth:`_deliver_popped` instead of a bare ``loads``."""
         try:
@@ -126,6 +131,7 @@ class GuardedChannel(_ChannelBase):
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()  # type: ignore[no-untyped-call]
 
+    # a full copy of kombu 5.7.0 Channel._get; pinned in tests/test_upstream_seams.py (its source's sha256 too)
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         """kombu's ``_get`` (``basic_get``), skipping (and dead-lettering) items that are not envelopes."""
         with self.conn_or_acquire() as client:
@@ -184,6 +190,7 @@ class GuardedChannel(_ChannelBase):
             self._dead_letter(Letter(queue, wrong.problem, item, wrong.task_id, wrong.task))
             return None
 
+    # overrides kombu 5.7.0 Channel._deliver_fanout_message; pinned in tests/test_upstream_seams.py
     def _deliver_fanout_message(self, message: Any, exchange: str) -> bool:
         """A broadcast (Celery's remote control) that is not an envelope is dropped with one line, not fatal."""
         problem = envelope_problem(message)
@@ -204,6 +211,7 @@ class GuardedChannel(_ChannelBase):
     def _broker_errors(self) -> tuple[type[BaseException], ...]:
         return (*self.connection.connection_errors, *self.connection.channel_errors, ChannelError)
 
+    # overrides kombu 5.7.0 Channel._do_restore_message; pinned in tests/test_upstream_seams.py
     def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
                             leftmost: bool = False) -> None:
         """kombu's restore; one back by the visibility timeout counts the delivery that did not complete."""
@@ -226,11 +234,13 @@ class SentinelGuardedChannel(GuardedChannel, kombu_redis.SentinelChannel):
     rounds of attempts, so workers came back seconds after the new primary was up.
     """
 
+    # extends kombu 5.7.0 SentinelChannel.from_transport_options; pinned in tests/test_upstream_seams.py
     from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options,  # type: ignore[assignment]
                               "failover_wait_s")
     #: Longest wait for a primary when a channel is opened (the sentinels agree on one in a few seconds).
     failover_wait_s = 15.0
 
+    # overrides kombu 5.7.0 SentinelChannel._sentinel_managed_pool; pinned in tests/test_upstream_seams.py
     def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
         pool = super()._sentinel_managed_pool(asynchronous)  # type: ignore[no-untyped-call]
         deadline = time.monotonic() + float(self.failover_wait_s)
@@ -260,6 +270,7 @@ class TLSRedisTransport(RedisTransport):
     default there is not to verify the certificate; this one verifies it).
     """
 
+    # overrides kombu 5.7.0 redis Transport.__init__; pinned in tests/test_upstream_seams.py
     def __init__(self, client: Any, **kwargs: Any) -> None:
         if not client.ssl:
             client.ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}

@@ -81,7 +81,7 @@ class Plan:
 
 
 def plan(devset: Any, metric: Any, input_keys: Sequence[str] | None, return_outputs: Any) -> Plan:
-    """The devset checked and turned into ``score`` items (before any session opens)."""
+    """The devset checked and turned into ``evaluate_example`` items (before any session opens)."""
     if isinstance(devset, (str, bytes, dict)) or not isinstance(devset, Sequence) or not devset:
         raise InvalidArgument("evaluate", "devset must be a non-empty list of examples")
     validate.program_path("evaluate", "metric", metric)
@@ -92,4 +92,4 @@ def plan(devset: Any, metric: Any, input_keys: Sequence[str] | None, return_outp
     def item(module: ModuleRef, example: dict[str, Any]) -> dict[str, Any]:
         return {"ref": module.ref_id, **example, "metric": metric, "return_outputs": keep_outputs}
 
-    return Plan(list(devset), items, Job("score", item, lambda ok: ok))
+    return Plan(list(devset), items, Job("evaluate_example", item, lambda ok: ok))

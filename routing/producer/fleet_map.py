@@ -39,8 +39,8 @@ from routing.errors import (
 )
 from routing.producer.future import CallFuture
 from routing.producer.handles import LMRef, ModuleRef
-from routing.producer.program_state import read_state
 from routing.producer.session import Session
+from routing.program_state import read_state
 from routing.validate import SizeLimits
 
 #: Chunks each worker holds at once: one running, one queued behind it.

@@ -14,7 +14,7 @@ from routing import validate
 from routing.errors import InvalidArgument
 from routing.producer.future import CallFuture
 from routing.producer.prediction import Prediction
-from routing.producer.program_state import read_state
+from routing.program_state import read_state
 
 
 class SessionCalls(Protocol):
@@ -124,7 +124,7 @@ class ModuleRef:
     def call_kwargs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The ``call`` operation's arguments for ``inputs``."""
         path = self.path  # shown in Flower's args (``program='pkg.mod:Name'``) and checked by the worker
-        return {"ref": self.ref_id, "inputs": inputs, **({"program": path} if path else {})}
+        return {"ref": self.ref_id, **({"program": path} if path else {}), "inputs": inputs}
 
     def submit(self, **inputs: Any) -> CallFuture:
         """Send the call now; ``.result()`` returns the same ``Prediction`` a call does."""

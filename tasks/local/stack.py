@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,22 @@ from routing.settings import Settings
 from tasks.worker.refusal import EXIT_REFUSED
 
 log = logging.getLogger(__name__)
+
+#: The example program package the demo's triage step runs (``examples/support_programs``).
+EXAMPLE_PROGRAMS = "support_programs"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+
+
+def example_programs_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``FLAGSHIP_PROGRAMS`` and ``PYTHONPATH`` with the example package added (from a checkout of the repo)."""
+    env = os.environ if env is None else env
+    if not (EXAMPLES_DIR / EXAMPLE_PROGRAMS).is_dir():
+        return {}
+    listed = [name.strip() for name in (env.get("FLAGSHIP_PROGRAMS") or "").split(",") if name.strip()]
+    paths = [str(EXAMPLES_DIR), *filter(None, [env.get("PYTHONPATH")])]
+    return {"FLAGSHIP_PROGRAMS": ",".join(dict.fromkeys([*listed, EXAMPLE_PROGRAMS])),
+            "PYTHONPATH": os.pathsep.join(paths)}
+
 
 #: How long a worker gets to register (the RLM pool's sandbox probe included).
 worker_ready_timeout_s = 90.0

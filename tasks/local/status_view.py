@@ -34,12 +34,13 @@ def render_status(as_json: bool = False) -> None:
         pools.add_row(p["name"], p["affinity"], ",".join(p["requires"]) or "-", str(p["live_workers"]),
                       str(p["queued"]), *([p["broker"]] if several else []))
     workers = Table(title="workers")
-    for col in ("node", "pool", "pid", "live", "capabilities", "sessions", "refs", "in flight",
+    for col in ("node", "pool", "pid", "live", "capabilities", "programs", "sessions", "refs", "in flight",
                 "queued (direct)", "heartbeat age s"):
         workers.add_column(col)
     for w in data["workers"]:
         workers.add_row(w["node"], w["pool"], str(w["pid"]), "yes" if w["live"] else "NO",
-                        ",".join(w["capabilities"]) or "-", str(w["sessions"]), str(w["refs"]),
+                        ",".join(w["capabilities"]) or "-", "\n".join(w.get("programs") or []) or "-",
+                        str(w["sessions"]), str(w["refs"]),
                         f"{w['in_flight']}/{w['concurrency']}", str(w["queued"]), str(w["heartbeat_age_s"]))
     sessions = Table(title="sessions")
     for col in ("session", "pool", "affinity", "worker", "idle s"):

@@ -1,6 +1,6 @@
 """One example of a fleet evaluation: run the program, score it with the user's metric, next to each other.
 
-``client.evaluate`` maps ``score`` over a devset: each item names the program ref,
+``client.evaluate`` maps ``evaluate_example`` over a devset: each item names the program ref,
 the example (every field, labels included), which of its fields are inputs, and
 the metric (a ``"package.module:function"`` path from the worker's program
 modules). The metric gets what ``dspy.Evaluate`` gives it: a ``dspy.Example`` with
@@ -23,12 +23,12 @@ from tasks.worker.allowlist import CallContext, operation
 
 def _example(example: Any, input_keys: Any) -> tuple[dspy.Example, dict[str, Any]]:
     if not isinstance(example, dict):
-        raise InvalidArgument("score", "example must be a JSON object of its fields")
+        raise InvalidArgument("evaluate_example", "example must be a JSON object of its fields")
     if not isinstance(input_keys, list) or not input_keys or not all(isinstance(k, str) for k in input_keys):
-        raise InvalidArgument("score", "input_keys must be a non-empty list of field names")
+        raise InvalidArgument("evaluate_example", "input_keys must be a non-empty list of field names")
     missing = [key for key in input_keys if key not in example]
     if missing:
-        raise InvalidArgument("score", f"example lacks its input field(s) {missing}")
+        raise InvalidArgument("evaluate_example", f"example lacks its input field(s) {missing}")
     return dspy.Example(**example).with_inputs(*input_keys), {key: example[key] for key in input_keys}
 
 
@@ -39,8 +39,8 @@ def as_score(metric: str, value: Any) -> float:
     raise ProgramError(metric, "TypeError", f"the metric returned {type(value).__name__}, not a number", "")
 
 
-@operation("score")
-def score(ctx: CallContext, ref: str, example: dict[str, Any], input_keys: list[str], metric: str,
+@operation("evaluate_example")
+def evaluate_example(ctx: CallContext, ref: str, example: dict[str, Any], input_keys: list[str], metric: str,
           return_outputs: bool = True) -> dict[str, Any]:
     """``metric(example, program(**inputs))`` for one example; its outputs too unless ``return_outputs`` is False."""
     entry = store(ctx).get(ctx.session_id, ref, kind="program")

@@ -42,6 +42,9 @@ class CallContext:
 
 def operation(name: str) -> Callable[[Operation], Operation]:
     def register(fn: Operation) -> Operation:
+        if name in _OPERATIONS and _OPERATIONS[name] is not fn:
+            raise RuntimeError(f"operation {name!r} is registered twice ({_OPERATIONS[name].__module__}, "
+                               f"{fn.__module__})")
         _OPERATIONS[name] = fn
         _SIGNATURES[name] = inspect.signature(fn)
         return fn

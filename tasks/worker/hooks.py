@@ -61,6 +61,7 @@ class Consumer(PoisonGuarded, CeleryConsumer):  # type: ignore[misc]
     #: another: a flush lost with the event loop's timers (a broker reconnect) cannot hold events back.
     _flush_due = 0.0
 
+    # replaces Celery 5.7.0 Consumer.on_send_event_buffered (batched); pinned in tests/test_upstream_seams.py
     def on_send_event_buffered(self) -> None:  # any thread; at worst two flushes get scheduled
         now = time.monotonic()
         if self.hub is not None and now >= self._flush_due:
@@ -74,10 +75,12 @@ class Consumer(PoisonGuarded, CeleryConsumer):  # type: ignore[misc]
         self._flush_due = 0.0  # before flushing: an event buffered from now on schedules the next flush
         self._flush_events()
 
+    # overrides Celery 5.7.0 Consumer.stop; pinned in tests/test_upstream_seams.py
     def stop(self) -> None:
         self._flush_now()
         super().stop()
 
+    # overrides Celery 5.7.0 Consumer.shutdown; pinned in tests/test_upstream_seams.py
     def shutdown(self) -> None:
         self._flush_now()
         super().shutdown()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 TRIAGE_SIGNATURE = "ticket -> category, urgency, action"
+#: The triage program the demo runs: a user-style DSPy module of two predictors (examples/support_programs).
+TRIAGE_PROGRAM = "support_programs.triage:SupportTriage"
 RLM_SIGNATURE = "context, query -> output"
 RLM_QUERY = "Identify the top two recurring issues and recommend next actions."
 

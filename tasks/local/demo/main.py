@@ -19,7 +19,7 @@ from routing.fleet.registry import Registry
 from routing.pools import PoolTable
 from routing.settings import redact_url
 from tasks.local.demo.run import Console, FlagshipRun, Hooks, Options
-from tasks.local.stack import Stack
+from tasks.local.stack import Stack, example_programs_env
 
 
 def _live_workers(settings: Settings, pool: str) -> int:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     own = args.stack == "own" or (args.stack == "auto" and not _live_workers(settings, args.triage_pool))
     stack = None
     if own:
-        env = {"FLAGSHIP_LM": args.lm} if args.lm else {}
+        env = {**example_programs_env(), **({"FLAGSHIP_LM": args.lm} if args.lm else {})}
         stack = Stack(settings, env=env, loglevel="warning")
         say(f"starting {args.per_pool} worker(s) per pool against {redact_url(stack.redis_url)} "
             f"(logs in {stack.log_dir}) ...")

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from routing import Client, Session, gather
-from routing.errors import FlagshipError, NoCapableWorker, SessionWorkerUnavailable
+from routing.errors import FlagshipError, NoCapableWorker, SessionWorkerUnavailable, UnknownProgram
 from routing.producer.handles import ModuleRef
 from tasks.local.demo.data import (
     HOLDOUT,
     RLM_QUERY,
     RLM_SIGNATURE,
     TICKETS,
+    TRIAGE_PROGRAM,
     TRIAGE_SIGNATURE,
     build_context,
     gold_labels,
@@ -118,7 +119,12 @@ class FlagshipRun:
             session = self.sessions[name]
             lm = session.lm(self.options.lm, temperature=0.2)
             session.configure(lm)  # the session default LM, like dspy.configure(lm=...)
-            modules[name] = session.predict(TRIAGE_SIGNATURE)
+            try:  # the user-style program of examples/support_programs, when the workers list it
+                modules[name] = session.program(TRIAGE_PROGRAM)
+            except UnknownProgram:
+                self.console.say(f"{TRIAGE_PROGRAM} is not on these workers (FLAGSHIP_PROGRAMS): "
+                                 f"triage runs as dspy.Predict('{TRIAGE_SIGNATURE}')")
+                modules[name] = session.predict(TRIAGE_SIGNATURE)
         self.report["lm"] = {"model": lm.model, "offline": lm.offline}
         if lm.offline:
             self.console.say(f"LM: {lm.model} -- OFFLINE mode: rule-based scripted answers, not a model "
@@ -138,8 +144,7 @@ class FlagshipRun:
 
         replies = gather(futures, timeout_s=self.options.timeout_s, on_done=tick)
         self.report["triage"] = []
-        for name, future, reply, (ticket_id, report, _, _) in zip(names, futures, replies, TICKETS):
-            out = reply["outputs"]
+        for name, future, out, (ticket_id, report, _, _) in zip(names, futures, replies, TICKETS):
             item = {"ticket_id": ticket_id, "report": report, "session": name, "worker": future.node,
                     "category": out.get("category"), "urgency": out.get("urgency"), "action": out.get("action"),
                     "latency_s": round((future.completed_at or 0) - future.submitted_at, 4), "score": None}
