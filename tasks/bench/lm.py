@@ -204,7 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, help="threads per worker (default: the LM pool kind's)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-docs", action="store_true", help="replace the `lm` section of docs/benchmarks.md")
+    parser.add_argument("--program", action="store_true", help="the two-predictor program case (lm_program)")
     args = parser.parse_args(argv)
+    if args.program:
+        from tasks.bench import lm_program
+
+        found = lm_program.run(args.sessions, args.per_session, args.delay_s, args.rounds, args.workers)
+        if args.write_docs:
+            update_section("lm_program", lm_program.markdown(found))
+        print(json.dumps(found, indent=2) if args.json else lm_program.markdown(found))
+        return 0
     report = run(args.sessions, args.per_session, args.delay_s, args.rounds, args.workers, args.concurrency)
     if args.write_docs:
         update_section("lm", markdown(report))
