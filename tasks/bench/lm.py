@@ -11,10 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -23,55 +19,20 @@ from typing import Any
 from routing import Client, Pool, PoolTable, Settings
 from routing.pools import PoolKind
 from tasks.bench.helpers.env import CpuMeter, own_server, server_pid
+from tasks.bench.helpers.lm_side import (  # noqa: F401  (batch.py imports them from here)
+    MODEL,
+    NO_KEY,
+    POOL_NAME,
+    SIGNATURE,
+    TICKETS,
+    FakeServer,
+    _fan_out,
+    _median_round,
+    _round,
+)
 from tasks.bench.helpers.report import markdown_table, update_section
 from tasks.lm.dspy_caches import installed as dspy_caches_installed
 from tasks.local.stack import Stack
-
-POOL_NAME = "lm_bench_pool"
-SIGNATURE = "ticket -> category"
-TICKETS = ("Checkout returns 502 for all customers", "Password reset email never arrives",
-           "Invoice PDF shows the wrong VAT rate", "Dashboard is slow since this morning",
-           "Mobile app crashes on login", "Please add dark mode")
-MODEL = "openai/local-model"
-NO_KEY = "sk-no-key-required"
-
-
-class FakeServer:
-    """The fake LM server in a child process (so its CPU and GIL are its own)."""
-
-    def __init__(self, delay_s: float) -> None:
-        argv = [sys.executable, "-m", "tasks.bench.helpers.fake_lm_server", "--delay-s", str(delay_s)]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        self.base_url = self.proc.stdout.readline().strip()
-        if not self.base_url.startswith("http"):
-            self.stop()
-            raise RuntimeError("the fake LM server did not start")
-
-    def stop(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def __enter__(self) -> FakeServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def _fan_out(threads: ThreadPoolExecutor, sessions: int, one: Callable[[int], None]) -> float:
-    """Run ``one(i)`` for every session, each on its own thread; wall seconds.
-
-    The threads live across rounds, as in a service: Celery builds a result backend per new thread.
-    """
-    t = time.perf_counter()
-    list(threads.map(one, range(sessions)))
-    return time.perf_counter() - t
 
 
 class InProcess:
@@ -94,14 +55,6 @@ class InProcess:
                     self.modules[i](ticket=TICKETS[(i + k) % len(TICKETS)])
 
         return _fan_out(self.threads, sessions, one)
-
-
-def _round(meter: CpuMeter, run: Callable[[], float], calls: int) -> dict[str, Any]:
-    meter.start()
-    wall = run()
-    cpu = meter.stop()
-    return {"wall_s": wall, "cpu_ms_per_call": {k: v * 1000 / calls for k, v in cpu.items()},
-            "cpu_ms_per_call_total": sum(cpu.values()) * 1000 / calls}
 
 
 def run(sessions: int = 64, per_session: int = 4, delay_s: float = 0.2, rounds: int = 3, workers: int = 2,
@@ -154,10 +107,6 @@ def _run(base: Settings, sessions: int, per_session: int, delay_s: float, rounds
                 threads.shutdown()
                 client.close()
     return _report(results, sessions, per_session, delay_s, workers, pool.concurrency, bound)
-
-
-def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    return sorted(rounds, key=lambda r: r["wall_s"])[len(rounds) // 2]
 
 
 def _report(results: dict[str, list[dict[str, Any]]], sessions: int, per_session: int, delay_s: float,

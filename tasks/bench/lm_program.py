@@ -19,8 +19,18 @@ from typing import Any
 from routing import Client, Pool, PoolTable, Settings
 from routing.pools import PoolKind
 from tasks.bench.helpers.env import CpuMeter, own_server, server_pid
+from tasks.bench.helpers.lm_side import (
+    MODEL,
+    NO_KEY,
+    POOL_NAME,
+    SIGNATURE,
+    TICKETS,
+    FakeServer,
+    _fan_out,
+    _median_round,
+    _round,
+)
 from tasks.bench.helpers.report import markdown_table
-from tasks.bench.lm import MODEL, NO_KEY, POOL_NAME, SIGNATURE, TICKETS, FakeServer, _fan_out, _median_round, _round
 from tasks.local.stack import EXAMPLES_DIR, Stack, example_programs_env
 
 PROGRAM = "support_programs.triage:SupportTriage"
