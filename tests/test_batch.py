@@ -131,10 +131,10 @@ def test_default_chunk_size_gives_every_worker_equal_chunks_of_at_most_eight_exa
 
 def _two_kill_pool_shares(client, pool_workers):
     """Two fresh ``kill_pool`` workers (by node) and a map share on each (a session bound to it)."""
-    from routing.producer.fleet_map import Worker
+    from routing.producer.fleet_map import ProgramSpec, Worker
 
     workers = {w.node: w for w in pool_workers("kill_pool", 2)}
-    shares = [Worker(client.session("kill_pool", node=node), None, "predict", TRIAGE, None, slots=2)
+    shares = [Worker(client.session("kill_pool", node=node), ProgramSpec("predict", TRIAGE), slots=2)
               for node in workers]
     return workers, shares
 
