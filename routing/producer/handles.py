@@ -158,7 +158,7 @@ class ModuleRef:
         items = [self.call_kwargs(example) for example in checked]
         replies = self.session.map("call", items, return_exceptions=return_exceptions, chunk_size=chunk_size,
                                    num_threads=num_threads, timeout_s=timeout_s)
-        return [reply if isinstance(reply, Exception) else Prediction(reply["outputs"]) for reply in replies]
+        return [reply if isinstance(reply, Exception) else prediction_of(reply) for reply in replies]
 
     async def abatch(self, examples: Iterable[dict[str, Any]], *, num_threads: int = 16,
                      return_exceptions: bool = False, chunk_size: int | None = None) -> list[Any]:
@@ -167,7 +167,7 @@ class ModuleRef:
         items = [self.call_kwargs(example) for example in checked]
         replies = await self.session.amap("call", items, return_exceptions=return_exceptions,
                                           chunk_size=chunk_size, num_threads=num_threads)
-        return [reply if isinstance(reply, Exception) else Prediction(reply["outputs"]) for reply in replies]
+        return [reply if isinstance(reply, Exception) else prediction_of(reply) for reply in replies]
 
     def release(self) -> None:
         self.session.release(self.handle)

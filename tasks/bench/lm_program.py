@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -110,8 +111,6 @@ def _run(base: Settings, sessions: int, per_session: int, delay_s: float, rounds
 
 
 def _timed(fn: Any, calls: int) -> float:
-    import time
-
     t = time.perf_counter()
     fn(calls)
     return time.perf_counter() - t

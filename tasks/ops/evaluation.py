@@ -21,11 +21,9 @@ from tasks.ops.programs import catalog, outputs_of, run_program, user_error
 from tasks.worker.allowlist import CallContext, operation
 
 
-def _example(example: Any, input_keys: Any) -> tuple[dspy.Example, dict[str, Any]]:
+def _example(example: Any, input_keys: list[str]) -> tuple[dspy.Example, dict[str, Any]]:
     if not isinstance(example, dict):
         raise InvalidArgument("evaluate_example", "example must be a JSON object of its fields")
-    if not isinstance(input_keys, list) or not input_keys or not all(isinstance(k, str) for k in input_keys):
-        raise InvalidArgument("evaluate_example", "input_keys must be a non-empty list of field names")
     missing = [key for key in input_keys if key not in example]
     if missing:
         raise InvalidArgument("evaluate_example", f"example lacks its input field(s) {missing}")
@@ -41,8 +39,11 @@ def as_score(metric: str, value: Any) -> float:
 
 @operation("evaluate_example")
 def evaluate_example(ctx: CallContext, ref: str, example: dict[str, Any], input_keys: list[str], metric: str,
-          return_outputs: bool = True) -> dict[str, Any]:
-    """``metric(example, program(**inputs))`` for one example; its outputs too unless ``return_outputs`` is False."""
+                     return_outputs: bool = True) -> dict[str, Any]:
+    """``metric(example, program(**inputs))`` for one example; its outputs too unless ``return_outputs`` is False.
+
+    ``input_keys`` was checked by the allow-list (``routing.arguments``: a non-empty list of names).
+    """
     entry = store(ctx).get(ctx.session_id, ref, kind="program")
     metric_fn = catalog(ctx).function(metric)
     gold, inputs = _example(example, input_keys)

@@ -26,14 +26,21 @@ import dspy
 from routing.errors import (
     FlagshipError,
     InvalidArgument,
-    LMError,
     NoCapableWorker,
     ProgramError,
     UnknownProgram,
 )
 from tasks.lm.offline import OfflineLM
-from tasks.lm.provider import translate_lm_error
-from tasks.ops.modules import MODULE_INVOKERS, REF_KEY, check_inputs, handle, remember, session_lm, store
+from tasks.ops.modules import (
+    MODULE_INVOKERS,
+    REF_KEY,
+    check_inputs,
+    handle,
+    remember,
+    run_with_lm,
+    session_lm,
+    store,
+)
 from tasks.ops.signatures import build_signature
 from tasks.worker.allowlist import CallContext, operation
 from tasks.worker.programs import ProgramCatalog, split_path
@@ -213,15 +220,12 @@ def run_program(ctx: CallContext, entry: RefEntry, inputs: dict[str, Any]) -> tu
     program = entry.obj
     check_program_inputs(path, program, inputs)
     lm = session_lm(ctx, entry.recipe["kwargs"].get("lm"))
-    try:
-        with dspy.context(lm=lm, interpreter_factory=interpreter_factory(ctx)):
-            return program(**inputs), lm
-    except (FlagshipError, LMError):
+    try:  # provider failures typed as for any module; what is left came from the user's code
+        with dspy.context(interpreter_factory=interpreter_factory(ctx)):
+            return run_with_lm(lm, program, **inputs), lm
+    except FlagshipError:
         raise
     except Exception as exc:
-        typed = translate_lm_error(getattr(lm, "model", "?"), exc)
-        if typed is not None:
-            raise typed from None
         raise user_error(path, exc) from None
 
 

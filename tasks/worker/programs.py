@@ -118,7 +118,7 @@ def load_catalog(packages: Iterable[str]) -> ProgramCatalog:
             raise ProgramImportFailed(package, exc) from exc
         modules[package] = root
         for info in pkgutil.walk_packages(getattr(root, "__path__", []), prefix=f"{package}.",
-                                          onerror=lambda name: _walk_failed(name)):
+                                          onerror=_walk_failed):
             try:
                 modules[info.name] = importlib.import_module(info.name)
             except BaseException as exc:
