@@ -127,7 +127,12 @@ class BrokerProxy:
 
     def drop(self) -> None:
         """Close every current client connection once (and its server side); new connections are accepted."""
-        self._in_loop(lambda: [link.cut() for link in list(self._links)])
+
+        def cut_all() -> None:
+            for link in list(self._links):
+                link.cut()
+
+        self._in_loop(cut_all)
 
     def black_hole(self, *, new_connections: bool = True) -> None:
         """Stop moving bytes on every connection, closing nothing; with ``new_connections``, on later ones too."""
