@@ -16,10 +16,10 @@ from __future__ import annotations
 from routing.pools import Affinity, Pool, PoolTable
 from routing.producer.client import Client
 from routing.producer.future import CallFuture, agather, gather
-from routing.producer.prediction import Prediction
+from routing.producer.prediction import History, Prediction
 from routing.producer.session import Session
 from routing.settings import Settings
 
 __all__ = [
-    "Affinity", "CallFuture", "Client", "Pool", "PoolTable", "Prediction", "Session", "Settings", "agather", "gather",
+    "Affinity", "CallFuture", "Client", "History", "Pool", "PoolTable", "Prediction", "Session", "Settings", "agather", "gather",
 ]

@@ -62,7 +62,7 @@ def test_module_batch_returns_outputs_in_order_like_dspy_batch(sessions: Callabl
     assert [o["category"] for o in outputs] == [label for label, _ in TICKETS] * 7
     failed = triage.batch([{"ticket": TICKETS[0][1]}, {"wrong": "x"}], return_exceptions=True)
     assert failed[0]["category"] == "outage" and isinstance(failed[1], InvalidArgument)
-    history = session.history(n=100)["entries"]
+    history = session.history(n=100)
     assert len(history) >= len(examples)
 
 

@@ -76,7 +76,7 @@ def test_a_two_predictor_program_answers_through_the_fleet_as_in_one_process(
     assert future.result().category == in_process(TwoStep(), local_lm, ticket=TICKETS[0])["category"]
     assert [p.action for p in triage.batch([{"ticket": t} for t in TICKETS])] == \
         [in_process(TwoStep(), local_lm, ticket=t)["action"] for t in TICKETS]
-    history = program_session.history(n=4)["entries"]
+    history = program_session.history(n=4)
     assert len(history) == 4 and all(e["model"] == "openai/fake-model" for e in history)  # both predictors' calls
 
 

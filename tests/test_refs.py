@@ -113,12 +113,12 @@ def test_history_of_a_session_holds_only_its_own_prompts(sessions: Callable[...,
     for text in b_tickets:
         pb(ticket=text)
     history = a.history(n=10)
-    prompts = [e["messages"][-1]["content"] for e in history["entries"]]
-    assert len(prompts) == 3 and history["complete"]
+    prompts = [e["messages"][-1]["content"] for e in history]
+    assert len(prompts) == 3 and history.complete
     assert all(t in p for t, p in zip(a_tickets, prompts))
     assert not any("B-" in p for p in prompts)
-    assert all(e["offline"] and e["usage"]["total_tokens"] > 0 for e in history["entries"])
-    assert len(b.history(n=10)["entries"]) == 2
+    assert all(e["offline"] and e["usage"]["total_tokens"] > 0 for e in history)
+    assert len(b.history(n=10)) == 2
 
 
 def test_real_dspy_lm_over_http_retries_rate_limits_and_types_auth_errors(sessions: Callable[..., Session]) -> None:
@@ -132,7 +132,7 @@ def test_real_dspy_lm_over_http_retries_rate_limits_and_types_auth_errors(sessio
         assert answer["category"] == "outage"
         assert len(server.requests) == 3
         assert server.requests[-1].headers["authorization"] == "Bearer sk-test"
-        entry = session.history(lm=lm, n=1)["entries"][-1]
+        entry = session.history(lm=lm, n=1)[-1]
         assert entry["model"] == "openai/fake-model" and entry["usage"]["total_tokens"] > 0
         server.always(401)
         before = len(server.requests)
@@ -171,8 +171,8 @@ def test_rehydrate_rebuilds_refs_on_a_live_worker_after_kill_9(
     assert session.worker == after["worker"] and session.rehydrations == 1
     assert triage(ticket=TICKETS["outage"])["category"] == "outage"
     history = session.history(n=10)
-    assert not history["complete"] and "rebuilt" in history["note"]
-    assert len(history["entries"]) == 2  # only the calls made since the rebuild
+    assert not history.complete and "rebuilt" in history.note
+    assert len(history) == 2  # only the calls made since the rebuild
 
 
 def test_a_session_opened_with_rehydrate_survives_its_worker_dying_mid_call(

@@ -91,7 +91,7 @@ def test_rlm_over_a_long_incident_log_answers_from_code_that_ran(
     assert "outage" in reply["outputs"]["output"] and str(outage) in reply["outputs"]["output"]
     assert trajectory["iterations"] >= 2 and trajectory["llm_calls"] >= 2
     assert reply["worker"] in {w.node for w in rlm_workers}
-    assert context[:2000] not in str(session.history(n=12)["entries"])  # the log never went into a prompt
+    assert context[:2000] not in str(session.history(n=12))  # the log never went into a prompt
 
 
 def test_program_of_thought_built_by_name_runs_its_code_in_the_sandbox(
@@ -113,7 +113,7 @@ def test_a_megabyte_context_stays_in_the_sandbox_and_out_of_the_prompts(
     context = incident_log(1_000_000)
     reply = session.call("call", ref=rlm.ref_id, inputs={"context": context, "query": QUERY}, timeout_s=120)
     assert f"analysed {context.count(chr(10)) + 1} non-empty lines" in reply["trajectory"]["steps"][0]["output"]
-    prompts = session.history(n=12)["entries"]
+    prompts = session.history(n=12)
     assert prompts and max(len(str(e["messages"])) for e in prompts) < 50_000
 
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol, Self
 from routing import validate
 from routing.errors import InvalidArgument
 from routing.producer.future import CallFuture
-from routing.producer.prediction import Prediction
+from routing.producer.prediction import History, Prediction
 from routing.program_state import read_state
 
 
@@ -248,7 +248,10 @@ class RefMethods:
     def refs(self) -> list[RefHandle]:
         return [RefHandle.from_reply(r) for r in self.call("refs")]
 
-    def history(self, lm: RefHandle | None = None, n: int = 6) -> dict[str, Any]:
-        """The session's last ``n`` LM calls, read on the worker that owns them."""
-        reply: dict[str, Any] = self.call("history", lm=ref_of("history", "lm", lm), n=n)
-        return reply
+    def history(self, lm: RefHandle | None = None, n: int = 6) -> History:
+        """The session's last ``n`` LM calls (of ``lm`` only, if given), read on the worker that owns them.
+
+        A list of JSON-safe entries, oldest first (``history[-1]["usage"]``), with ``.worker``, ``.complete``
+        and ``.note``; ``history.inspect()`` prints them as ``dspy.inspect_history`` does.
+        """
+        return History.from_reply(self.call("history", lm=ref_of("history", "lm", lm), n=n))

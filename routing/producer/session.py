@@ -12,7 +12,7 @@ from routing.broker.failures import translating
 from routing.errors import SessionClosed, SessionWorkerUnavailable
 from routing.pools import Affinity
 from routing.producer import batching
-from routing.producer.binding import Binding
+from routing.producer.binding import Binding, Sent
 from routing.producer.future import CallFuture
 from routing.producer.handles import RefMethods
 from routing.producer.router import Router
@@ -86,19 +86,37 @@ class Session(RefMethods):
     def submit_decoded(self, op: str, kwargs: dict[str, Any], decode: Callable[[Any], Any] | None, *,
                        rehydrate: bool | None = None) -> CallFuture:
         """``submit``, with ``decode`` turning the JSON result into what the future gives (module refs use it)."""
+        sent, rehydrate = self._send_now(op, kwargs, rehydrate)
+        if not isinstance(sent, Sent):  # the strict worker is gone: rebuild, then send there
+            sent = sent()
+        return CallFuture(self.router, self.binding, op, kwargs, sent, rehydrate, decode)
+
+    def _checked(self, op: str, kwargs: dict[str, Any], rehydrate: bool | None) -> tuple[bool, str | None]:
+        """A call's arguments checked before anything is sent: its rehydrate flag and the run it is meant for."""
         if self.closed:
             raise SessionClosed(self.id)
         arguments.call_arguments(op, kwargs, self.limits)
         rehydrate = self.rehydrate if rehydrate is None else validate.flag(rehydrate, op, "rehydrate")
-        incarnation = self.binding.incarnation
+        return rehydrate, self.binding.incarnation
+
+    @translating(lambda session: session.router.app.conf.broker_url)
+    def _rehydrated_send(self, node: str, incarnation: str | None, op: str, kwargs: dict[str, Any]) -> Sent:
+        """The strict worker is gone: rebuild the session on a live one, then send the call there."""
+        self.router.rehydrate(self.binding, node, incarnation)
+        return self.router.send(self.binding, op, kwargs)
+
+    @translating(lambda session: session.router.app.conf.broker_url)
+    def _send_now(self, op: str, kwargs: dict[str, Any],
+                  rehydrate: bool | None) -> tuple[Sent | Callable[[], Sent], bool]:
+        """Send on the caller's thread, or, when the strict worker is gone and ``rehydrate`` holds, return the
+        rebuild-then-send as a callable to run off the event loop; with the call's rehydrate flag."""
+        rehydrate, incarnation = self._checked(op, kwargs, rehydrate)
         try:
-            sent = self.router.send(self.binding, op, kwargs)
+            return self.router.send(self.binding, op, kwargs), rehydrate
         except SessionWorkerUnavailable as exc:
             if not rehydrate:
                 raise
-            self.router.rehydrate(self.binding, exc.node, incarnation)
-            sent = self.router.send(self.binding, op, kwargs)
-        return CallFuture(self.router, self.binding, op, kwargs, sent, rehydrate, decode)
+            return partial(self._rehydrated_send, exc.node, incarnation, op, kwargs), rehydrate
 
     def call(self, op: str, /, *, timeout: float | None = None, timeout_s: float | None = None,
              rehydrate: bool | None = None, **kwargs: Any) -> Any:
@@ -109,21 +127,23 @@ class Session(RefMethods):
     async def acall(self, op: str, /, *, rehydrate: bool | None = None, **kwargs: Any) -> Any:
         """``await session.acall(op, **kwargs)``: the call's result, without a thread per pending call.
 
-        Sending (and a rehydration, if one is due) runs in the loop's default
-        executor; the wait is a callback from the result listener.
+        The call is sent before the first ``await`` (one push to the broker, as
+        ``submit`` does), so calls made one after another, or many at once in one
+        ``asyncio.gather``, run on the worker in the order they were made. Only a
+        rehydration, when one is due, runs in the loop's default executor; the
+        wait is a callback from the result listener.
         """
-        loop = asyncio.get_running_loop()
-        future = await loop.run_in_executor(None, partial(self.submit, op, rehydrate=rehydrate, **kwargs))
-        return await future
+        sent, rehydrate = self._send_now(op, kwargs, rehydrate)
+        if not isinstance(sent, Sent):  # a rebuild is due: replaying recipes waits, never on the loop
+            sent = await asyncio.get_running_loop().run_in_executor(None, sent)
+        return await CallFuture(self.router, self.binding, op, kwargs, sent, rehydrate)
 
     async def amap(self, op: str, kwargs_list: Iterable[dict[str, Any]], *, return_exceptions: bool = False,
                    chunk_size: int | None = None, num_threads: int = 1) -> list[Any]:
-        """``map`` for asyncio: chunks sent from the default executor, awaited on the loop."""
+        """``map`` for asyncio: every chunk is sent before the first ``await`` (in order), then awaited on the loop."""
         return_exceptions = validate.flag(return_exceptions, "map", "return_exceptions")
         parts = self._chunks(op, kwargs_list, chunk_size, num_threads)
-        loop = asyncio.get_running_loop()
-        futures = await loop.run_in_executor(None, lambda: [
-            self.submit("map", op=op, items=items, num_threads=num_threads) for items in parts])
+        futures = [self.submit("map", op=op, items=items, num_threads=num_threads) for items in parts]
         replies = await asyncio.gather(*futures, return_exceptions=False)
         return batching.decode(replies, return_exceptions)
 
