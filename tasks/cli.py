@@ -6,7 +6,6 @@ import argparse
 import importlib
 import json
 import os
-import signal
 import socket
 import sys
 import time
@@ -16,7 +15,7 @@ from routing.broker.embedded import ensure_server, read_record, resolve_url, sto
 from routing.broker.failures import check_broker, translated
 from routing.errors import ServerUnavailable
 from routing.pools import PoolTable
-from routing.settings import Settings, redact_url
+from routing.settings import Settings
 from tasks.worker.refusal import EXIT_UNAVAILABLE
 
 
@@ -77,36 +76,10 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    """Server plus every pool's workers in the foreground until Ctrl-C."""
-    from tasks.local.stack import Stack, example_programs_env
+    """Server plus every pool's workers in the foreground until Ctrl-C (or SIGTERM), which stops them."""
+    from tasks.local.up import run_up
 
-    stack = Stack(env=example_programs_env())  # the demo's triage program, beside the user's own
-    print(f"server: {redact_url(stack.redis_url)}")
-    for pool in stack.pools:
-        if pool.broker:  # a pool on its own broker: its workers go there (the server must be running)
-            print(f"server of {pool.name}: {redact_url(stack.broker_of(pool.name))}")
-    stopping = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        serving = stack.start_pools(per_pool=args.per_pool)
-        for worker in stack.workers:
-            state = "serving" if worker in serving else "REFUSED (see its log)"
-            print(f"worker {worker.node} ({worker.pool}) pid {worker.pid} {state}; log {worker.log_path}")
-        print("stack is up; Ctrl-C stops it")
-        while not stopping and all(w.alive() for w in serving):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stack.stop()
-        if args.stop_server and not stack.settings.redis_url:
-            stop_server(stack.settings.home)
-    return 0
+    return run_up(per_pool=args.per_pool, keep_server=args.keep_server)
 
 
 def _metrics(args: argparse.Namespace) -> int:
@@ -174,7 +147,9 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the server and every pool's workers in the foreground")
     up.add_argument("--per-pool", type=int, help="workers per pool (default: each pool's size)")
-    up.add_argument("--stop-server", action="store_true", help="stop the embedded server on exit")
+    up.add_argument("--keep-server", action="store_true",
+                    help="leave the embedded server running on exit (one running before `up` is always left)")
+    up.add_argument("--stop-server", action="store_true", help=argparse.SUPPRESS)  # the default now
     up.set_defaults(fn=_up)
 
     bench = sub.add_parser("bench", help="benchmarks against same-run baselines (see docs/benchmarks.md)")
