@@ -84,7 +84,8 @@ class NoCapableWorker(RoutingError):
     pool: str
     capabilities: list[str]
     fields = ("pool", "capabilities")
-    template = "no live worker of pool {pool!r} has capabilities {capabilities}"
+    template = ("no live worker of pool {pool!r} has capabilities {capabilities} "
+                "(`flagship up` starts every pool's workers; `flagship status` lists the live ones)")
 
 
 class ServerUnavailable(RoutingError):
