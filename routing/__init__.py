@@ -21,5 +21,6 @@ from routing.producer.session import Session
 from routing.settings import Settings
 
 __all__ = [
-    "Affinity", "CallFuture", "Client", "History", "Pool", "PoolTable", "Prediction", "Session", "Settings", "agather", "gather",
+    "Affinity", "CallFuture", "Client", "History", "Pool", "PoolTable", "Prediction", "Session", "Settings",
+    "agather", "gather",
 ]

@@ -64,10 +64,12 @@ class LMRef(RefHandle):
 
     @property
     def model(self) -> str:
+        """The LM's model string (``"offline/scripted"`` for the offline scripted LM)."""
         return str(self.info.get("model", ""))
 
     @property
     def offline(self) -> bool:
+        """Whether this is the offline scripted LM (no provider configured on the worker)."""
         return bool(self.info.get("offline"))
 
 
@@ -80,9 +82,11 @@ class ContextRef(RefHandle):
 
     @property
     def chars(self) -> int:
+        """Length of the held text, in characters."""
         return int(self.info.get("chars", 0))
 
     def as_input(self) -> dict[str, str]:
+        """The handle as a module input: ``{"$ref": ref_id}``, resolved to the text on the worker."""
         return {"$ref": self.ref_id}
 
     def __repr__(self) -> str:  # short: it is part of every call's argsrepr
@@ -106,6 +110,7 @@ class ModuleRef:
 
     @property
     def ref_id(self) -> str:
+        """The id of the module in its worker's memory."""
         return self.handle.ref_id
 
     @property
@@ -170,6 +175,7 @@ class ModuleRef:
         return [reply if isinstance(reply, Exception) else prediction_of(reply) for reply in replies]
 
     def release(self) -> None:
+        """Free the module on the worker (the session's other objects stay)."""
         self.session.release(self.handle)
 
 
@@ -211,10 +217,12 @@ class RefMethods:
 
     def predict(self, signature: str | dict[str, Any], *, lm: RefHandle | None = None,
                 instructions: str | None = None) -> ModuleRef:
+        """A ``dspy.Predict(signature)`` on the session's worker (``"ticket -> category, urgency"``)."""
         return self._module("predict", signature, lm, instructions)
 
     def chain_of_thought(self, signature: str | dict[str, Any], *, lm: RefHandle | None = None,
                          instructions: str | None = None) -> ModuleRef:
+        """A ``dspy.ChainOfThought(signature)`` on the session's worker: its outputs include ``reasoning``."""
         return self._module("chain_of_thought", signature, lm, instructions)
 
     def rlm(self, signature: str = "context, query -> output", *, max_iters: int = 4, max_llm_calls: int = 12,
@@ -242,10 +250,12 @@ class RefMethods:
         return ModuleRef(self, RefHandle.from_reply(reply))  # type: ignore[arg-type]
 
     def release(self, ref: RefHandle | ModuleRef) -> None:
+        """Free one object (an LM, a module, a context) on the worker."""
         handle = ref.handle if isinstance(ref, ModuleRef) else ref
         self.call("release_ref", ref=ref_of("release_ref", "ref", handle, optional=False))
 
     def refs(self) -> list[RefHandle]:
+        """Handles on every object the session holds on its worker."""
         return [RefHandle.from_reply(r) for r in self.call("refs")]
 
     def history(self, lm: RefHandle | None = None, n: int = 6) -> History:

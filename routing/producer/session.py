@@ -40,18 +40,22 @@ class Session(RefMethods):
 
     @property
     def id(self) -> str:
+        """The session id: every call carries it; ``client.attach(id)`` finds the session from another process."""
         return self.binding.session_id
 
     @property
     def pool(self) -> str:
+        """The pool the session was opened on."""
         return self.binding.pool
 
     @property
     def affinity(self) -> Affinity:
+        """How its calls are routed: ``strict_queue``, ``strict_fail_fast`` or ``hint``."""
         return self.binding.affinity
 
     @property
     def ttl_s(self) -> float:
+        """Seconds without a call after which the session expires and its objects are freed."""
         return self.binding.ttl_s
 
     @property
