@@ -63,6 +63,7 @@ class MapResult:
     elapsed_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
+        """Examples, time, each worker's count and share, failures by type and chunks rerun, as JSON."""
         total = max(1, len(self.outputs))
         return {"examples": len(self.outputs), "elapsed_s": round(self.elapsed_s, 3),
                 "per_worker": {node: {"examples": n, "share": round(n / total, 3)}

@@ -46,6 +46,7 @@ class CallFuture(Future[Any]):
 
     @property
     def id(self) -> str:
+        """The call's Celery task id (what Flower shows)."""
         return self.sent.task_id
 
     @property
@@ -62,6 +63,7 @@ class CallFuture(Future[Any]):
             raise CallTimeout(self.binding.session_id, self.op, timeout) from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The call's typed error, or None once it succeeded; ``CallTimeout`` after ``timeout`` seconds."""
         try:
             return super().exception(timeout)
         except FutureTimeout:
