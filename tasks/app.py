@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task, states
 
 from routing import names
 from routing.broker.celery_config import celery_config
@@ -36,14 +36,23 @@ from tasks.ops import (  # noqa: E402, F401  (the operation allow-list)
     session,
 )
 from tasks.worker import hooks, redelivery  # noqa: E402  (Celery signals; effectively once for completed work)
-from tasks.worker.calls import execute_call  # noqa: E402
+from tasks.worker.calls import after_call, execute_call  # noqa: E402
 
 
-@app.task(name=names.CALL_TASK, bind=True, throws=(FlagshipError,))
+class CallTask(Task):  # type: ignore[misc]
+    """``flagship.call``: after its result is stored, its claims go and a hint session is rebound (``after_call``)."""
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if isinstance(args, (list, tuple)) and len(args) == 4:
+            after_call(hooks.current_worker(), args[0], args[3], status == states.SUCCESS)
+
+
+@app.task(name=names.CALL_TASK, bind=True, base=CallTask, throws=(FlagshipError,))
 def run_call(self: Any, session_id: str, op: str, kwargs: dict[str, Any], route: dict[str, Any]) -> dict[str, Any]:
     """One call of a session: the allow-listed operation ``op(**kwargs)``, on the worker holding its state."""
     worker = hooks.current_worker()
-    redelivery.answer_from_store(self, worker.redis, route)  # a call that comes again after it completed does not run
+    # A call that comes again after it completed does not run (a copy of one held here is checked too).
+    redelivery.answer_from_store(self, worker.redis, route, copy=worker.turns.is_copy(redelivery.delivery_tag(self)))
     return execute_call(worker, self.request.id, session_id, op, kwargs, route)
 
 

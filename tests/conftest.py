@@ -39,12 +39,16 @@ TEST_POOLS = {
                      "max_queued": 5},
     # Liveness under GIL-holding work, kill -9, SIGSTOP (tests/reliability/test_liveness.py).
     "liveness_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2, "queue_timeout_s": None},
+    # A worker behind a TCP proxy whose connections drop (tests/reliability/test_connection_blip.py).
+    "blip_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2, "queue_timeout_s": None},
     # Workers over TLS, as an ACL user, or refusing a broken broker (tests/reliability/test_startup.py).
     "door_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2},
     # Malformed messages pushed raw to a worker's queues (tests/reliability/test_poison.py).
     "poison_pool": {"affinity": "hint", "size": 1, "concurrency": 2},
     # Bursts drained from a worker's own queue (tests/reliability/test_drain.py); prefetch 8 holds a burst of 6.
     "drain_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 8, "queue_timeout_s": None},
+    # Recovery faults (tests/reliability/test_recovery_faults.py): one thread, so calls run in queue order.
+    "recovery_pool": {"affinity": "hint", "size": 1, "concurrency": 1},
     # No call lost (tests/reliability/test_no_loss.py, test_chaos.py): workers killed mid-pop, restarted.
     "noloss_pool": {"affinity": "hint", "size": 2, "concurrency": 2},
     "chaos_strict_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 4, "queue_timeout_s": None},
@@ -56,6 +60,8 @@ TEST_POOLS = {
     "program_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 4, "kind": "lm",
                      "programs": ["user_programs", "support_programs"]},
     "program_kill_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 2, "programs": ["user_programs"]},
+    # LM governance (tests/test_lm_cache.py, test_lm_limits.py, test_lm_usage.py): fleet cache, limits, budgets.
+    "lm_gov_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 8, "kind": "lm", "queue_timeout_s": None},
 }
 #: Where the program packages live (workers and this process import them from here).
 PROGRAM_PATHS = [str(Path(__file__).resolve().parent / "programs"),
@@ -71,6 +77,8 @@ TEST_ENV = {
     # Provider retries back off quickly in tests (the fake server scripts 429s).
     "FLAGSHIP_LM_BACKOFF_S": "0.05",
     "FLAGSHIP_LM_BACKOFF_MAX_S": "0.2",
+    # Shared workers cache nothing: tests count provider requests (tests/test_lm_cache.py starts fleet-cached ones).
+    "FLAGSHIP_LM_CACHE": "off",
     # No model API here: every LM is the offline scripted one unless a test passes api_base.
     "FLAGSHIP_LM": "",
     "FLAGSHIP_LM_API_BASE": "",

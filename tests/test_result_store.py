@@ -51,7 +51,7 @@ def test_workers_use_the_atomic_store_and_a_result_looks_as_celery_stores_it(app
     listener.close()
 
 
-def test_a_stored_success_is_never_overwritten_but_a_failure_is(app: Celery, stack: Stack) -> None:
+def test_a_stored_final_result_is_never_overwritten_a_failure_included(app: Celery, stack: Stack) -> None:
     done, failed = str(uuid.uuid4()), str(uuid.uuid4())
     app.backend.store_result(done, "first", states.SUCCESS)
     app.backend.store_result(done, ValueError("a lost duplicate"), states.FAILURE)
@@ -60,8 +60,12 @@ def test_a_stored_success_is_never_overwritten_but_a_failure_is(app: Celery, sta
 
     app.backend.store_result(failed, ValueError("boom"), states.FAILURE)
     assert _stored(stack, app, failed)["status"] == "FAILURE"
-    app.backend.store_result(failed, "retried", states.SUCCESS)
-    assert _stored(stack, app, failed)["result"] == "retried"
+    app.backend.store_result(failed, "a late run resumed", states.SUCCESS)  # e.g. its worker was declared dead
+    assert _stored(stack, app, failed)["status"] == "FAILURE"
+    pending = str(uuid.uuid4())
+    app.backend.store_result(pending, None, states.STARTED)  # a state that is not final is overwritten
+    app.backend.store_result(pending, "done", states.SUCCESS)
+    assert _stored(stack, app, pending)["result"] == "done"
 
 
 def test_a_real_worker_stores_its_calls_results_through_the_script(client: Client, stack: Stack) -> None:

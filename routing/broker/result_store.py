@@ -4,8 +4,9 @@ Celery's ``_store_result`` reads the stored result first (a completed call's
 SUCCESS is never overwritten by a lost duplicate), then writes it with
 ``MULTI/SET/PUBLISH/EXEC``: two round trips, five commands, and a window
 between the read and the write. Here one script (``store_unless_succeeded.lua``)
-does the same check and writes, with the same key, value, expiry and channel, so
-producers (ours, or Celery's result consumer) see no difference. A call whose
+checks and writes, with the same key, value, expiry and channel, so producers
+(ours, or Celery's result consumer) see no difference. It keeps any final result
+(a FAILURE or REVOKED too): the outcome a caller saw stands against a late run. A call whose
 message names a reply channel (``reply_to``, ``routing.names.reply_channel``) has
 its result published there too: the producer that sent it listens on that one
 channel instead of subscribing per call. On a worker whose broker is this server,

@@ -3,20 +3,17 @@
 :class:`GuardedChannel` is mixed into kombu's plain and Sentinel channels, so
 ``redis://``, ``rediss://`` and ``sentinel://`` brokers all get the same behaviour:
 
-* one ``redis.Redis`` client per connection pool (kombu builds one per publish,
-  received message and ack, ~0.1 ms of CPU each);
+* one ``redis.Redis`` client per connection pool (kombu builds one per publish, receipt and ack);
 * every popped item is checked before kombu builds a message from it: what is not
   an envelope is dead-lettered, never fatal to the worker;
-* after a ``BRPOP`` from the worker's own queue, the rest of a burst there (up to
-  the prefetch room) is popped and recorded un-acked in one atomic script instead
-  of one event-loop turn and one un-acked write per message (shared queues stay
-  one message per ``BRPOP``, fair to the pool's other workers);
+* a burst in the worker's own queue is popped and recorded un-acked in one script
+  (``routing.broker.drain``; shared queues stay one message per ``BRPOP``);
 * an un-acknowledged message that comes back **by the visibility timeout** (its
   worker died or hung) counts as a delivery that did not complete
-  (``flagship_deliveries``). Other restores do not count: ``restore_unacked_once``
-  after a broker connection drop or at a warm shutdown, and ``reject(requeue=True)``,
-  give back messages whose call never failed, so broker blips (a Sentinel failover
-  too) never dead-letter a healthy call.
+  (``flagship_deliveries``); other restores (warm shutdown, ``reject(requeue=True)``) do not;
+* a **live** worker that loses its broker connection keeps its deliveries recorded
+  un-acked instead of kombu's restore of all of them (which ran every held call
+  twice: the worker runs them still); a worker that dies leaves them to the reaper.
 """
 
 from __future__ import annotations
@@ -49,6 +46,8 @@ failover_poll_s = 0.1
 
 #: Set while this thread restores messages whose visibility timeout passed (see :class:`CountingQoS`).
 _restoring_invisible = threading.local()
+#: Set by a flagship worker while it runs (cleared when it shuts down): a closed channel keeps its deliveries.
+live_worker = threading.Event()
 
 
 class CountingQoS(PrerecordedQoS):
@@ -68,6 +67,14 @@ class CountingQoS(PrerecordedQoS):
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         result_acks.take(delivery_tag)
         super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+
+    # overrides kombu 5.7.0 virtual QoS.restore_unacked_once; pinned in tests/test_upstream_seams.py
+    def restore_unacked_once(self, stderr: Any = None) -> None:
+        if live_worker.is_set() and self._delivered:  # a connection loss: this worker still runs them
+            log.warning("broker connection lost: %d held call(s) stay recorded un-acked (this worker runs them)",
+                        len(self._delivered))
+            return
+        super().restore_unacked_once(stderr)  # type: ignore[no-untyped-call]
 
     # overrides kombu 5.7.0 redis QoS.restore_visible; pinned in tests/test_upstream_seams.py
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
@@ -99,9 +106,11 @@ class GuardedChannel(_ChannelBase):
             yield client
             return
         if self._pool is None and self.connection.client is None:
+            if self._shared is not None:  # a closed channel's late ack (see live_worker): the old client reconnects
+                yield self._shared[1]
+                return
             # Closing a channel whose connection is gone already (kombu, after a lost Sentinel primary): a
-            # connection error, which the close ignores, not an AttributeError that ends the worker. What it
-            # wanted to restore stays un-acked; the reaper or the visibility timeout brings it back.
+            # connection error, which the close ignores, not an AttributeError that ends the worker.
             raise redis_lib.ConnectionError("the broker connection is closed")
         pool, shared = self.pool, self._shared
         if shared is None or shared[0] is not pool:  # a new pool (after a reconnect) gets a new client

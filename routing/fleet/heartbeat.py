@@ -9,8 +9,9 @@ stops being live). Under CPU load it may lag; only liveness must not.
 The loop survives anything: a failed beat or housekeeping round is logged once
 per distinct error (and once when it recovers) and retried on the next tick
 (redis-py reconnects; with Sentinel, to the current primary). A worker that
-peers reaped while it was cut off (its record deleted) registers again, so it
-becomes live and bindable again.
+peers reaped while it was stalled or cut off (its record deleted) was declared
+dead: its callers were failed and its calls requeued. It comes back as a new
+incarnation (``BeatSource.reincarnate``), never as the run its sessions knew.
 
 After an outage (a Sentinel failover too) every worker's heartbeat key may have
 expired while nobody could renew it. So a worker that was cut off reaps no peer
@@ -58,6 +59,8 @@ class BeatSource(Protocol):
 
     def register(self) -> None: ...
 
+    def reincarnate(self) -> None: ...
+
     def housekeeping(self) -> None: ...
 
 
@@ -81,6 +84,8 @@ class Heartbeat(threading.Thread):
         #: Reaping peers waits until then (monotonic): one TTL after this worker beat again after an outage.
         self.reap_after = 0.0
         self._cut_off = False
+        #: When a beat last went through (monotonic): silent past the TTL, this run may have been declared dead.
+        self.last_beat = time.monotonic()
 
     def nudge(self) -> None:
         """Publish soon: something producers route on changed."""
@@ -135,9 +140,11 @@ class Heartbeat(threading.Thread):
         if touched:
             self.sessions.touch(touched, pipeline=pipe)
         still_registered = pipe.execute()[1]
+        self.last_beat = time.monotonic()
         if not still_registered:
-            log.warning("worker %s was reaped while cut off from the broker; registering again", source.node)
-            source.register()
+            log.warning("worker %s was declared dead while stalled or cut off from the broker; registering again "
+                        "as a new incarnation (its sessions' state is gone)", source.node)
+            source.reincarnate()
 
     def housekeeping(self) -> None:
         """Prune this worker's expired sessions, reap dead peers, then the worker's own sweep."""

@@ -113,6 +113,14 @@ class Pulse:
             except OSError:
                 pass  # a full pipe is fed already; a broken one is restarted on the next beat
 
+    def renew_as(self, incarnation: str) -> None:
+        """Pulse for a new run of the worker (it was declared dead, and came back as a new incarnation)."""
+        self.stop()
+        with self._lock:
+            self.incarnation = incarnation
+            self._stopped = False
+            self._spawn()
+
     def stop(self) -> None:
         """Close the pipe (the pulse deletes the key if still ours and exits); kill it if it lingers."""
         with self._lock:

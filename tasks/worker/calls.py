@@ -1,4 +1,4 @@
-"""Running one call of a session on this worker: turn-taking, checks, dispatch."""
+"""Running one call of a session on this worker: checks, dispatch, and the bookkeeping after its stored result."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from routing.errors import (
     SessionWorkerUnavailable,
 )
 from routing.pools import Affinity
+from tasks.lm.governor import lm_scope
 from tasks.worker.allowlist import SESSIONLESS, CallContext, dispatch
 from tasks.worker.state import WorkerState
 
@@ -61,42 +62,74 @@ def _number(raw: dict[str, Any], key: str) -> float | None:
 def execute_call(
     worker: WorkerState, call_id: str, session_id: str, op: str, kwargs: dict[str, Any], route: dict[str, Any]
 ) -> dict[str, Any]:
-    """Run ``op`` for ``session_id`` once its earlier calls on this worker are done.
+    """Run ``op`` for ``session_id``; its turn was taken before (``tasks.worker.turns``: the call is started
+    only when the session's earlier calls on this worker are done, or at its deadline, to fail here).
 
-    Arguments sent by reference (``routing.broker.claims``) are read inside the turn and
-    their keys deleted once the call finished, with a value or an error (a
-    worker killed mid-call leaves them for the redelivered call).
+    Arguments sent by reference (``routing.broker.claims``) are read here; their keys are deleted once
+    the result is stored (:func:`after_call`): a worker killed before that leaves them for the redelivered call.
     Returns ``{"node": ..., "value": ...}`` so the producer learns who ran it.
     """
+    where = Route.parse(route)
+    stale = where.node != worker.node or where.incarnation not in (None, worker.incarnation)
+    if where.affinity.strict and where.node and stale:
+        # A strict call moved off a dead worker, or sent to an earlier run of this node: its state is gone.
+        raise SessionWorkerUnavailable(session_id, where.node)
+    if call_id in celery_state.revoked:
+        # Cancelled by its producer while it waited for the session's turn: never run.
+        raise CallCancelled(session_id, op)
+    if where.deadline is not None and time.time() > where.deadline:
+        # Not started by its pool's queue timeout (queued, or held behind the session's calls): never run.
+        raise QueueTimeout(session_id, op, where.queue_timeout_s)
+    if op not in SESSIONLESS:
+        worker.book.ensure(session_id, where.ttl_s or worker.book.default_ttl_s)
+    held = claims.held(route)
+    if held:
+        kwargs = claims.resolve(worker.redis, session_id, op, kwargs, held)
+    try:
+        with lm_scope(session_id, where.deadline):  # its LM requests: this session's usage and budget
+            value = dispatch(CallContext(session_id, worker), op, kwargs)
+    except FlagshipError:
+        raise
+    except Exception as exc:
+        log.exception("operation %r of session %s failed", op, session_id)
+        raise OperationFailed(op, type(exc).__name__, str(exc)) from None
+    if where.affinity.strict:
+        worker.confirm_run()
+    if where.affinity.strict and where.incarnation not in (None, worker.incarnation):
+        # This run was declared dead while the call ran (stalled, or cut off): its caller was told so.
+        raise SessionWorkerUnavailable(session_id, where.node or worker.node)
+    return {"node": worker.node, "value": value}
+
+
+#: Attempts at the after-result bookkeeping (claims, hint rebind) when Redis fails, and the pause between them.
+after_call_attempts = 3
+after_call_pause_s = 0.2
+
+
+def after_call(worker: WorkerState, session_id: Any, route: Any, succeeded: bool) -> None:
+    """Once the call's result is stored: delete its claims and, for a hint call that ran here, rebind its session.
+
+    Never raises: the call is complete and its result stored; a Redis error here is retried, then
+    logged (claims expire with their TTL; the producer rebinds a hint session from the reply anyway).
+    """
+    if not isinstance(session_id, str) or not isinstance(route, dict):
+        return
     held = claims.held(route)
     try:
-        with worker.turns.turn(session_id, call_id):
-            where = Route.parse(route)
-            stale = where.node != worker.node or where.incarnation not in (None, worker.incarnation)
-            if where.affinity.strict and where.node and stale:
-                # A strict call moved off a dead worker, or sent to an earlier run of this node: its state is gone.
-                raise SessionWorkerUnavailable(session_id, where.node)
-            if call_id in celery_state.revoked:
-                # Cancelled by its producer while it waited for the session's turn: never run.
-                raise CallCancelled(session_id, op)
-            if where.deadline is not None and time.time() > where.deadline:
-                # Its turn came after its pool's queue timeout (queued, or behind the session's calls): never run.
-                raise QueueTimeout(session_id, op, where.queue_timeout_s)
-            if op not in SESSIONLESS:
-                worker.book.ensure(session_id, where.ttl_s or worker.book.default_ttl_s)
+        where = Route.parse(route)
+    except InvalidArgument:
+        where = None
+    rebind = succeeded and where is not None and where.affinity is Affinity.HINT and where.node != worker.node
+    for attempt in range(after_call_attempts):
+        try:
             if held:
-                kwargs = claims.resolve(worker.redis, session_id, op, kwargs, held)
-            try:
-                value = dispatch(CallContext(session_id, worker), op, kwargs)
-            except FlagshipError:
-                raise
-            except Exception as exc:
-                log.exception("operation %r of session %s failed", op, session_id)
-                raise OperationFailed(op, type(exc).__name__, str(exc)) from None
-    except Exception:
-        claims.discard(worker.redis, session_id, held)
-        raise
-    claims.discard(worker.redis, session_id, held)
-    if where.affinity is Affinity.HINT and where.node != worker.node:
-        worker.sessions.rebind(session_id, worker.node, worker.incarnation)
-    return {"node": worker.node, "value": value}
+                claims.discard(worker.redis, session_id, held)
+                held = []
+            if rebind:
+                worker.sessions.rebind(session_id, worker.node, worker.incarnation)
+            return
+        except Exception:
+            if attempt + 1 == after_call_attempts:
+                log.warning("after-call bookkeeping of session %s failed", session_id, exc_info=True)
+                return
+            time.sleep(after_call_pause_s)

@@ -20,13 +20,16 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from routing import names
 from routing.broker.brokers import broker_url, same_server
 from routing.broker.connect import redis_client
+from routing.broker.envelope import UnackedKeys, configure_unacked_keys
 from routing.broker.failures import check_broker
-from routing.broker.result_store import ACK_WITH_RESULT, DEFAULT_ACK_KEYS
+from routing.broker.result_store import ACK_WITH_RESULT
+from routing.broker.transport import live_worker
 from routing.errors import ServerUnavailable
 from routing.fleet.registry import Registry
 from routing.pools import Pool, PoolKind, PoolTable
 from routing.settings import redact_url
 from tasks.lm.dspy_caches import freeze_proxy_environment, preload_prices
+from tasks.lm.governor import install as install_lm_governor
 from tasks.sandbox.pool import SandboxPool
 from tasks.worker.capabilities import probe_capabilities
 from tasks.worker.poison import PoisonGuarded
@@ -35,6 +38,7 @@ from tasks.worker.ref_store import RefStore
 from tasks.worker.refusal import cannot_start, refuse
 from tasks.worker.settings import WorkerSettings
 from tasks.worker.state import WorkerState
+from tasks.worker.turns import SessionTurns, parking
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,8 @@ TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 
 class Consumer(PoisonGuarded, CeleryConsumer):  # type: ignore[misc]
-    """Celery's consumer, poison-proof (:class:`PoisonGuarded`), publishing task events at most every ``event_flush_s``.
+    """Celery's consumer, poison-proof (:class:`PoisonGuarded`), handing a session's calls to the pool one at
+    a time (``tasks.worker.turns.parking``), publishing task events at most every ``event_flush_s``.
 
     Celery buffers task events and publishes them on the next turn of the event
     loop: under load that is one Redis ``PUBLISH`` (and one kombu publish, the
@@ -57,6 +62,11 @@ class Consumer(PoisonGuarded, CeleryConsumer):  # type: ignore[misc]
 
     #: How long an event may wait for others to share its publish.
     event_flush_s = 0.05
+
+    def __init__(self, on_task_request: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(on_task_request, *args, **kwargs)
+        self.on_task_request = parking(on_task_request, _turns, lambda: getattr(self, "qos", None), names.CALL_TASK)
+
     #: Until when the scheduled flush is expected (0: none scheduled). Past it, the next event schedules
     #: another: a flush lost with the event loop's timers (a broker reconnect) cannot hold events back.
     _flush_due = 0.0
@@ -119,8 +129,12 @@ def ack_keys(conf: Any) -> dict[str, str] | None:
     if (not conf.task_acks_late or options.get("global_keyprefix") or "+" not in backend
             or not same_server(conf.broker_url, backend.split("+", 1)[1])):
         return None
-    return {"hash": options.get("unacked_key", DEFAULT_ACK_KEYS["hash"]),
-            "index": options.get("unacked_index_key", DEFAULT_ACK_KEYS["index"])}
+    keys = UnackedKeys.of(options)
+    return {"hash": keys.hash, "index": keys.index}
+
+
+def _turns() -> SessionTurns | None:
+    return None if _state is None else _state.turns
 
 
 def current_worker() -> WorkerState:
@@ -179,6 +193,7 @@ def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
     for queue in (names.pool_queue(pool.name), names.worker_queue(sender)):
         if queue not in consumed:
             queues.select_add(queue)
+    configure_unacked_keys(conf.broker_transport_options)  # the reaper in this worker reads kombu's keys
     conf[ACK_WITH_RESULT] = ack_keys(conf)
     _state = WorkerState(node=sender, pool=pool, settings=settings, redis=redis,
                          concurrency=int(instance.concurrency), capabilities=capabilities, redis_url=conf.broker_url,
@@ -201,6 +216,8 @@ def install_services(state: WorkerState) -> None:
     refs = RefStore(state.node, state.settings.max_refs)
     state.services["refs"] = refs
     state.gauges["refs"] = refs.__len__
+    lm = state.settings.lm  # every LM request: fleet cache, fleet-wide limits, usage ledger (tasks.lm.governor)
+    state.services["lm_governor"] = install_lm_governor(state.redis, state.pool.name, lm.governor, lm.timeout_s)
     if "deno" in state.capabilities:
         sandbox = state.settings.sandbox
         state.services["sandboxes"] = SandboxPool(
@@ -237,13 +254,16 @@ def _ready(**_: Any) -> None:
     if _state is not None:
         settle_heap(_state.pool)
         _state.start()
+        live_worker.set()  # from now on a broker connection loss keeps held calls recorded (they run here)
         log.info("flagship worker %s serving %s (queue %s)", _state.node, _state.pool.name, _state.queue)
 
 
 @signals.worker_shutting_down.connect
 def _shutting_down(**_: Any) -> None:
-    """SIGTERM: stop taking new calls; running ones finish, reserved ones return to their queue."""
+    """SIGTERM: stop taking new calls; running ones finish, parked and reserved ones return to their queue."""
     if _state is not None:
+        live_worker.clear()  # at the connection's close, kombu returns what was not started to its queue
+        _state.turns.stop_releasing()
         _state.drain()
 
 
@@ -257,26 +277,25 @@ def _shutdown(**_: Any) -> None:
 def _received(request: Any, **_: Any) -> None:
     if _state is None:
         return
-    if request.task.name == names.CALL_TASK and request.args:  # request.name is the shadow (operation)
-        _state.turns.arrive(str(request.args[0]), request.id)
     tag = getattr(request.message, "delivery_tag", None)
     _state.calls.arrived(request.id, None if tag is None else str(tag))
 
 
-def _finished(task_id: str, task_name: str, args: Any) -> None:
+def _finished(tag: Any) -> None:
     if _state is None:
         return
-    if task_name == names.CALL_TASK and args:
-        # Normally the call already left its turn; this covers calls that failed before taking it.
-        _state.turns.leave(str(args[0]), task_id)
-    _state.calls.finished(task_id)
+    tag = None if tag is None else str(tag)
+    if tag is not None:
+        _state.turns.leave(tag)  # the session's next call gets its turn
+    _state.calls.finished(tag)
 
 
 @signals.task_postrun.connect
-def _postrun(task_id: str, task: Any, args: Any = None, **_: Any) -> None:
-    _finished(task_id, task.name, args)
+def _postrun(task: Any, **_: Any) -> None:
+    properties = getattr(task.request, "properties", None)
+    _finished(properties.get("delivery_tag") if isinstance(properties, dict) else None)
 
 
 @signals.task_revoked.connect
 def _revoked(request: Any, **_: Any) -> None:
-    _finished(request.id, request.task.name, request.args)
+    _finished(getattr(getattr(request, "message", None), "delivery_tag", None))

@@ -18,7 +18,7 @@ class InFlight:
         self._on_flip = on_flip
         self._lock = threading.Lock()
         self._count = 0
-        self._tags: dict[str, str] = {}  # task id -> broker delivery tag
+        self._tags: dict[str, str] = {}  # broker delivery tag -> task id (a call delivered twice has two)
 
     @property
     def count(self) -> int:
@@ -27,18 +27,20 @@ class InFlight:
     def arrived(self, task_id: str, delivery_tag: str | None) -> None:
         if delivery_tag is not None:
             with self._lock:
-                self._tags[task_id] = delivery_tag
+                self._tags[delivery_tag] = task_id
         self._add(+1)
 
-    def finished(self, task_id: str) -> None:
-        with self._lock:
-            self._tags.pop(task_id, None)
+    def finished(self, delivery_tag: str | None) -> None:
+        if delivery_tag is not None:
+            with self._lock:
+                if self._tags.pop(delivery_tag, None) is None:
+                    return  # counted out already (finished, then revoked)
         self._add(-1)
 
     def delivery_tags(self) -> list[str]:
         """Tags of the messages held (published so a reaper can requeue them if this worker dies)."""
         with self._lock:
-            return list(self._tags.values())
+            return list(self._tags)
 
     def _add(self, delta: int) -> None:
         with self._lock:

@@ -47,16 +47,23 @@ def arrived_late(route: Any) -> bool:
     return isinstance(sent_at, (int, float)) and time.time() - sent_at > late_after_s
 
 
-def answer_from_store(task: Any, redis: Redis, route: Any = None) -> None:
+def delivery_tag(task: Any) -> str | None:
+    """The broker delivery tag of the message the running task came in (None: not from a broker)."""
+    properties = getattr(task.request, "properties", None)
+    tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+    return tag if isinstance(tag, str) and tag else None
+
+
+def answer_from_store(task: Any, redis: Redis, route: Any = None, copy: bool = False) -> None:
     """Raise ``Ignore`` if this call may have run before and its result is stored; count reruns otherwise.
 
-    Checked (one pipelined round trip) only for a message delivered before or resent,
-    and for one that arrives late (it may be the original of a resent copy, held
-    by a worker that was paused or starved between the broker's pop and its
-    un-acked record): the normal path costs nothing.
+    Checked (one pipelined round trip) only for a message delivered before or resent, a
+    ``copy`` (another delivery of a call this worker held: ``tasks.worker.turns``), and for one
+    that arrives late (it may be the original of a resent copy, held by a worker that was paused
+    or starved between the broker's pop and its un-acked record): the normal path costs nothing.
     """
     request = task.request
-    again = delivered_before(request)
+    again = copy or delivered_before(request)
     if not (again or arrived_late(route)):
         return
     pipe = redis.pipeline(transaction=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class WorkerState:
         self.heartbeat = Heartbeat(self.registry, self.sessions, self, routing.heartbeat_interval_s,
                                    on_tick=None if self.pulse is None else self.pulse.feed)
         self.calls = InFlight(self.concurrency, self.heartbeat.nudge)
+        self._run_lock = threading.RLock()  # one reincarnation at a time (the heartbeat's, or a call's)
 
     @property
     def queue(self) -> str:
@@ -86,6 +88,35 @@ class WorkerState:
             queue=self.queue, capabilities=self.capabilities, programs=self.programs, concurrency=self.concurrency,
             started=self.started, incarnation=self.incarnation,
         ))
+
+    def confirm_run(self) -> None:
+        """Before a strict call's result is stored: if the heartbeat was silent past the TTL (this process was
+        stopped, or cut off), check the fleet did not declare this run dead meanwhile; if it did, become a new
+        run first (the call then fails as its caller was told). Costs nothing while the heartbeat beats."""
+        if time.monotonic() - self.heartbeat.last_beat < self.settings.routing.heartbeat_ttl_s:
+            return
+        with self._run_lock:
+            if self.redis.hget(names.worker_key(self.node), "incarnation") != self.incarnation:
+                self.reincarnate()
+
+    def reincarnate(self) -> None:
+        """Declared dead by the fleet (stalled, or cut off past the heartbeat TTL), yet running: come back as a
+        new run. Strict calls sent to the old run fail with ``SessionWorkerUnavailable`` here (the incarnation
+        check), its sessions' objects go, and the calls it held (requeued by the reaper) are answered from
+        the store or counted as reruns when their turn comes."""
+        with self._run_lock:
+            if self.redis.hget(names.worker_key(self.node), "incarnation") == self.incarnation:
+                return  # registered as this run: a call became the new run a moment ago
+            self._become_new_run()
+
+    def _become_new_run(self) -> None:
+        self.incarnation = f"{os.getpid()}-{int(time.time() * 1000)}"
+        self.turns.mark_all_copies()
+        for session_id in self.book.sessions() | self._service_sessions():
+            self.forget_session(session_id)
+        if self.pulse is not None:
+            self.pulse.renew_as(self.incarnation)
+        self.register()
 
     def drain(self) -> None:
         """Warm shutdown began: producers stop sending here; the heartbeat goes on until ``stop``."""
@@ -123,15 +154,18 @@ class WorkerState:
 
     def sweep_sessions(self) -> None:
         """Free the objects and bookkeeping of sessions whose records expired or were closed."""
-        held = self.book.sessions()
+        ordered = sorted(self.book.sessions() | self._service_sessions())
+        for session_id, alive in zip(ordered, self.sessions.alive(ordered)):
+            if not alive:
+                self.forget_session(session_id)
+
+    def _service_sessions(self) -> set[str]:
+        held: set[str] = set()
         for service in self.services.values():
             sessions = getattr(service, "sessions", None)
             if sessions is not None:
                 held |= set(sessions())
-        ordered = sorted(held)
-        for session_id, alive in zip(ordered, self.sessions.alive(ordered)):
-            if not alive:
-                self.forget_session(session_id)
+        return held
 
     # -- what the heartbeat publishes (BeatSource) -----------------------------
 

@@ -6,6 +6,7 @@ Workers here run ``liveness_pool`` (one per test, started with the test-only
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -136,7 +137,7 @@ def test_a_cleanly_stopped_worker_takes_its_pulse_with_it(
     assert not client.redis.exists(names.heartbeat_key(worker.node))
 
 
-def test_a_hung_worker_stops_being_live_after_the_stall_limit_and_registers_again_when_it_resumes(
+def test_a_hung_worker_declared_dead_comes_back_as_a_new_run_and_the_failure_its_caller_saw_stands(
     client: Client, sessions: Callable[..., Session], liveness_worker: Callable[..., WorkerProcess], ttl_s: float,
 ) -> None:
     stall_s = 1.0
@@ -144,18 +145,32 @@ def test_a_hung_worker_stops_being_live_after_the_stall_limit_and_registers_agai
     pulse = pulse_of(worker)
     hb_key = names.heartbeat_key(worker.node)
     incarnation = client.redis.get(hb_key)
+    session = sessions(POOL, node=worker.node)
+    marker = f"stalled-{uuid.uuid4().hex[:8]}"
+    running = session.submit("record", marker=marker, sleep_s=2)
+    wait_until(lambda: any(marker in e for e in client.redis.lrange(names.EXECUTIONS_KEY, -50, -1)), timeout_s=30,
+               what="the call started")
     os.kill(worker.pid, signal.SIGSTOP)  # alive, but not one of its threads runs
     try:
         wait_until(lambda: not client.redis.exists(hb_key), timeout_s=stall_s + ttl_s + 10, what="heartbeat lapse")
         assert pid_alive(pulse)  # the pulse stopped renewing; it did not die
         reap_dead_workers(client.redis, POOL)  # what a peer's housekeeping or a producer's watch does
         assert not client.redis.sismember(names.pool_workers_key(POOL), worker.node)
+        with pytest.raises(SessionWorkerUnavailable):
+            running.result(timeout=30)
     finally:
         os.kill(worker.pid, signal.SIGCONT)
-    wait_until(lambda: client.redis.get(hb_key) == incarnation, timeout_s=30, what="live again")
+    wait_until(lambda: client.redis.get(hb_key) not in (None, incarnation), timeout_s=30, what="live as a new run")
     wait_until(lambda: client.redis.sismember(names.pool_workers_key(POOL), worker.node), timeout_s=30,
                what="registered again")
-    assert sessions(POOL, node=worker.node).call("ping", timeout_s=30)["pid"] == worker.pid
+    # The call resumed and finished; what its caller saw stands in the store too.
+    key = client.app.backend.get_key_for_task(running.id)
+    wait_until(lambda: client.redis.exists(key), timeout_s=30, what="the resumed call's result stored")
+    stored = json.loads(client.redis.get(key))
+    assert (stored["status"], stored["result"]["exc_type"]) == ("FAILURE", "SessionWorkerUnavailable")
+    with pytest.raises(SessionWorkerUnavailable):  # its state is gone, wherever it would be rebound
+        session.call("ping", timeout_s=30)
+    assert sessions(POOL, node=worker.node).call("ping", timeout_s=30)["pid"] == worker.pid  # the new run serves
 
 
 # -- the pulse on its own, fed by this test process ------------------------------------------------
@@ -264,6 +279,9 @@ class FlakySource:
     def register(self) -> None:
         self.registry.register(WorkerInfo(node=self.node, pool=self.pool_name, host="test", pid=os.getpid(),
                                           queue=names.worker_queue(self.node), incarnation=self.incarnation))
+
+    def reincarnate(self) -> None:
+        self.register()
 
     def housekeeping(self) -> None:
         self.housekeeping_calls += 1
