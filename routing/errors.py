@@ -213,6 +213,16 @@ class LMUnavailable(LMError):
     template = "provider for {model!r} stayed unavailable after retries: {message}"
 
 
+class RateLimited(LMError):
+    fields = ("model", "reason")
+    template = "no fleet capacity for {model!r} within the call's deadline: {reason}"
+
+
+class BudgetExceeded(LMError):
+    fields = ("scope", "spent", "budget")
+    template = "the LM budget of {scope} is spent ({spent} of {budget}): no further LM calls"
+
+
 # -- sandbox -----------------------------------------------------------------
 
 

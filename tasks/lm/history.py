@@ -50,6 +50,7 @@ def _entry(entry: Mapping[str, Any], index: int, limit: int) -> dict[str, Any]:
         "outputs": [clip(o.get("text") if isinstance(o, Mapping) else o, limit) for o in outputs],
         "usage": {key: _int_or_none(usage.get(key)) for key in ("prompt_tokens", "completion_tokens", "total_tokens")},
         "cost": float(cost) if isinstance(cost, (int, float)) and math.isfinite(cost) else None,
+        "cache_hit": (entry.get("cost_details") or {}).get("kind") == "cache_hit",
     }
 
 

@@ -23,6 +23,7 @@ from routing.errors import LMAuthError, LMBadRequest, LMError, LMUnavailable
 from routing.settings import env_number
 from tasks.lm.dspy_caches import install_dspy_caches
 from tasks.lm.engine_choice import EngineChoices
+from tasks.lm.governance import GovernorSettings
 from tasks.lm.history import HISTORY_CHARS
 from tasks.lm.offline import OFFLINE_MODEL, OfflineLM
 
@@ -56,8 +57,8 @@ class LMSettings:
     timeout_s: float = 60.0
     temperature: float = 0.0
     max_tokens: int = 4000
-    #: Cache provider responses in DSPy's cache (off: a cache hit hides usage, history and retries).
-    cache: bool = False
+    #: The fleet cache and fleet-wide limits (``FLAGSHIP_LM_CACHE``, ``FLAGSHIP_LM_LIMITS``, ...).
+    governor: GovernorSettings = field(default_factory=GovernorSettings)
     #: Characters of each message kept by ``history_entries``.
     history_chars: int = HISTORY_CHARS
     #: Servers producers may point an LM at (``FLAGSHIP_LM_API_BASES``): ``scheme://host[:port][/path]``
@@ -67,6 +68,14 @@ class LMSettings:
     @property
     def offline(self) -> bool:
         return self.model is None
+
+    @property
+    def cache(self) -> bool:
+        """Whether LMs cache: ``local`` (DSPy's per-process cache), or ``fleet`` on a worker that installed it."""
+        from tasks.lm import governor
+
+        mode = self.governor.cache
+        return mode == "local" or (mode == "fleet" and governor.current() is not None)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LMSettings:
@@ -88,7 +97,7 @@ class LMSettings:
             timeout_s=env_number(env, "FLAGSHIP_LM_TIMEOUT_S", cls.timeout_s, float),
             temperature=env_number(env, "FLAGSHIP_LM_TEMPERATURE", cls.temperature, float),
             max_tokens=env_number(env, "FLAGSHIP_LM_MAX_TOKENS", cls.max_tokens, int),
-            cache=(env.get("FLAGSHIP_LM_CACHE") or "").strip().lower() in ("1", "true", "yes", "on"),
+            governor=GovernorSettings.from_env(env),
             history_chars=env_number(env, "FLAGSHIP_LM_HISTORY_CHARS", cls.history_chars, int),
             allowed_api_bases=tuple(
                 e.strip() for e in [env.get("FLAGSHIP_LM_API_BASE") or "",

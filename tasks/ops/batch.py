@@ -14,6 +14,7 @@ started ~100 ms after its first.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +68,8 @@ def _run_concurrently(ctx: CallContext, op: str, items: list[Any], num_threads: 
             replies[i] = _run_item(ctx, op, items[i])
 
     pool = _item_pool()
-    runners = [pool.submit(runner) for _ in range(min(num_threads, len(items)) - 1)]
+    # each runner in a copy of this call's context: its items' LM requests keep the call's scope (session, budget)
+    runners = [pool.submit(contextvars.copy_context().run, runner) for _ in range(min(num_threads, len(items)) - 1)]
     runner()  # the task's own thread is one of the runners
     for done in runners:
         if not done.cancel():  # one still waiting for a free thread has nothing left to do

@@ -30,6 +30,8 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    #: ``time.monotonic()`` when it arrived.
+    at: float = 0.0
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -43,6 +45,8 @@ class Failure:
     status: int = 200
     delay_s: float = 0.0
     message: str = "scripted failure"
+    #: Extra response headers (e.g. ``Retry-After``).
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,15 +61,20 @@ class FakeOpenAI:
     record: bool = True
     requests: list[RecordedRequest] = field(default_factory=list)
     served: int = 0
+    #: Tokens the server reported in its answers' ``usage``, added up.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     _script: deque[Failure] = field(default_factory=deque)
     _always: Failure | None = None
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- scripting ---------------------------------------------------------
-    def fail(self, status: int, times: int = 1, message: str = "scripted failure") -> FakeOpenAI:
-        """The next ``times`` requests get ``status``; later ones succeed."""
-        self._script.extend(Failure(status, message=message) for _ in range(times))
+    def fail(self, status: int, times: int = 1, message: str = "scripted failure",
+             retry_after: str | None = None) -> FakeOpenAI:
+        """The next ``times`` requests get ``status`` (with a ``Retry-After`` header if given); later ones succeed."""
+        headers = {} if retry_after is None else {"Retry-After": retry_after}
+        self._script.extend(Failure(status, message=message, headers=headers) for _ in range(times))
         return self
 
     def always(self, status: int, message: str = "scripted failure") -> FakeOpenAI:
@@ -121,6 +130,9 @@ class FakeOpenAI:
         text = self.reply(messages)
         prompt_tokens = sum(len(str(m.get("content") or "")) for m in messages) // 4 + 1
         completion_tokens = len(text) // 4 + 1
+        with self._lock:
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
         return {
             "id": f"chatcmpl-fake-{self.served}",
             "object": "chat.completion",
@@ -142,7 +154,8 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         return
 
-    def _send(self, status: int, payload: dict[str, Any], not_before: float = 0.0) -> None:
+    def _send(self, status: int, payload: dict[str, Any], not_before: float = 0.0,
+              headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         wait = not_before - time.monotonic()
         if wait > 0:
@@ -151,6 +164,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
@@ -164,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw or b"{}")
         except ValueError:
             body = {"_unparsed": raw.decode(errors="replace")}
-        request = RecordedRequest(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        request = RecordedRequest(self.path, {k.lower(): v for k, v in self.headers.items()}, body, arrived)
         outcome = self.fake._next(request)
         # The answer is ready first and leaves ``delay_s`` after the request arrived, as a model's latency
         # would: the server's own work does not add to the delay.
@@ -175,7 +190,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif outcome.status != 200:
             error_type = _ERROR_TYPES.get(outcome.status, "error")
             self._send(outcome.status, {"error": {"message": outcome.message, "type": error_type,
-                                                  "code": error_type, "param": None}}, answer_at)
+                                                  "code": error_type, "param": None}}, answer_at,
+                       outcome.headers)
         else:
             self._send(200, self.fake.completion(body), answer_at)
 
