@@ -204,7 +204,9 @@ def markdown(report: dict[str, Any]) -> str:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (f"{lat['strict_session']['n']} round trips per side in interleaved blocks, {when} (2 shared cores):\n\n"
             + markdown_table(["", "p50 (ms)", "p99 (ms)", "CPU ms / call", "CPU ms / call by process"], rows)
-            + f"\n\np50 ratio vs a plain Celery task on the same direct queue: {report['p50_ratio_same_queue']:.3f}. "
+            + f"\n\nA strict session call cost {report['cpu_ratio']:.2f}× the CPU and {report['p50_ratio']:.2f}× the "
+              "p50 latency of a stock Celery task in this run. "
+            + f"p50 ratio vs a plain Celery task on the same direct queue: {report['p50_ratio_same_queue']:.3f}. "
             + "Targets (against plain Celery): p50 ratio ≤ 1.05 " + ("(met)" if met[0] else "(**not met**)")
             + ", p99 < 10 ms " + ("(met)" if met[1] else "(**not met**)") + ", CPU per call ratio ≤ 1.0 "
             + ("(met)" if met[2] else "(**not met**)") + " in this run.\n\n"

@@ -91,6 +91,8 @@ def throughput_section(report: dict[str, Any]) -> str:
              _n(100 * r["producer_cpu_util"], 0), _n(100 * r["workers_cpu_util"], 0)]
             for i, r in enumerate(tput["rounds"], 1)]
     best = tput["best"]
+    ceilings = [r["ceiling_calls_s"] for r in tput["rounds"] if r["ceiling_calls_s"]]
+    cpu_ms = [r["server_cpu_ms_per_call"] for r in tput["rounds"]]
     return "\n\n".join([
         f"Bursts of {tput['calls_per_round']} strict `ping`s over {tput['sessions']} sessions on 2 workers "
         "(8 threads each), all submitted at once, then awaited; the server's CPU-seconds from `/proc`:",
@@ -102,6 +104,9 @@ def throughput_section(report: dict[str, Any]) -> str:
         "command mix). On 2 cores the producer and the workers (Python) saturate long before the server: the "
         "reached figure is theirs, the ceiling is the server's. CPU numbers move with the other work on the "
         "machine; command and byte counts do not.",
+        f"Across the rounds: server CPU {min(cpu_ms):.2f}–{max(cpu_ms):.2f} ms per call, a ceiling of "
+        f"{min(ceilings or [0]):,.0f}–{max(ceilings or [0]):,.0f} calls/s per server core (the figures the limits "
+        "below and the operations page quote).",
     ])
 
 
