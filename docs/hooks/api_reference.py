@@ -20,6 +20,8 @@ import yaml
 
 log = logging.getLogger("mkdocs.hooks.api_reference")
 
+#: A Sphinx cross-reference role as it comes out of mkdocstrings (``:class:`~a.b.C``` -> ``:class:<code>~a.b.C</code>``).
+SPHINX_ROLE = re.compile(r":(?:class|func|meth|attr|mod|exc):<code>(~?)([\w.]+)</code>")
 DIRECTIVE = re.compile(r"^::: (?P<name>[\w.]+)\n(?P<options>(?:[ \t]+.*\n?)*)", re.M)
 
 
@@ -75,6 +77,11 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
         for name in undocumented(match["name"], options.get("options") or {}):
             log.warning("%s: %s has no docstring (the API reference would show it empty)", page.file.src_path, name)
     return markdown.replace("<!-- errors-table -->", errors_table())
+
+
+def on_page_content(html: str, **_: Any) -> str:
+    """Docstrings are written for Sphinx and pydoc alike: show ``:class:`~a.b.C``` as the code name ``C``."""
+    return SPHINX_ROLE.sub(lambda m: f"<code>{m[2].rsplit('.', 1)[-1] if m[1] else m[2]}</code>", html)
 
 
 def errors_table() -> str:

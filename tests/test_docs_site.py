@@ -1,0 +1,57 @@
+"""The docs site builds strictly and its home page renders in headless Chromium (screenshot: docs/site-home.png).
+
+CI builds the site first (``.ci/run``: ``python3 bootstrap.py docs``); this test builds it again into a
+temporary folder, so the suite alone catches a broken page, and looks at what a reader sees.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from helpers import debian_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "site-home.png"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
+    "--window-size=1280,860", "--allow-file-access-from-files",
+]
+
+
+def chromium_binary() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def run_chromium(binary: str, *args: str) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        return subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.timeout(1200)
+def test_docs_site_builds_strictly_and_its_home_page_renders(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert built.returncode == 0, built.stderr[-3000:]
+    api = (site / "api" / "index.html").read_text()
+    assert "Session" in api and "SessionWorkerUnavailable" in api and "acall" in api  # from the docstrings
+    binary = debian_binary("chromium", chromium_binary, 900)
+    home = (site / "index.html").as_uri()
+    dom = run_chromium(binary, "--virtual-time-budget=3000", "--dump-dom", home).stdout
+    for page in ("Getting started", "Bring your own program", "Operations", "API reference"):
+        assert page in dom, f"the home page's navigation lacks {page!r}"
+    shot = tmp_path / "site-home.png"
+    done = run_chromium(binary, "--virtual-time-budget=3000", f"--screenshot={shot}", home)
+    assert shot.exists() and shot.stat().st_size > 20_000, f"no screenshot, or a blank one: {done.stderr[-1000:]}"
+    # The README's copy is refreshed on request (or when missing), so a test run leaves the tree clean.
+    if os.environ.get("FLAGSHIP_UPDATE_DOCS") == "1" or not SCREENSHOT.exists():
+        shutil.copyfile(shot, SCREENSHOT)
