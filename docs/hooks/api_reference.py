@@ -20,7 +20,7 @@ import yaml
 
 log = logging.getLogger("mkdocs.hooks.api_reference")
 
-#: A Sphinx cross-reference role as it comes out of mkdocstrings (``:class:`~a.b.C``` -> ``:class:<code>~a.b.C</code>``).
+#: A Sphinx cross-reference role as mkdocstrings renders it: ``:class:<code>~a.b.C</code>``.
 SPHINX_ROLE = re.compile(r":(?:class|func|meth|attr|mod|exc):<code>(~?)([\w.]+)</code>")
 DIRECTIVE = re.compile(r"^::: (?P<name>[\w.]+)\n(?P<options>(?:[ \t]+.*\n?)*)", re.M)
 
@@ -46,7 +46,8 @@ def _doc_of(owner: type, name: str) -> str | None:
             continue
         member = vars(klass)[name]
         target = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
-        return inspect.cleandoc(target.__doc__) if getattr(target, "__doc__", None) else None
+        doc = getattr(target, "__doc__", None)
+        return inspect.cleandoc(doc) if isinstance(doc, str) and doc.strip() else None
     return None
 
 
@@ -91,7 +92,7 @@ def errors_table() -> str:
     for name, klass in vars(errors).items():
         if not (inspect.isclass(klass) and issubclass(klass, BaseException) and klass.__module__ == errors.__name__):
             continue
-        meaning = klass.__doc__ or getattr(klass, "template", "")
+        meaning = str(klass.__doc__ or getattr(klass, "template", "") or "")
         if not meaning:
             log.warning("routing.errors.%s has neither a docstring nor a message template", name)
         fields = ", ".join(f"`{field}`" for field in getattr(klass, "fields", ()))
