@@ -164,6 +164,13 @@ class CallTimeout(CallError):
     template = "call {op!r} of session {session_id!r} got no result within {timeout_s} s"
 
 
+class CallOutcomeUnknown(CallError):
+    """Its send failed after it may have reached the server; it was neither found nor resent within a bound."""
+
+    fields = ("session_id", "op", "reason")
+    template = "call {op!r} of session {session_id!r} may or may not have run: {reason}"
+
+
 # -- refs --------------------------------------------------------------------
 
 

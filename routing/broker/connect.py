@@ -12,6 +12,12 @@ asks the sentinels for the primary on every new connection, so after a
 failover it follows the new primary without a restart (commands in flight when
 the old one died fail once with a connection error).
 
+Every client gets the connection settings below, set explicitly (a caller's own
+arguments, and options in the URL, win): redis-py's defaults differ between the
+versions this project allows (none of these timeouts before 8.0), and without
+them a host or network failure that sends no TCP reset leaves a command, or an
+idle pub/sub socket, waiting until TCP gives up (~15 minutes).
+
 This module imports only the standard library and redis-py: the liveness pulse
 (``routing/fleet/pulse.py``), which runs without the ``routing`` package, loads it from
 its file.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +35,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,38 @@ log = logging.getLogger(__name__)
 DEFAULT_MASTER = "mymaster"
 #: Socket timeouts for questions to a sentinel (unless the caller passes its own ``socket_*`` options).
 sentinel_timeout_s = 2.0
+
+#: A command whose reply has not come this long after it was sent fails with ``TimeoutError`` (the longest
+#: command the project sends, a big ``MGET`` or ``LRANGE``, takes milliseconds; ``WAIT`` at most 0.5 s).
+socket_timeout_s = 5.0
+#: Connecting (TCP, then TLS) gives up after this long.
+socket_connect_timeout_s = 5.0
+#: A pooled connection idle this long is PINGed before its next command, so a dead one is replaced
+#: rather than failing that command.
+health_check_interval_s = 10
+#: TCP keepalive: the first probe after this many seconds of silence, then one every ``keepalive_interval_s``;
+#: ``keepalive_probes`` unanswered ones close the socket (~25 s): an idle connection to a host that vanished
+#: errors instead of lingering.
+keepalive_idle_s, keepalive_interval_s, keepalive_probes = 10, 5, 3
+#: A command that fails with a connection error or a timeout is tried once more on a fresh connection (redis-py 8
+#: tries 11 times: ~55 s against a silent server); so a command gives up within ~11 s. The producer's push of a
+#: call is never retried (``routing.producer.publish``): a lost reply does not say whether it was applied.
+command_retries = 1
+
+
+def keepalive_options() -> dict[int, int]:
+    """The ``TCP_KEEP*`` socket options this platform has, with the values above."""
+    names = (("TCP_KEEPIDLE", keepalive_idle_s), ("TCP_KEEPINTVL", keepalive_interval_s),
+             ("TCP_KEEPCNT", keepalive_probes))
+    return {getattr(socket, name): value for name, value in names if hasattr(socket, name)}
+
+
+def connection_options(retries: int = command_retries, **kwargs: Any) -> dict[str, Any]:
+    """``kwargs`` over the settings above: timeouts, keepalive, health checks, ``retries`` retries."""
+    return {"socket_timeout": socket_timeout_s, "socket_connect_timeout": socket_connect_timeout_s,
+            "socket_keepalive": True, "socket_keepalive_options": keepalive_options(),
+            "health_check_interval": health_check_interval_s,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries), **kwargs}
 
 
 def is_sentinel(url: str) -> bool:
@@ -105,15 +146,22 @@ def sentinel_for(url: str, options: SentinelOptions | None = None, **kwargs: Any
 
 
 def redis_client(url: str, *, decode_responses: bool = False, sentinel: SentinelOptions | None = None,
-                 **kwargs: Any) -> Redis:
-    """A client for ``url``; for a Sentinel URL, one that always talks to the current primary."""
+                 retries: int = command_retries, **kwargs: Any) -> Redis:
+    """A client for ``url``; for a Sentinel URL, one that always talks to the current primary.
+
+    Its connections get :func:`connection_options` (``kwargs`` win); ``retries``: how many times a command
+    that lost its connection is tried again.
+    """
     if not is_sentinel(url):
-        return Redis.from_url(url, decode_responses=decode_responses, **kwargs)
+        settings = connection_options(retries, **kwargs)
+        if urlsplit(url).scheme == "unix":  # no TCP: redis-py's socket-file connections take no keepalive options
+            settings = {k: v for k, v in settings.items() if not k.startswith("socket_keepalive")}
+        return Redis.from_url(url, decode_responses=decode_responses, **settings)
     address = parse_sentinel_url(url)
     options = sentinel or SentinelOptions.from_env()
     client: Redis = sentinel_for(url, options, **kwargs).master_for(
         options.master, redis_class=Redis, db=address.db, username=address.username, password=address.password,
-        decode_responses=decode_responses, **kwargs)
+        decode_responses=decode_responses, **connection_options(retries, **kwargs))
     return client
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Callable, Generator
 from concurrent.futures import Future, InvalidStateError, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -24,6 +25,11 @@ class CallFuture(Future[Any]):
     ``SessionWorkerUnavailable`` as soon as the producer's watch sees it, or,
     with ``rehydrate``, runs again on the rebuilt session first. ``cancel()``
     revokes a call that has not started (it is then never run).
+
+    A call whose ``result``/``exception`` timed out (``CallTimeout``) and whose
+    future its caller then let go of (``session.call(timeout=...)`` does) is
+    forgotten by the producer; its late result is dropped. Until then it can be
+    waited on again.
     """
 
     def __init__(self, router: Router, binding: Binding, op: str, kwargs: dict[str, Any], sent: Sent,
@@ -42,7 +48,10 @@ class CallFuture(Future[Any]):
         self.submitted_at = time.monotonic()
         #: When the result arrived.
         self.completed_at: float | None = None
-        sent.reply.add_done_callback(self._on_reply)
+        #: The task ids this future waits on (a rehydrated rerun adds its own), for forgetting them.
+        self._task_ids = [sent.task_id]
+        self._relay = _Relay(self)
+        sent.reply.add_done_callback(self._relay)
 
     @property
     def id(self) -> str:
@@ -60,20 +69,28 @@ class CallFuture(Future[Any]):
         try:
             return super().result(timeout)
         except FutureTimeout:
-            raise CallTimeout(self.binding.session_id, self.op, timeout) from None
+            raise self._timed_out(timeout) from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The call's typed error, or None once it succeeded; ``CallTimeout`` after ``timeout`` seconds."""
         try:
             return super().exception(timeout)
         except FutureTimeout:
-            raise CallTimeout(self.binding.session_id, self.op, timeout) from None
+            raise self._timed_out(timeout) from None
+
+    def _timed_out(self, timeout: float | None) -> CallTimeout:
+        """From now on the listener holds this future weakly: once its caller lets go of it, the call is forgotten."""
+        if self._relay.future is not None:
+            self._relay.future = None
+            weakref.finalize(self, self.router.abandon, self._task_ids)
+        return CallTimeout(self.binding.session_id, self.op, timeout)
 
     def cancel(self) -> bool:
         """Revoke the call if it has not run: it is skipped where it waits. False once it settled."""
         if not super().cancel():
             return False
         self.router.revoke(self.sent.task_id)
+        self.router.abandon(self._task_ids)  # nobody waits for its result (a revoked call may never store one)
         return True
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -85,7 +102,7 @@ class CallFuture(Future[Any]):
         error = reply.exception()
         if isinstance(error, SessionWorkerUnavailable) and self.rehydrate and error.node == self.sent.target:
             # Rebuilding replays recipes and waits for them: never on the listener's thread.
-            self.router.background(self._rerun_rehydrated)
+            self.router.background(self._rerun_rehydrated, self.binding.session_id)
             return
         if error is not None:
             self._settle(None, None, error)
@@ -103,6 +120,7 @@ class CallFuture(Future[Any]):
         except BaseException as exc:  # typed errors from the rebuild settle this call
             self._settle(None, None, exc)
             return
+        self._task_ids.append(retry.id)
 
         def adopt(_: Future[Any]) -> None:
             error = retry.exception()
@@ -124,6 +142,19 @@ class CallFuture(Future[Any]):
                 self.set_result(value)
         except InvalidStateError:  # cancelled meanwhile: the result is dropped
             pass
+
+
+class _Relay:
+    """The reply's callback into its ``CallFuture``: a strong reference until the caller timed out, then a weak one."""
+
+    def __init__(self, future: CallFuture) -> None:
+        self.future: CallFuture | None = future
+        self.weak = weakref.ref(future)
+
+    def __call__(self, reply: Future[Any]) -> None:
+        future = self.future or self.weak()
+        if future is not None:
+            future._on_reply(reply)
 
 
 def gather(futures: list[CallFuture], timeout_s: float | None = None,

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -36,6 +34,8 @@ from routing.producer.binding import Binding, Sent, Waiting, redacted_argsrepr
 from routing.producer.publish import Publisher
 from routing.producer.recovery.backlog import Backlog
 from routing.producer.recovery.deadlines import UNTIMED_OPS, DeadlineSweeper, start_by
+from routing.producer.recovery.lanes import Lanes
+from routing.producer.recovery.unconfirmed import UnconfirmedSends, maybe_applied
 from routing.producer.results.listener import ResultListener
 from routing.producer.slots import DirectSlots, direct_hold_intervals
 from routing.producer.watch import WorkerWatch
@@ -61,10 +61,11 @@ class Router:
         self.results = results
         #: Where this producer's hint sessions sit on workers' direct queues.
         self.direct_slots = DirectSlots(hold_s=direct_hold_intervals * watch.interval_s)
-        self._executor: ThreadPoolExecutor | None = None
-        self._executor_lock = threading.Lock()
+        self.lanes = Lanes()
         self.backlog = Backlog(redis)
         self.deadlines = DeadlineSweeper(results.redis, results.fail_where)
+        #: Calls whose push failed after it may have been applied (``routing.producer.recovery.unconfirmed``).
+        self.unconfirmed = UnconfirmedSends(redis, self.publisher, results.settle_stored, results.fail_where)
         #: s1: with Sentinel, strict calls keep their arguments too, so a failover sweep can resend them.
         self.keep_strict_args = follows_sentinel(redis)
 
@@ -154,19 +155,25 @@ class Router:
         waiting = Waiting(binding.session_id, binding.affinity.strict, node, incarnation,
                           binding.pool, copy.deepcopy(args) if keep else None)
         reply = self.results.expect(task_id, waiting, replied=True)
+        message = None
         try:
             # Celery's message, pushed without send_task's overhead (routing/producer/publish.py); reply_to: the
             # worker publishes the result on the listener's one channel (no subscription per call).
-            self.publisher.send(names.CALL_TASK, args, queue, task_id, reply_to=self.results.reply_channel,
-                                shadow=task_view.task_name(op, kwargs), argsrepr=redacted_argsrepr(args))
+            message = self.publisher.prepare(names.CALL_TASK, args, queue, task_id, shadow=task_view.task_name(
+                op, kwargs), reply_to=self.results.reply_channel, argsrepr=redacted_argsrepr(args))
+            self.publisher.push(message)
         except EncodeError as exc:
             self.results.discard(task_id)
             claims.discard(self.redis, binding.session_id, moved.claims)
             raise InvalidArgument(op, f"arguments must be JSON-serializable ({exc})") from None
-        except BaseException:
-            self.results.discard(task_id)  # the caller gets the error: nothing waits for this call
-            claims.discard(self.redis, binding.session_id, moved.claims)
-            raise
+        except BaseException as exc:
+            if message is None or not maybe_applied(message, exc):
+                self.results.discard(task_id)  # surely not sent: the caller gets the error, nothing waits for it
+                claims.discard(self.redis, binding.session_id, moved.claims)
+                raise
+            # Maybe applied (the reply is what was lost): pending still, looked for, resent only under its id.
+            self.unconfirmed.look_for(copy.deepcopy(message), reply, waiting, binding.pool, binding.session_id,
+                                      op, exc)
         if queue_timeout_s is not None:
             self.deadlines.track(task_id, reply, waiting, (queue, names.pool_queue(binding.pool)),
                                  queue_timeout_s, binding.session_id, op, moved.claims)
@@ -206,7 +213,12 @@ class Router:
         return error_for
 
     def on_worker_death(self, node: str) -> None:
-        """The watch saw ``node`` die (or restart): its pending strict calls fail now, not after a timeout."""
+        """The watch saw ``node`` die (or restart): its pending strict calls fail now, not after a timeout.
+
+        What this producer kept about the node (its slots, its queue's estimate) is dropped.
+        """
+        self.direct_slots.forget_node(node)
+        self.backlog.forget(names.worker_queue(node))
         self.results.fail_where(self._lost_on(node))
 
     def wait(self, binding: Binding, sent: Sent, op: str, timeout_s: float | None) -> dict[str, Any]:
@@ -218,8 +230,16 @@ class Router:
         try:
             envelope: dict[str, Any] = sent.reply.result(timeout_s)
         except FutureTimeout:
+            self.abandon([sent.task_id])
             raise CallTimeout(binding.session_id, op, timeout_s) from None
         return envelope
+
+    def abandon(self, task_ids: list[str]) -> None:
+        """Nobody waits for these calls any more (their caller timed out): forget them; a late result is dropped."""
+        for task_id in task_ids:
+            self.results.discard(task_id)
+            self.deadlines.forget(task_id)
+            self.unconfirmed.forget(task_id)
 
     # -- rehydration and close --------------------------------------------------
 
@@ -252,12 +272,10 @@ class Router:
             log.warning("session %s rehydrated on %s (was %s): %d ref(s) rebuilt",
                         binding.session_id, node, dead, len(replays))
 
-    def background(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` off the result listener's thread (rehydration waits for replies the listener delivers)."""
-        with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(4, thread_name_prefix="flagship-rehydrate")
-        self._executor.submit(fn)
+    def background(self, fn: Callable[[], None], session_id: str) -> None:
+        """Run ``fn`` off the result listener's thread (rehydration waits for replies the listener delivers);
+        one session's work runs one at a time, in the order given (its reruns are sent in call order)."""
+        self.lanes.run(session_id, fn)
 
     def revoke(self, task_id: str) -> None:
         """Tell the workers to skip a call that has not started (``CallFuture.cancel``)."""
@@ -265,12 +283,13 @@ class Router:
 
     def shutdown(self) -> None:
         self.deadlines.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self.unconfirmed.close()
+        self.lanes.shutdown()
 
     def close(self, binding: Binding) -> None:
         """Delete the session record and tell its worker to free the session's objects."""
         node = self.sessions.close(binding.session_id)
+        self.direct_slots.release(binding.session_id)
         if node:
             args = [binding.session_id, "release_session", {}, self._route_header(binding, node, binding.incarnation)]
             self.app.send_task(names.CALL_TASK, args=args, queue=names.worker_queue(node), ignore_result=True,

@@ -61,3 +61,22 @@ class DirectSlots:
                 self._held.get(previous, {}).pop(session_id, None)
             held[session_id], self._where[session_id] = now, node
             return True
+
+    def forget_node(self, node: str) -> None:
+        """``node`` died or left: its slots are gone (its sessions ask for a slot again wherever they call next)."""
+        with self._lock:
+            for session_id in self._held.pop(node, {}):
+                if self._where.get(session_id) == node:
+                    del self._where[session_id]
+
+    def release(self, session_id: str) -> None:
+        """The session closed: its slot is free at once."""
+        with self._lock:
+            node = self._where.pop(session_id, None)
+            if node is not None:
+                self._held.get(node, {}).pop(session_id, None)
+
+    def size(self) -> tuple[int, int]:
+        """Nodes and sessions this producer keeps slots for (tests check both stay bounded)."""
+        with self._lock:
+            return len(self._held), len(self._where)

@@ -1,5 +1,9 @@
 """How many calls wait in each queue this producer sends to, so a full one is refused before sending.
 
+A worker's calls wait in its direct queue or, taken from there, held in its memory until
+their session's turn (``tasks.worker.turns``): both count, the held ones as the worker
+reports them (``held`` in its registry hash).
+
 A pool's ``max_queued`` bounds each worker's direct queue (and the pool's shared
 queue at ``max_queued`` per registered worker). Reading a queue's length on every
 call would add a round trip, so each queue keeps an estimate: its last ``LLEN``
@@ -41,6 +45,16 @@ class Backlog:
         self._lock = threading.Lock()
         self._estimates: dict[str, _Estimate] = {}
 
+    def forget(self, queue: str) -> None:
+        """Drop ``queue``'s estimate (its worker died or left: the queue is reaped, or read afresh if used again)."""
+        with self._lock:
+            self._estimates.pop(queue, None)
+
+    def estimated(self) -> int:
+        """Queues with an estimate (tests check it stays bounded)."""
+        with self._lock:
+            return len(self._estimates)
+
     def has_room(self, queue: str) -> bool:
         """Whether the last estimate of ``queue`` is below its limit (no round trip; unknown: yes)."""
         estimate = self._estimates.get(queue)
@@ -69,8 +83,12 @@ class Backlog:
 
     def _read(self, queue: str, pool: str, max_queued: int, shared: bool) -> tuple[int, int]:
         """The queue's length and its limit, in one round trip."""
-        if not shared:
-            return int(self.redis.llen(queue)), max_queued
+        if not shared:  # the worker's queue, and the calls it took from there but has not started (held)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.llen(queue)
+            pipe.hget(names.worker_key(names.node_of_worker_queue(queue)), "held")
+            queued, held = pipe.execute()
+            return int(queued) + max(0, int(held or 0)), max_queued
         pipe = self.redis.pipeline(transaction=False)
         pipe.llen(queue)
         pipe.scard(names.pool_workers_key(pool))

@@ -46,6 +46,9 @@ batch_window_s = 0.1
 #: First look again for a call a worker held at its deadline after this long; doubling up to the maximum.
 recheck_after_s = 0.5
 recheck_max_s = 5.0
+#: A call held by a worker is looked for until this long past its deadline, then left to the worker (which
+#: refuses to start it late anyway): a call that never settles is not read again forever.
+recheck_for_s = 300.0
 
 #: Task ids as they appear in a queued kombu message (``"id": "<uuid>"`` in its headers).
 _TASK_ID = re.compile(rb'"id": ?"([0-9a-f-]{36})"')
@@ -74,6 +77,8 @@ class _Tracked:
     claims: dict[str, str] = field(default_factory=dict)
     #: Wait before the next look after finding it held by a worker.
     backoff_s: float = recheck_after_s
+    #: When its deadline passed here (monotonic).
+    due_at: float = 0.0
 
 
 class DeadlineSweeper:
@@ -93,16 +98,16 @@ class DeadlineSweeper:
               session_id: str, op: str, claimed: dict[str, str]) -> None:
         """Fail ``reply`` with ``QueueTimeout`` if the call is still queued ``timeout_s`` from now."""
         queues = tuple(dict.fromkeys(queues))  # sent to the shared queue: it is named twice
-        entry = _Tracked(task_id, tag, queues, session_id, op, timeout_s, claimed)
+        entry = _Tracked(task_id, tag, queues, session_id, op, timeout_s, claimed, due_at=time.monotonic() + timeout_s)
         with self._cond:
             self._tracked[task_id] = entry
-            heapq.heappush(self._due, (time.monotonic() + timeout_s, next(self._seq), task_id))
+            heapq.heappush(self._due, (entry.due_at, next(self._seq), task_id))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="flagship-deadlines", daemon=True)
                 self._thread.start()
             if self._due[0][2] == task_id:  # due before whatever the thread sleeps for (usually not: no wake-up)
                 self._cond.notify()
-        reply.add_done_callback(lambda _: self._forget(task_id))
+        reply.add_done_callback(lambda _: self.forget(task_id))
 
     def tracked(self) -> int:
         """Calls whose deadline is still watched (settled ones are forgotten)."""
@@ -116,7 +121,8 @@ class DeadlineSweeper:
         if self._thread is not None:
             self._thread.join(2)
 
-    def _forget(self, task_id: str) -> None:
+    def forget(self, task_id: str) -> None:
+        """Stop watching the call's deadline (it settled, or nobody waits for it any more)."""
         with self._cond:
             self._tracked.pop(task_id, None)  # its heap entry is skipped when it comes up
 
@@ -188,7 +194,7 @@ class DeadlineSweeper:
             return QueueTimeout(entry.session_id, entry.op, entry.timeout_s)
 
         for entry in removed:  # before the caller hears of it: a failed call has left nothing behind
-            self._forget(entry.task_id)
+            self.forget(entry.task_id)
             claims.discard(self.redis, entry.session_id, entry.claims)
         self.fail_where(error_for)
 
@@ -197,6 +203,8 @@ class DeadlineSweeper:
         now = time.monotonic()
         with self._cond:
             for entry in held:
-                if entry.task_id in self._tracked:
+                if now - entry.due_at > recheck_for_s:
+                    self._tracked.pop(entry.task_id, None)
+                elif entry.task_id in self._tracked:
                     heapq.heappush(self._due, (now + entry.backoff_s, next(self._seq), entry.task_id))
                     entry.backoff_s = min(recheck_max_s, entry.backoff_s * 2)

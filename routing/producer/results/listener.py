@@ -11,6 +11,14 @@ channel's subscription (a lost connection, a new primary after a Sentinel failov
 ``on_reconnect`` tells the producer's orphan sweep) every pending key is read; as a
 safety net for results published elsewhere, keys of calls pending longer than
 ``stale_after_s`` are read every ``sweep_every_s`` (one ``MGET`` for all).
+
+A connection can die without a word (a host or network failure that sends no TCP
+reset): an idle pub/sub socket then never errors. So a connection that has been
+silent for ``probe_after_s`` gets a ``PING``; no reply within ``probe_reply_s``
+counts as a lost connection (reconnect, re-read every pending key, tell the
+sweep). A dead connection is noticed within ``probe_after_s + probe_reply_s`` plus
+one turn of the loop (~8 s). The listener's own commands are not retried by
+redis-py (``retries=0``): a timeout is a lost connection to it, handled as above.
 """
 
 from __future__ import annotations
@@ -23,20 +31,19 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import redis as redis_lib
 from celery import Celery
 
 from routing import names
-from routing.broker.connect import redis_client
-from routing.producer.results import outcome
+from routing.broker.connect import redis_client, socket_timeout_s
+from routing.producer.results.pending import RESULT_KEY_PREFIX, Pending, PendingCalls
+
+__all__ = ["RESULT_KEY_PREFIX", "ResultListener"]
 
 log = logging.getLogger(__name__)
 
-#: Celery's result key (and channel) for a task id.
-RESULT_KEY_PREFIX = "celery-task-meta-"
 #: Longest sleep between attempts to get a lost pub/sub connection back.
 max_reconnect_backoff_s = 2.0
 #: Settled calls with their own subscription after which the listener moves to a fresh connection
@@ -46,33 +53,24 @@ rotate_after = 5000
 home_ready_timeout_s = 5.0
 #: The safety net: keys of calls pending longer than ``stale_after_s`` are read every ``sweep_every_s``.
 sweep_every_s, stale_after_s = 2.0, 2.0
-#: Keys per ``MGET`` when reading many pending calls.
-read_batch = 1000
+#: A pub/sub connection silent this long gets a ``PING``; no reply within ``probe_reply_s``: it is lost.
+probe_after_s, probe_reply_s = 2.0, socket_timeout_s
 
 
-@dataclass
-class Pending:
-    future: Future[Any]
-    #: What the caller wants to know about the call later (see :meth:`ResultListener.fail_where`).
-    tag: Any
-    subscribed: bool = True  # to its own result channel (it was not sent naming the reply channel)
-    since: float = 0.0  # time.monotonic() when it was expected
-    next_read: float = 0.0  # when the safety sweep reads its key next
-
-
-class ResultListener:
+class ResultListener(PendingCalls):
     def __init__(self, app: Celery, redis_url: str) -> None:
-        self.app = app
-        self.redis = redis_client(redis_url)
+        # No redis-py retries: a lost connection is the listener's to handle (reconnect and re-read).
+        super().__init__(app, redis_client(redis_url, retries=0))
         #: Called (on the listener thread; keep it short) once the listener is subscribed again after a lost
         #: connection: the server may be a new primary that never saw some calls (``routing.producer.recovery.sweep``).
         self.on_reconnect: Callable[[], None] | None = None
         #: A lost connection (ours; or a second confirmation of the home channel on one pub/sub: redis-py's).
         self._reconnected, self._home_confirms = False, 0
         self._pubsub = self.redis.pubsub()
-        self._lock = threading.Lock()
-        self._pending: dict[str, Pending] = {}
-        self._settled = 0
+        #: When the pub/sub connection last delivered anything, and when an unanswered probe went out.
+        self._heard_at, self._probe_sent_at = time.monotonic(), 0.0
+        #: Connections lost so far, and when the last loss was noticed (monotonic).
+        self.losses, self.lost_at = 0, 0.0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)  # a full pipe already wakes the listener: never block a caller
         self._stop = threading.Event()
@@ -110,53 +108,6 @@ class ResultListener:
                 self._wake()
         return future
 
-    def fail_where(self, error_for: Callable[[Any], BaseException | None]) -> int:
-        """Fail every pending call for whose tag ``error_for`` returns an error; returns how many failed.
-
-        A call whose result was stored just before (not yet delivered) gets its result instead.
-        """
-        with self._lock:
-            doomed = [(channel, error) for channel, p in self._pending.items()
-                      if (error := error_for(p.tag)) is not None]
-        if not doomed:
-            return 0
-        failed, settled = 0, self._read([channel for channel, _ in doomed])
-        for channel, error in doomed:
-            if channel not in settled and (pending := self._take(channel)) is not None:
-                pending.future.set_exception(error)
-                failed += 1
-        self._wake()
-        return failed
-
-    def pending_where(self, wanted: Callable[[Any], bool]) -> dict[str, Any]:
-        """Task id -> tag of the pending calls whose tag ``wanted`` accepts (a snapshot)."""
-        with self._lock:
-            return {channel[len(RESULT_KEY_PREFIX):]: p.tag for channel, p in self._pending.items() if wanted(p.tag)}
-
-    def settle_stored(self, task_ids: list[str]) -> set[str]:
-        """Settle the calls among ``task_ids`` whose final result is stored (one ``MGET``); returns those settled."""
-        settled = self._read([RESULT_KEY_PREFIX + task_id for task_id in task_ids])
-        return {channel[len(RESULT_KEY_PREFIX):] for channel in settled}
-
-    def _read(self, channels: list[str]) -> set[str]:
-        """Settle the calls of ``channels`` whose final result is stored (``MGET`` in batches); those settled."""
-        settled: set[str] = set()
-        for start in range(0, len(channels), read_batch):
-            batch = channels[start:start + read_batch]
-            settled.update(channel for channel, raw in zip(batch, self.redis.mget(batch))
-                           if raw is not None and self._settle(channel, raw))
-        return settled
-
-    def discard(self, task_id: str) -> None:
-        """Stop waiting for a call that was never sent."""
-        self._take(RESULT_KEY_PREFIX + task_id)
-
-    def _take(self, channel: str) -> Pending | None:
-        with self._lock:
-            pending = self._pending.pop(channel, None)
-            self._settled += pending is not None and pending.subscribed
-        return pending
-
     def close(self) -> None:
         self._stop.set()
         self._wake()
@@ -182,7 +133,9 @@ class ResultListener:
             except (redis_lib.ConnectionError, redis_lib.TimeoutError, OSError) as exc:
                 if self._stop.is_set():
                     return
+                self.losses, self.lost_at = self.losses + 1, time.monotonic()
                 log.warning("result listener lost its connection (%s); reconnecting", exc)
+                self.redis.connection_pool.disconnect()  # the pooled connections went the same way, likely
                 time.sleep(backoff)
                 backoff = min(max_reconnect_backoff_s, backoff * 2)
                 self._resubscribe_all()
@@ -197,6 +150,7 @@ class ResultListener:
         """A fresh connection (after a lost one, or every ``rotate_after`` settled calls with their own channel)."""
         old, self._pubsub = self._pubsub, self.redis.pubsub()
         old.close()
+        self._heard_at, self._probe_sent_at = time.monotonic(), 0.0
         with self._lock:
             self._subscribe = [self._home, *(channel for channel, p in self._pending.items() if p.subscribed)]
             self._settled = 0
@@ -221,12 +175,25 @@ class ResultListener:
                     selector.register(sock, selectors.EVENT_READ)
                 watched_sock = sock
             self._drain_messages()
+            self._probe()
             if time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + sweep_every_s
                 self._read_replied(sweep=True)
             for key, _ in selector.select(timeout=1.0):
                 if key.fileobj == self._wake_r:
                     os.read(self._wake_r, 4096)
+
+    def _probe(self) -> None:
+        """``PING`` a connection silent for ``probe_after_s``; one that does not answer in time is lost."""
+        if self._pubsub.connection is None or not self._pubsub.subscribed:
+            return
+        now = time.monotonic()
+        if self._probe_sent_at:
+            if now - self._probe_sent_at > probe_reply_s:
+                raise redis_lib.TimeoutError(f"no reply to a PING within {probe_reply_s:.0f} s (a silent network?)")
+        elif now - self._heard_at >= probe_after_s:
+            self._pubsub.ping()
+            self._probe_sent_at = now
 
     def _home_confirmed(self) -> None:
         """The reply channel is subscribed: after a gap, read what landed meanwhile; after a lost connection, say so."""
@@ -258,6 +225,9 @@ class ResultListener:
             return
         to_read: list[str] = []
         while (message := self._pubsub.get_message(timeout=0)) is not None:
+            self._heard_at, self._probe_sent_at = time.monotonic(), 0.0
+            if message["type"] == "pong":
+                continue
             channel = message["channel"].decode()
             if channel == self._home:
                 if message["type"] == "subscribe":
@@ -285,16 +255,3 @@ class ResultListener:
             to_read.append(channel)
         else:
             self._settle_meta(channel, meta)
-
-    def _settle(self, channel: str, raw: bytes) -> bool:
-        """Settle the call of ``channel`` from a stored result; False if not final or not pending."""
-        return self._settle_meta(channel, outcome.decoded(self.app.backend, raw))
-
-    def _settle_meta(self, channel: str, meta: dict[str, Any] | BaseException) -> bool:
-        if not outcome.final(meta):
-            return False
-        pending = self._take(channel)
-        if pending is None:
-            return False  # already settled (the message and the read-back both arrived)
-        outcome.settle(pending.future, self.app.backend, meta)
-        return True
