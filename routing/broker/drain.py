@@ -15,15 +15,23 @@ No message is ever outside both the queue and the un-acked record: the script
 pops and records atomically; a retried call (its reply lost) gets the same
 messages back; messages not delivered because delivery failed part-way are put
 back at the head of the queue; a message the script could not read, or read
-differently, is not recorded by it (kombu's own write records it).
+differently, is not recorded by it (kombu's own write records it). A call whose
+reply never came (the connection broke, or timed out, after redis-py's own retry)
+is remembered with its reply key: the next channel this process opens (the
+consumer reconnecting) gives the message ``BRPOP`` took and the burst the script
+kept under that key back to the head of the queue, in order, at once rather than
+after the visibility timeout. The reply is kept ``reply_ttl_ms``: a connection
+down longer leaves the burst to the visibility timeout (or the reaper).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import redis as redis_lib
@@ -41,6 +49,24 @@ drain_max = 32
 reply_ttl_ms = 60_000
 #: Key prefix of those replies.
 REPLY_PREFIX = names.PREFIX + ":drain:"
+#: What a script is told when ``RPOP`` takes no count (Redis < 6.2: "Wrong number of args calling Redis command
+#: From Lua script"; newer servers word it "... calling command from script"), and what a client is told.
+NO_RPOP_COUNT = ("wrong number of args calling", "wrong number of arguments")
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """A drain whose reply was lost: what ``BRPOP`` took from ``key`` and the reply key of the script's burst."""
+
+    key: str
+    reply_key: str
+    tag: str
+    item: bytes
+
+
+#: Drains whose reply was lost, oldest first, given back when this process next opens a channel.
+_stranded: list[Stranded] = []
+_stranded_lock = threading.Lock()
 
 
 class PrerecordedQoS(kombu_redis.QoS):
@@ -54,6 +80,12 @@ class PrerecordedQoS(kombu_redis.QoS):
     prerecorded: set[str] | None = None
     #: Delivery tag -> the list item it was popped as, while kombu delivers it.
     popped_as: dict[str, bytes | str] | None = None
+
+    # extends kombu 5.7.0 redis QoS.__init__ (a new channel: maybe a reconnect); pinned in tests/test_upstream_seams.py
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        if _stranded:
+            give_back_stranded(self)
 
     # overrides kombu 5.7.0 redis QoS.append (entry reproduced: unacked_entry); pinned in tests/test_upstream_seams.py
     def append(self, message: Any, delivery_tag: str) -> None:
@@ -115,19 +147,25 @@ def deliver_popped(channel: Any, key: str, queue: str, item: bytes) -> None:
     qos: Any = channel.qos
     room = qos.can_consume_max_estimate()  # kombu's prefetch room (None: no prefetch limit), this item included
     more = drain_max if room is None else max(0, min(room - 1, drain_max))
+    reply_key = REPLY_PREFIX + uuid.uuid4().hex
     try:
         with channel.conn_or_acquire() as client:
             if channel._drain_script is None or channel._drain_script.registered_client is not client:
                 channel._drain_script = client.register_script(source("drain_direct_queue"))
-            reply = channel._drain_script(
-                keys=[key, qos.unacked_key, qos.unacked_index_key, REPLY_PREFIX + uuid.uuid4().hex],
-                args=[more, time.time(), reply_ttl_ms, tag, entry], client=client)
+            reply = channel._drain_script(keys=[key, qos.unacked_key, qos.unacked_index_key, reply_key],
+                                          args=[more, time.time(), reply_ttl_ms, tag, entry], client=client)
     except redis_lib.ResponseError as exc:  # the script wrote nothing: kombu's way for this message
-        if "wrong number of arguments" in str(exc).lower():  # no RPOP count (Redis < 6.2): not on this connection
+        if no_rpop_count(exc):  # Redis < 6.2: not on this connection
             log.warning("draining %s is off for this connection: %s", queue, exc)
             channel._drain_off = True
         channel._deliver_popped(item, queue, envelope=envelope)
         return
+    except (redis_lib.ConnectionError, redis_lib.TimeoutError):
+        # The script may have run (this message and a burst recorded un-acked, none delivered): given back to the
+        # head of the queue by the next channel, once the consumer has reconnected.
+        with _stranded_lock:
+            _stranded.append(Stranded(key, reply_key, tag, item))
+        raise
     popped = [(item, _text(reply[0]), envelope)] + [(more_item, _text(more_tag), None) for more_item, more_tag in
                                                      zip(reply[1::2], reply[2::2], strict=True)]
     for i, (popped_item, popped_tag, parsed) in enumerate(popped):
@@ -138,6 +176,11 @@ def deliver_popped(channel: Any, key: str, queue: str, item: bytes) -> None:
             undelivered = [popped_tag] if popped_tag and popped_tag not in qos._delivered else []
             _give_back(qos, undelivered + [later for _, later, _ in popped[i + 1:] if later])
             raise
+
+
+def no_rpop_count(exc: Exception) -> bool:
+    """Whether a drain script failed for an ``RPOP`` without a count (Redis < 6.2)."""
+    return any(text in str(exc).lower() for text in NO_RPOP_COUNT)
 
 
 def _text(value: Any) -> str:
@@ -153,3 +196,33 @@ def _give_back(qos: Any, tags: list[str]) -> None:
             log.warning("could not put a drained message back (tag %s); it stays un-acked", tag, exc_info=True)
         if qos.prerecorded is not None:
             qos.prerecorded.discard(tag)
+
+
+def give_back_stranded(qos: Any) -> None:
+    """Put the messages of drains whose reply was lost back at the head of their queues, in order (best effort).
+
+    Each drain's reply key lists what it recorded (the message ``BRPOP`` took first); without one, the script
+    either popped nothing more or never ran, and the first message is un-acked or only in this process.
+    The newest drain goes back first, so the oldest message ends nearest the head.
+    """
+    with _stranded_lock:
+        stranded, _stranded[:] = list(_stranded), []
+    try:
+        with qos.channel.conn_or_acquire() as client:
+            while stranded:
+                lost = stranded[-1]
+                reply = client.lrange(lost.reply_key, 0, -1)
+                popped = [(lost.item, _text(reply[0]) if reply else lost.tag)] + list(zip(reply[1::2], map(
+                    _text, reply[2::2]), strict=True))
+                for item, tag in reversed(popped):
+                    if tag and client.hexists(qos.unacked_key, tag):
+                        qos.restore_by_tag(tag, client=client)
+                    elif not tag or not reply:  # never recorded: it was only in this process (or the reply)
+                        client.rpush(lost.key, item)
+                client.delete(lost.reply_key)
+                stranded.pop()
+                log.warning("gave back %d drained message(s) of %s whose reply was lost", len(popped), lost.key)
+    except Exception:  # the connection is not back yet: the next channel tries again
+        log.warning("could not give back drained messages whose reply was lost yet", exc_info=True)
+        with _stranded_lock:
+            _stranded[:0] = stranded

@@ -12,10 +12,13 @@ session's state is gone); a hint call simply runs there. Calls a worker received
 in its last heartbeat interval and held from the shared queue come back when
 kombu's visibility timeout expires.
 
-Every un-acknowledged delivery moved this way counts in the message's
-``flagship_deliveries`` header; at ``FLAGSHIP_MAX_DELIVERIES`` the message goes to the
-dead-letter list (``routing.broker.deadletter``) instead, and its call fails with
-``DeadLettered``: a message that kills each worker taking it kills only that many.
+The moved calls go to the head of the shared queue (the end its workers pop next), the
+oldest send first (``routing.fleet.moves``). Every un-acknowledged delivery moved this way
+counts in the message's ``flagship_deliveries`` header; at ``FLAGSHIP_MAX_DELIVERIES`` the
+message goes to the dead-letter list (``routing.broker.deadletter``) instead, and its call
+fails with ``DeadLettered``: a message that kills each worker taking it kills only that many.
+An item that cannot be read at all (not UTF-8, not JSON, nested too deep) is dead-lettered
+too, and the reap goes on: one bad item never stops a pool's recovery.
 """
 
 from __future__ import annotations
@@ -24,15 +27,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
-import redis as redis_lib
 from redis import Redis
 
 from routing import names
-from routing.broker.deadletter import DELIVERIES_HEADER, DeadLetterSettings, Letter, announce, deliveries, record
-from routing.broker.envelope import UNACKED_INDEX_KEY, UNACKED_KEY
+from routing.broker.envelope import raw_command
+from routing.fleet.moves import Wanted, move_to_head
 from routing.fleet.registry import remove_worker
 
 log = logging.getLogger(__name__)
@@ -43,135 +45,36 @@ reap_lock_ttl_s = 30
 reap_retention_s = 3600.0
 
 
-def _retarget(raw: str, queue: str, delivered: bool = False) -> str:
-    """Point a queued Celery message at ``queue`` so a later redelivery goes there too.
-
-    ``delivered``: a worker took it and died before completing it; count that delivery (and mark it
-    redelivered, as kombu's own restore does). What is not an envelope moves unchanged: the worker
-    that takes it next dead-letters it.
-    """
-    try:
-        message = json.loads(raw)
-        properties = message.setdefault("properties", {})
-        info = properties.setdefault("delivery_info", {})
-        info["exchange"] = queue
-        info["routing_key"] = queue
-        if delivered:
-            headers = message.setdefault("headers", {})
-            headers[DELIVERIES_HEADER] = deliveries(headers) + 1
-            headers["redelivered"] = info["redelivered"] = True
-        return json.dumps(message)
-    except (ValueError, TypeError, AttributeError):
-        return raw
-
-
-def _over_delivered(raw: str, settings: DeadLetterSettings) -> Letter | None:
-    """A dead-letter entry for a taken message whose next delivery would exceed ``max_deliveries``."""
-    try:
-        message = json.loads(raw)
-        headers = message["headers"]
-        count = deliveries(headers) + 1
-        queue = message["properties"]["delivery_info"]["routing_key"]
-        reply_to = message["properties"].get("reply_to")
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-    if count < settings.max_deliveries or not isinstance(headers, dict):
-        return None
-    task_id, task = headers.get("id"), headers.get("task")
-    return Letter(str(queue), f"delivered {count} times without completing (limit {settings.max_deliveries}); "
-                  "each time its worker died", raw, task_id if isinstance(task_id, str) else None,
-                  task if isinstance(task, str) else None, reply_to)
-
-
-def _move_one(redis: Redis, watched: str, read: Callable[[Redis], str | None],
-              take: Callable[[Redis], None], place: Callable[[Redis, str], Letter | None]) -> bool | None:
-    """Atomically take one message (read under WATCH) and ``place`` it (push it on, or dead-letter it).
-
-    Returns True if moved, False if there was nothing to move, None on a conflict (retry).
-    """
-    with redis.pipeline() as pipe:
-        try:
-            pipe.watch(watched)
-            raw = read(pipe)
-            if raw is None:
-                return False
-            pipe.multi()
-            take(pipe)
-            letter = place(pipe, raw)
-            pipe.execute()
-        except redis_lib.WatchError:
-            return None
-    if letter is not None:
-        announce(letter)
-    return True
-
-
-def move_queue(redis: Redis, source: str, target: str) -> int:
-    """Move every message from ``source`` to ``target``, oldest first, each move atomic."""
-
-    def place(pipe: Redis, raw: str) -> None:
-        pipe.lpush(target, _retarget(raw, target))
-
-    moved = 0
-    while (result := _move_one(redis, source, lambda p: p.lindex(source, -1), lambda p: p.rpop(source),
-                               place)) is not False:
-        moved += bool(result)
-    return moved
-
-
-def move_unacked(redis: Redis, wanted: Callable[[str, str], bool], target: str) -> int:
-    """Requeue un-acknowledged deliveries for which ``wanted(delivery_tag, routing_key)`` holds.
+def move_unacked(redis: Redis, wanted: Wanted, target: str) -> int:
+    """Requeue un-acknowledged deliveries for which ``wanted(delivery_tag, routing_key)`` holds, at ``target``'s head.
 
     Each counts as a delivery that did not complete; one that reaches ``FLAGSHIP_MAX_DELIVERIES``
-    is dead-lettered instead (a message that kills every worker that takes it stops there).
-    Returns how many were requeued.
+    is dead-lettered instead (a message that kills every worker that takes it stops there), and so is
+    one that cannot be read. Returns how many were requeued.
     """
-    settings = DeadLetterSettings.from_env()
-    moved = 0
-    for tag, raw in redis.hscan_iter(UNACKED_KEY):
-        try:
-            _payload, _exchange, routing_key = json.loads(raw)
-        except (ValueError, TypeError):
-            log.warning("un-acked entry %s is not kombu's [message, exchange, routing_key]; left alone", tag)
-            continue
-        if not wanted(tag, routing_key):
-            continue
-
-        def read(pipe: Redis, tag: str = tag) -> str | None:
-            current = pipe.hget(UNACKED_KEY, tag)
-            return None if current is None else json.dumps(json.loads(current)[0])
-
-        def take(pipe: Redis, tag: str = tag) -> None:
-            pipe.hdel(UNACKED_KEY, tag)
-            pipe.zrem(UNACKED_INDEX_KEY, tag)
-
-        requeued = True
-
-        def place(pipe: Redis, raw: str) -> Letter | None:
-            nonlocal requeued
-            letter = _over_delivered(raw, settings)
-            requeued = letter is None
-            if letter is None:
-                pipe.lpush(target, _retarget(raw, target, delivered=True))
-            else:
-                record(pipe, letter, settings)
-            return letter
-
-        while (result := _move_one(redis, UNACKED_KEY, read, take, place)) is None:
-            pass
-        moved += bool(result) and requeued
-    return moved
+    return move_to_head(redis, target, wanted=wanted)
 
 
 def reap_node(redis: Redis, node: str, pool: str) -> int:
     """Move what a gone incarnation of ``node`` held or had queued to the pool's shared queue."""
     queue, shared = names.worker_queue(node), names.pool_queue(pool)
-    held = set(json.loads(redis.hget(names.worker_key(node), "holding") or "[]"))
-    moved = move_unacked(redis, lambda tag, routing_key: routing_key == queue or tag in held, shared)
-    moved += move_queue(redis, queue, shared)
+    held = _holding(redis, node)
+    # One move for both: the dead worker's un-acked calls and its queue reach the head together, in send order.
+    moved = move_to_head(redis, shared, source_key=queue,
+                         wanted=lambda tag, routing_key: routing_key == queue or tag in held)
     if moved:
         log.warning("worker %s is gone: moved %d call(s) it held or had queued to %s", node, moved, pool)
     return moved
+
+
+def _holding(redis: Redis, node: str) -> set[str]:
+    """The delivery tags a worker reported holding in its last heartbeat (none if unreadable)."""
+    try:
+        held = json.loads(raw_command(redis, "HGET", names.worker_key(node), "holding") or b"[]")
+    except Exception:  # a registry entry someone else wrote: the routing key still finds its own calls
+        log.warning("worker %s's holding list is unreadable; moving what its queue's routing key names", node)
+        return set()
+    return {tag for tag in held if isinstance(tag, str)} if isinstance(held, list) else set()
 
 
 def reap_dead_workers(redis: Redis, pool: str | None = None) -> dict[str, int]:

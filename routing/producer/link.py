@@ -13,6 +13,7 @@ from celery import Celery
 
 from routing.broker.celery_config import celery_config
 from routing.broker.connect import redis_client
+from routing.broker.envelope import configure_unacked_keys
 from routing.broker.failures import check_broker
 from routing.fleet.registry import Registry
 from routing.fleet.sessions import SessionStore
@@ -37,6 +38,7 @@ class Link:
         self.watch = WorkerWatch(self.registry, settings.watch_interval_s, self._on_worker_death)
         self.app = Celery("flagship-client", set_as_current=False)
         self.app.conf.update(celery_config(settings, url))
+        configure_unacked_keys(self.app.conf.broker_transport_options)  # the sweep and the reaper read kombu's keys
         # Results come through the listener's subscriptions, not Celery's own result consumer.
         self.app.conf.result_backend = listener_backend_url(url)
         self.app.conf.result_backend_thread_safe = True  # one backend for every producer thread

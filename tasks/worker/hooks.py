@@ -20,7 +20,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from routing import names
 from routing.broker.brokers import broker_url, same_server
 from routing.broker.connect import redis_client
-from routing.broker.envelope import UnackedKeys, configure_unacked_keys
+from routing.broker.envelope import configure_unacked_keys
 from routing.broker.failures import check_broker
 from routing.broker.result_store import ACK_WITH_RESULT
 from routing.broker.transport import live_worker
@@ -126,10 +126,10 @@ def ack_keys(conf: Any) -> dict[str, str] | None:
     """
     backend = conf.result_backend if isinstance(conf.result_backend, str) else ""
     options = conf.broker_transport_options or {}
+    keys = configure_unacked_keys(options)  # the reaper in this worker reads the same keys
     if (not conf.task_acks_late or options.get("global_keyprefix") or "+" not in backend
             or not same_server(conf.broker_url, backend.split("+", 1)[1])):
         return None
-    keys = UnackedKeys.of(options)
     return {"hash": keys.hash, "index": keys.index}
 
 
@@ -193,7 +193,6 @@ def _setup(sender: str, instance: Any, conf: Any, **_: Any) -> None:
     for queue in (names.pool_queue(pool.name), names.worker_queue(sender)):
         if queue not in consumed:
             queues.select_add(queue)
-    configure_unacked_keys(conf.broker_transport_options)  # the reaper in this worker reads kombu's keys
     conf[ACK_WITH_RESULT] = ack_keys(conf)
     _state = WorkerState(node=sender, pool=pool, settings=settings, redis=redis,
                          concurrency=int(instance.concurrency), capabilities=capabilities, redis_url=conf.broker_url,

@@ -6,7 +6,8 @@ without an id raise out of the consumer (which restarts, gets the same message
 back, and restarts again), a body that is not ``[args, kwargs, embed]`` fails
 deep in the pool, an unknown task is rejected with a traceback, and a
 ``flagship.call`` whose session id is not a string upsets the worker's
-bookkeeping. :class:`MessageGuard` checks each message first (the envelope
+bookkeeping; a ``flagship.call`` with an ``eta`` (a countdown becomes one) would hold its
+session's turn until then. :class:`MessageGuard` checks each message first (the envelope
 itself was checked by the Redis channel, ``routing.broker.envelope``); what fails goes to
 the dead-letter list (``routing.broker.deadletter``) with the reason, is acknowledged,
 and is logged once. The checks read what Celery reads anyway: the decoded body is
@@ -91,6 +92,9 @@ class MessageGuard:
                 return f"header {field!r} is a {_type_name(value)}, not a {kinds[0].__name__}"
         if (wrong := _timelimit_problem(headers.get("timelimit"))) is not None:
             return wrong
+        if task == names.CALL_TASK and headers.get("eta") is not None:
+            return ("a session call takes no eta or countdown (header 'eta'): it would hold the session's turn "
+                    "until then; the producer never sends one")
         try:
             body = message.decode()  # cached on the message: Celery's strategy reads the same object
         except Exception as exc:

@@ -266,13 +266,15 @@ def test_only_a_visibility_timeout_restore_counts_the_delivery(client: Client, b
     assert not client.redis.hexists(UNACKED_KEY, tag)
 
 
-def test_the_reaper_moves_an_unparseable_item_from_a_dead_workers_queue_without_failing(client: Client) -> None:
+def test_the_reaper_dead_letters_an_unparseable_item_from_a_dead_workers_queue_and_finishes(client: Client) -> None:
     node, pool = names.qualify_node(f"poison-dead-{uuid.uuid4().hex[:6]}"), f"poison_reaped_{uuid.uuid4().hex[:6]}"
-    client.redis.lpush(names.worker_queue(node), "not JSON at all")
+    marker = f"not JSON at all {uuid.uuid4().hex}"
+    client.redis.lpush(names.worker_queue(node), marker)
     client.redis.hset(names.DIRECT_QUEUES_KEY, node, pool)
-    assert reap_dead_workers(client.redis, pool) == {node: 1}
-    assert client.redis.lrange(names.pool_queue(pool), 0, -1) == ["not JSON at all"]  # its next worker dead-letters it
-    client.redis.delete(names.pool_queue(pool))
+    assert reap_dead_workers(client.redis, pool) == {node: 0}
+    [entry] = entries_with(client, marker)
+    assert entry["reason"].startswith("item is not JSON") and entry["queue"] == names.worker_queue(node)
+    assert client.redis.llen(names.pool_queue(pool)) == 0 and client.redis.llen(names.worker_queue(node)) == 0
 
 
 def test_status_shows_the_dead_letter_count_and_newest_entries(

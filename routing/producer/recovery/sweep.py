@@ -14,6 +14,9 @@ of its pending hint calls of that pool, a few times over the next seconds:
   milliseconds): lost in the dead worker's pop window; sent again to the shared
   queue with the same task id, marked resent (``names.RESENT_HEADER``).
 
+Moved and resent calls go to the head of their queue (the end workers pop next), the
+oldest send first (``routing.fleet.moves``, :meth:`OrphanSweep.resend`).
+
 After a broker failover (the result listener is back on a server, maybe a new
 primary that never saw the last writes) the same sweep runs over **every** pool
 with pending calls, strict calls included: a strict call found nowhere is resent
@@ -42,6 +45,7 @@ from routing.errors import ServerUnavailable
 from routing.fleet import task_view
 from routing.fleet.reaper import move_unacked
 from routing.producer.binding import Waiting, redacted_argsrepr
+from routing.producer.publish import Publisher
 from routing.producer.recovery.whereabouts import Suspect, locate
 from routing.producer.results.listener import ResultListener
 from routing.settings import redact_url
@@ -192,19 +196,22 @@ class OrphanSweep:
             log.warning("moved %d un-acked call(s) of %s no live worker holds back to a queue", moved, pool)
 
     def _resend(self, pool: str, lost: list[str], pending: dict[str, Any]) -> set[str]:
-        """Resend the calls found nowhere; returns those that could not be sent."""
+        """Resend the calls found nowhere, per queue in their send order; returns those that could not be sent."""
         unsent: set[str] = set()
         if not lost:
             return unsent
         settled = self.results.settle_stored(lost)  # a last look: a result may have landed meanwhile
-        resent = [task_id for task_id in lost if task_id not in settled]
-        for task_id in list(resent):
+        by_queue: dict[str, list[str]] = {}
+        for task_id in sorted((t for t in lost if t not in settled), key=lambda t: _sent_at(pending[t])):
+            by_queue.setdefault(_queue_for(pending[task_id]), []).append(task_id)
+        for queue, task_ids in by_queue.items():
             try:
-                self.resend(task_id, pending[task_id])
+                self.resend(queue, [(task_id, pending[task_id]) for task_id in task_ids])
             except Exception as exc:  # the broker may still be changing hands: the next pass tries again
-                resent.remove(task_id)
-                unsent.add(task_id)
-                self._give_up_after_failover(pool, task_id, pending[task_id], exc)
+                unsent.update(task_ids)
+                for task_id in task_ids:
+                    self._give_up_after_failover(pool, task_id, pending[task_id], exc)
+        resent = [task_id for task_ids in by_queue.values() for task_id in task_ids if task_id not in unsent]
         if resent:
             self.redis.hincrby(names.STATS_KEY, "resent", len(resent))
             log.warning("resent %d call(s) of %s lost with a dead worker or primary: %s", len(resent), pool,
@@ -221,23 +228,35 @@ class OrphanSweep:
         error = ServerUnavailable(url, f"call {task_id} was lost with the broker and could not be resent ({exc})")
         self.results.fail_where(lambda w: error if w is waiting else None)
 
-    def resend(self, task_id: str, waiting: Waiting) -> None:
-        """Send a lost call again (hint: its pool's shared queue; strict: its worker's direct queue), same task id.
+    def resend(self, queue: str, calls: list[tuple[str, Waiting]]) -> None:
+        """Send lost calls (in their send order) again to ``queue``, same task ids, onto its head, oldest nearest.
 
-        The result listener still waits on that id; a worker that finds a stored
-        result for a resent call answers from the store instead of running it.
+        A hint call goes to its pool's shared queue, a strict one to its worker's direct queue
+        (``_queue_for``). The messages are the router's (``Publisher.prepare``), pushed with one
+        ``RPUSH`` to the end workers pop next: all of them at once, the oldest popped first. (A
+        message only ``send_task`` can send goes behind the calls waiting there.) The result
+        listener still waits on those ids; a worker that finds a stored result for a resent call
+        answers from the store instead of running it.
         """
-        args = waiting.args
-        assert args is not None and waiting.pool is not None
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)  # before sending: a late original must find the mark
-        pipe.zadd(names.RESENT_KEY, {task_id: now})
+        pipe.zadd(names.RESENT_KEY, {task_id: now for task_id, _ in calls})
         pipe.zremrangebyscore(names.RESENT_KEY, 0, now - resent_retention_s)
         pipe.execute()
-        self.app.send_task(names.CALL_TASK, args=args, queue=_queue_for(waiting), task_id=task_id,
-                           reply_to=self.results.reply_channel, shadow=task_view.task_name(args[1], args[2]),
-                           argsrepr=redacted_argsrepr(args),
-                           headers={names.RESENT_HEADER: 1})
+        publisher = Publisher(self.app, self.redis)
+        messages = []
+        for task_id, waiting in calls:
+            args = waiting.args
+            assert args is not None
+            messages.append(publisher.prepare(
+                names.CALL_TASK, args, queue, task_id, reply_to=self.results.reply_channel,
+                shadow=task_view.task_name(args[1], args[2]), argsrepr=redacted_argsrepr(args),
+                headers={names.RESENT_HEADER: 1}))
+        for message in messages:
+            if message.payload is None:
+                publisher.push(message)
+        if payloads := [message.payload for message in reversed(messages) if message.payload is not None]:
+            self.redis.rpush(queue, *payloads)
 
 
 def _resendable(tag: Any) -> bool:
@@ -249,8 +268,16 @@ def _carries_args(tag: Any) -> bool:
     return isinstance(tag, Waiting) and tag.args is not None and tag.pool is not None
 
 
-def _tag_in(tags: set[str]) -> Callable[[str, str], bool]:
+def _tag_in(tags: set[str]) -> Callable[[str, str | None], bool]:
     return lambda tag, _routing_key: tag in tags
+
+
+def _sent_at(waiting: Waiting) -> float:
+    """When the router sent the call (its route's ``sent_at``); unknown ones last."""
+    try:
+        return float(waiting.args[3]["sent_at"])  # type: ignore[index]
+    except Exception:  # no route as the router writes it
+        return float("inf")
 
 
 def _queue_for(waiting: Waiting) -> str:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis import Redis
 
 from routing import names
-from routing.broker.envelope import UNACKED_KEY, task_id_of
+from routing.broker.envelope import raw_command, task_id_of, unacked_keys, unacked_parts
+from routing.fleet.moves import scan_count
 
 #: Beats of every live worker (after the first look) that must pass without it listing an un-acked call.
 beats_to_wait = 2
@@ -38,17 +40,19 @@ def locate(redis: Redis, pool: str, task_ids: set[str]) -> Whereabouts:
     queues = [names.pool_queue(pool)] + [names.worker_queue(node) for node, p in
                                          redis.hgetall(names.DIRECT_QUEUES_KEY).items() if p == pool]
     pipe = redis.pipeline(transaction=False)
-    for queue in queues:
-        pipe.lrange(queue, 0, -1)
+    for queue in queues:  # as raw bytes: an item that is not UTF-8 (or not JSON) is simply none of ours
+        raw_command(pipe, "LRANGE", queue, 0, -1)
     queued = {task_id for items in pipe.execute() for raw in items if (task_id := task_id_of(raw)) in task_ids}
     unacked = {}
-    for tag, raw in redis.hscan_iter(UNACKED_KEY):
-        try:
-            task_id = task_id_of(json.loads(raw)[0])
-        except (ValueError, TypeError, KeyError, IndexError):
-            continue
-        if task_id in task_ids:
-            unacked[task_id] = tag
+    cursor: Any = 0
+    while True:
+        cursor, page = raw_command(redis, "HSCAN", unacked_keys().hash, cursor, "COUNT", scan_count)
+        for tag, raw in page.items():
+            message, _routing_key = unacked_parts(raw)
+            if (task_id := task_id_of(message)) in task_ids:
+                unacked[task_id] = tag.decode("utf-8", "replace")
+        if not int(cursor):
+            break
     nodes = sorted(redis.smembers(names.pool_workers_key(pool)))
     pipe = redis.pipeline(transaction=False)
     for node in nodes:
@@ -59,8 +63,17 @@ def locate(redis: Redis, pool: str, task_ids: set[str]) -> Whereabouts:
     for i, node in enumerate(nodes):
         live, (holding, last_beat) = replies[2 * i], replies[2 * i + 1]
         if live and last_beat is not None:
-            holders[node] = (set(json.loads(holding or "[]")), last_beat)
+            holders[node] = (_tags(holding), last_beat)
     return Whereabouts(queued, unacked, holders)
+
+
+def _tags(holding: str | None) -> set[str]:
+    """The delivery tags in a worker's ``holding`` report (none if it cannot be read)."""
+    try:
+        tags = json.loads(holding or "[]")
+    except Exception:  # a report someone else wrote: the holder is taken to hold nothing
+        return set()
+    return {tag for tag in tags if isinstance(tag, str)} if isinstance(tags, list) else set()
 
 
 @dataclass
