@@ -14,6 +14,7 @@ from routing.broker.deadletter import summary as deadletter_summary
 from routing.broker.failures import translated
 from routing.fleet.registry import Registry
 from routing.fleet.sessions import SessionStore
+from routing.fleet.usage import pool_rows, totals
 from routing.pools import PoolTable
 from routing.settings import Settings, redact_url
 
@@ -63,6 +64,8 @@ def snapshot(redis: Redis, settings: Settings, pools: PoolTable) -> dict[str, An
         "deadletter": deadletter_summary(redis),
         # reruns: calls a dead worker had taken that ran again (possible duplicate executions, an upper bound).
         "reliability": reliability_counters(redis),
+        # The LM usage ledger by pool and model (routing.fleet.usage).
+        "lm_usage": [{"pool": pool, "model": model, **totals(raw)} for pool, model, raw in pool_rows(redis)],
     }
 
 
@@ -95,6 +98,7 @@ def fleet_snapshot(default_url: str, settings: Settings, pools: PoolTable) -> di
     merged["deadletter"] = _added_deadletters([data["deadletter"] for *_, data in parts])
     merged["reliability"] = {name: sum(data["reliability"].get(name, 0) for *_, data in parts)
                              for name in dict.fromkeys(n for *_, data in parts for n in data["reliability"])}
+    merged["lm_usage"] = [row for *_, data in parts for row in data["lm_usage"]]
     merged["redis_url"] = redact_url(default_url)
     return merged
 

@@ -19,6 +19,8 @@ Keys (one Redis, the pool's broker):
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from redis import Redis
@@ -26,7 +28,7 @@ from redis import Redis
 from routing import validate
 
 __all__ = ["USAGE_FIELDS", "session_key", "run_key", "pool_key", "INDEX_KEY", "totals", "session_usage",
-           "run_usage", "set_budget", "join_run", "pool_usage", "pool_rows", "check_budget"]
+           "run_usage", "set_budget", "join_run", "start_run", "pool_usage", "pool_rows", "check_budget", "added"]
 
 #: What every usage reading holds, exactly.
 USAGE_FIELDS = ("calls", "prompt_tokens", "completion_tokens", "cost_usd", "cache_hits")
@@ -105,6 +107,22 @@ def join_run(redis: Redis, session_id: str, run_id: str) -> None:
     pipe.execute()
 
 
+def start_run(redis: Redis, budget_tokens: int | None, budget_usd: float | None) -> str:
+    """A new run id (``client.map``/``evaluate``), its budget recorded; its sessions join it (:func:`join_run`)."""
+    run_id = uuid.uuid4().hex
+    set_budget(redis, run_key(run_id), budget_tokens, budget_usd)
+    return run_id
+
+
+def added(readings: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Usage readings (of several brokers) added up."""
+    summed = dict.fromkeys(USAGE_FIELDS, 0.0)
+    for reading in readings:
+        for name in USAGE_FIELDS:
+            summed[name] += reading.get(name, 0)
+    return totals(summed)
+
+
 def pool_rows(redis: Redis) -> list[tuple[str, str, dict[str, Any]]]:
     """``(pool, model, raw counters)`` for every pool and model that made an LM call on this broker."""
     pairs = sorted(tuple(json.loads(member)) for member in redis.smembers(INDEX_KEY))
@@ -116,9 +134,5 @@ def pool_rows(redis: Redis) -> list[tuple[str, str, dict[str, Any]]]:
 
 def pool_usage(redis: Redis, pool: str | None = None, model: str | None = None) -> dict[str, Any]:
     """The counters of every (pool, model) matching ``pool`` and ``model`` (None: any), added up."""
-    summed = dict.fromkeys(USAGE_FIELDS, 0.0)
-    for row_pool, row_model, raw in pool_rows(redis):
-        if pool in (None, row_pool) and model in (None, row_model):
-            for name, value in totals(raw).items():
-                summed[name] += value
-    return totals(summed)
+    return added(totals(raw) for row_pool, row_model, raw in pool_rows(redis)
+                 if pool in (None, row_pool) and model in (None, row_model))

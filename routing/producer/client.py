@@ -16,6 +16,7 @@ from routing.broker.embedded import resolve_url
 from routing.broker.failures import translated
 from routing.broker.tls import tls_url
 from routing.errors import NoCapableWorker, ServerUnavailable, SessionNotFound, SessionWorkerUnavailable
+from routing.fleet import usage
 from routing.fleet.registry import Registry
 from routing.fleet.sessions import SessionRecord, SessionStore
 from routing.pools import Affinity, Pool, PoolTable
@@ -129,12 +130,15 @@ class Client:
         bind: str = "eager",
         node: str | None = None,
         rehydrate: bool = False,
+        budget_tokens: int | None = None,
+        budget_usd: float | None = None,
     ) -> Session:
         """Open a session on ``pool`` (on the pool's broker).
 
         ``bind="eager"`` binds now to the least-loaded live worker (``node`` asks
         for a specific one); ``"lazy"`` binds on the first call. ``rehydrate=True``
-        rebuilds the session on a live worker when its strict worker is gone.
+        rebuilds the session on a live worker when its strict worker is gone. Once the session's
+        LM calls spent ``budget_tokens`` or ``budget_usd``, the next ones fail with ``BudgetExceeded``.
         """
         spec = validate.pool(pool, self.pools)  # every argument checked before anything is written
         sid = uuid.uuid4().hex if session_id is None else validate.session_id(session_id)
@@ -143,8 +147,10 @@ class Client:
         validate.choice(bind, "session", "bind", ("eager", "lazy"))
         node = None if node is None else validate.node(node)
         rehydrate = validate.flag(rehydrate, "session", "rehydrate")
+        budget = usage.check_budget("session", budget_tokens, budget_usd)
         link = self.link(spec.name)
         with translated(link.url):
+            usage.set_budget(link.redis, usage.session_key(sid), *budget)
             binding = Binding(sid, spec.name, mode, ttl)
             session = Session(link.router, binding, rehydrate, self.settings)
             if bind == "lazy":
@@ -194,7 +200,8 @@ class Client:
             examples: Sequence[dict[str, Any]] | None = None, *, module: str = "predict", program: str | None = None,
             state: Any = None, init: dict[str, Any] | None = None, lm: dict[str, Any] | None = None,
             instructions: str | None = None, chunk_size: int | None = None, progress: bool | None = None,
-            timeout_s: float | None = None) -> MapResult:
+            timeout_s: float | None = None, budget_tokens: int | None = None,
+            budget_usd: float | None = None) -> MapResult:
         """Run one DSPy program over ``examples`` on every live worker of ``pool``; outputs in input order.
 
         The program (``module`` "predict" or "chain_of_thought" over ``signature``,
@@ -204,18 +211,21 @@ class Client:
         most 8 per worker thread) go to the workers as they free up, and a worker
         runs a chunk on all its threads; a chunk whose worker dies runs again
         elsewhere; a failed example holds its typed error. ``progress``: a progress bar on
-        stderr (None: only on a terminal).
+        stderr (None: only on a terminal). ``budget_tokens``/``budget_usd``: the run's LM budget;
+        ``MapResult.usage``: what its LM calls used.
         """
         spec = validate.pool(pool, self.pools)
         items, build = check_map_arguments(self.settings, signature, examples, module, lm, instructions, chunk_size,
                                            progress, timeout_s, program, state, init)
-        return self._fleet(spec, build, items, Job(), chunk_size, progress, timeout_s)
+        budget = usage.check_budget("map", budget_tokens, budget_usd)
+        return self._fleet(spec, build, items, Job(), chunk_size, progress, timeout_s, budget=budget)
 
     def evaluate(self, pool: str, program: str, devset: Sequence[Any], metric: str, *, state: Any = None,
                  init: dict[str, Any] | None = None, input_keys: Sequence[str] | None = None,
                  lm: dict[str, Any] | None = None, num_threads: int | None = None, progress: bool | None = None,
                  return_outputs: bool = True, chunk_size: int | None = None,
-                 timeout_s: float | None = None) -> EvaluationResult:
+                 timeout_s: float | None = None, budget_tokens: int | None = None,
+                 budget_usd: float | None = None) -> EvaluationResult:
         """``dspy.Evaluate(devset, metric)(program)`` over every live worker of ``pool``.
 
         ``program``: a path as ``session.program`` takes it (``state``, ``init``: its state and
@@ -231,15 +241,17 @@ class Client:
         if num_threads is not None:
             validate.number("evaluate", "num_threads", num_threads, 1, validate.max_threads, integer=True)
         work = evaluation.plan(devset, metric, input_keys, return_outputs)
-        run = self._fleet(spec, build, work.items, work.job, chunk_size, progress, timeout_s, num_threads)
+        budget = usage.check_budget("evaluate", budget_tokens, budget_usd)
+        run = self._fleet(spec, build, work.items, work.job, chunk_size, progress, timeout_s, num_threads, budget)
         return work.result(run)
 
     def _fleet(self, spec: Pool, build: ProgramSpec, examples: list[dict[str, Any]], job: Job,
                chunk_size: int | None, progress: bool | None, timeout_s: float | None,
-               num_threads: int | None = None) -> MapResult:
+               num_threads: int | None = None, budget: tuple[int | None, float | None] = (None, None)) -> MapResult:
         """One session per live worker of ``spec`` builds ``build``; ``examples`` run through ``job``."""
         link = self.link(spec.name)
         with translated(link.url):
+            run = usage.start_run(link.redis, *budget)  # the run's sessions count (and are budgeted) together
             infos = [info for info in link.registry.workers([spec.name]) if info.live]
             workers: list[Worker] = []
             try:
@@ -248,18 +260,27 @@ class Client:
                         session = self.session(spec.name, node=info.node, affinity=Affinity.STRICT_QUEUE)
                     except (SessionWorkerUnavailable, NoCapableWorker):
                         continue  # gone or draining since we looked
+                    usage.join_run(link.redis, session.id, run)
                     slots = min(info.concurrency, num_threads or info.concurrency, validate.max_threads)
                     workers.append(Worker(session, build, slots))
                 if not workers:
                     raise NoCapableWorker(spec.name, list(spec.requires))
                 advance, stop = progress_bar(len(examples), progress)
                 try:
-                    return FleetMap(workers, examples, chunk_size, advance, job).run(timeout_s)
+                    result = FleetMap(workers, examples, chunk_size, advance, job).run(timeout_s)
+                    result.usage = usage.run_usage(link.redis, run)
+                    return result
                 finally:
                     stop()
             finally:
                 for worker in workers:
                     worker.session.close()
+
+    def usage(self, pool: str | None = None, model: str | None = None) -> dict[str, Any]:
+        """LM usage of ``pool`` (None: every pool) and ``model`` (None: every model), on every broker."""
+        urls = ([broker_url(validate.pool(pool, self.pools), self.redis_url)] if pool is not None
+                else [url for url, _ in by_broker(self.pools, self.redis_url)])
+        return usage.added(usage.pool_usage(self._link_at(url).redis, pool, model) for url in urls)
 
     def close(self) -> None:
         """Close every link (each broker's threads and connections)."""

@@ -34,6 +34,8 @@ class EvaluationResult:
     results: list[tuple[Any, Any, float]]
     #: How the run spread over the workers (examples per worker, failures by type, reruns, time).
     run: dict[str, Any] = field(default_factory=dict)
+    #: What the run's LM calls used: calls, prompt_tokens, completion_tokens, cost_usd, cache_hits.
+    usage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[tuple[int, FlagshipError]]:
@@ -77,7 +79,7 @@ class Plan:
                 outputs = output.get("outputs")
                 results.append((example, None if outputs is None else Prediction(outputs), float(output["score"])))
         total = sum(score for *_, score in results)
-        return EvaluationResult(round(100 * total / len(results), 2), results, run.summary())
+        return EvaluationResult(round(100 * total / len(results), 2), results, run.summary(), dict(run.usage))
 
 
 def plan(devset: Any, metric: Any, input_keys: Sequence[str] | None, return_outputs: Any) -> Plan:

@@ -61,6 +61,8 @@ class MapResult:
     #: Chunks run again after their worker died.
     rerun_chunks: int = 0
     elapsed_s: float = 0.0
+    #: What the run's LM calls used: calls, prompt_tokens, completion_tokens, cost_usd, cache_hits.
+    usage: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Examples, time, each worker's count and share, failures by type and chunks rerun, as JSON."""
@@ -68,7 +70,7 @@ class MapResult:
         return {"examples": len(self.outputs), "elapsed_s": round(self.elapsed_s, 3),
                 "per_worker": {node: {"examples": n, "share": round(n / total, 3)}
                                for node, n in sorted(self.per_worker.items())},
-                "failures": dict(self.failures), "rerun_chunks": self.rerun_chunks}
+                "failures": dict(self.failures), "rerun_chunks": self.rerun_chunks, "usage": dict(self.usage)}
 
 
 @dataclass(frozen=True)

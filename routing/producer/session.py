@@ -10,6 +10,7 @@ from typing import Any
 from routing import arguments, validate
 from routing.broker.failures import translating
 from routing.errors import SessionClosed, SessionWorkerUnavailable
+from routing.fleet import usage
 from routing.pools import Affinity
 from routing.producer import batching
 from routing.producer.binding import Binding, Sent
@@ -72,6 +73,11 @@ class Session(RefMethods):
     def rehydrations(self) -> int:
         """How many times this handle rebuilt the session on a new worker."""
         return self.binding.rehydrations
+
+    def usage(self) -> dict[str, Any]:
+        """The session's LM usage (``calls``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``,
+        ``cache_hits``), its ``budget`` (None: unlimited) and what it ``spent`` against it."""
+        return usage.session_usage(self.router.redis, self.id)
 
     def __repr__(self) -> str:
         return f"<Session {self.id} pool={self.pool} affinity={self.affinity.value} worker={self.worker}>"

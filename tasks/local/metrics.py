@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -33,7 +33,7 @@ from routing.broker.celery_config import celery_config
 from routing.broker.connect import redis_client
 from routing.broker.embedded import resolve_url
 from routing.errors import ServerUnavailable
-from routing.fleet import gauges
+from routing.fleet import gauges, usage
 from routing.pools import PoolTable
 from routing.settings import Settings, redact_url
 from tasks.local.call_events import CallEvents
@@ -85,6 +85,28 @@ def fleet_families(fleet: gauges.FleetGauges, sessions: gauges.SessionGauges) ->
                   ["pool"], [([p], sessions.rehydrations.get(p, 0)) for p in known])
 
 
+def lm_families(rows: list[tuple[str, str, dict[str, str]]]) -> Iterator[Metric]:
+    """The LM usage ledger (``routing.fleet.usage``): calls, tokens, cost, cache hits, waits by pool and model."""
+    labels = ["pool", "model"]
+    calls = CounterMetricFamily("flagship_lm_calls", "LM calls (cache hits included)", labels=labels)
+    tokens = CounterMetricFamily("flagship_lm_tokens", "Tokens the provider reported", labels=[*labels, "kind"])
+    cost = CounterMetricFamily("flagship_lm_cost_usd", "Provider cost (DSPy's / LiteLLM's; 0 where unknown)",
+                               labels=labels)
+    hits = CounterMetricFamily("flagship_lm_cache_hits", "LM calls answered by the LM cache", labels=labels)
+    waits = SummaryMetricFamily("flagship_lm_limit_wait_seconds", "Time LM requests waited for fleet capacity "
+                                "(limits, 429 pauses)", labels=labels)
+    for pool, model, raw in rows:
+        found = usage.totals(raw)
+        calls.add_metric([pool, model], found["calls"])
+        tokens.add_metric([pool, model, "prompt"], found["prompt_tokens"])
+        tokens.add_metric([pool, model, "completion"], found["completion_tokens"])
+        cost.add_metric([pool, model], found["cost_usd"])
+        hits.add_metric([pool, model], found["cache_hits"])
+        waits.add_metric([pool, model], count_value=int(float(raw.get("limit_waits") or 0)),
+                         sum_value=float(raw.get("limit_wait_s") or 0))
+    yield from (calls, tokens, cost, hits, waits)
+
+
 @dataclass
 class Broker:
     """One broker the metrics read: its URL (password masked), a client, the pools on it."""
@@ -115,12 +137,13 @@ class FleetCollector:
         up = GaugeMetricFamily("flagship_redis_up", "1 when this scrape could read the fleet from every broker")
         broker_up = GaugeMetricFamily("flagship_broker_up", "1 when this scrape could read the broker",
                                       labels=["broker"])
-        fleets, sessions = [], []
+        fleets, sessions, lm_rows = [], [], []
         for broker in self.brokers:
             try:
                 fleet, counted = gauges.fleet(broker.redis, self.settings, broker.pools), self.sessions(broker)
                 fleets.append(fleet)
                 sessions.append(counted)
+                lm_rows += usage.pool_rows(broker.redis)
                 broker_up.add_metric([broker.shown], 1)
             except Exception as exc:  # a scrape answers whatever happens: with the broker's up at 0
                 log.warning("scrape: cannot read the fleet from %s: %s", broker.shown, exc,
@@ -134,6 +157,7 @@ class FleetCollector:
                           [([p.name, b.shown], 1) for b in self.brokers for p in b.pools])
         if fleets:
             yield from fleet_families(gauges.merged(fleets), gauges.merged_sessions(sessions))
+            yield from lm_families(lm_rows)
 
 
 def broker_url(settings: Settings, wait_s: float) -> str:

@@ -85,7 +85,11 @@ def render_tables(data: dict[str, Any], console: Console) -> None:
     counters = fitted(console, "reliability counters (fleet, ever)",
                       tuple(name.replace("_", " ") for name in data["reliability"]),
                       [[str(value) for value in data["reliability"].values()]])
-    for table in (pools, workers, sessions, deadletter_table(data["deadletter"], console), counters):
+    lm_usage = fitted(console, "LM usage (fleet, ever)", ("pool", "model", "calls", "prompt tokens",
+                      "completion tokens", "cost USD", "cache hits"),
+                      [[r["pool"], r["model"], str(r["calls"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
+                        f"{r['cost_usd']:.4f}", str(r["cache_hits"])] for r in data.get("lm_usage", [])])
+    for table in (pools, workers, sessions, deadletter_table(data["deadletter"], console), counters, lm_usage):
         console.print(table)
     if several:
         console.print(brokers_table(data["brokers"], console))

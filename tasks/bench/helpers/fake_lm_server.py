@@ -32,6 +32,8 @@ class RecordedRequest:
     body: dict[str, Any]
     #: ``time.monotonic()`` when it arrived.
     at: float = 0.0
+    #: The status it was answered with.
+    status: int = 200
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -121,9 +123,9 @@ class FakeOpenAI:
             self.served += 1
             if self.record:
                 self.requests.append(request)
-            if self._always is not None:
-                return self._always
-            return self._script.popleft() if self._script else Failure()
+            outcome = self._always or (self._script.popleft() if self._script else Failure())
+            request.status = outcome.status
+            return outcome
 
     def completion(self, body: dict[str, Any]) -> dict[str, Any]:
         messages = body.get("messages") or []
