@@ -27,7 +27,7 @@ from helpers import wait_until
 
 from routing import Client, Session, names
 from routing.broker.drain import no_rpop_count
-from routing.broker.envelope import UNACKED_INDEX_KEY, UNACKED_KEY
+from routing.broker.envelope import UNACKED_INDEX_KEY, UNACKED_KEY, configure_unacked_keys
 from routing.errors import DeadLettered
 from routing.fleet.reaper import reap_dead_workers
 from routing.producer.binding import Waiting
@@ -104,7 +104,7 @@ def test_bad_items_of_a_dead_worker_are_dead_lettered_and_the_rest_run_in_send_o
     node = names.qualify_node(f"recovery-dead-{run}")
     direct = names.worker_queue(node)
     t0 = time.time() - 60
-    busy = occupy(client, sessions, 4.0)
+    busy = occupy(client, sessions, 2.5)  # the setup and the reap take milliseconds
 
     # Un-acked by the dead worker: two calls sent first (recorded in reverse), two entries that cannot be read.
     u1, u2 = (call(client, session, f"u{i}-{run}", direct, t0 + i) for i in (1, 2))
@@ -238,3 +238,27 @@ def test_a_drain_whose_reply_is_lost_gives_its_burst_back_to_the_head_at_once(st
             while len(seen) < 6:
                 conn.drain_events(timeout=5)
     assert [body["n"] for body in seen] == list(range(6))  # the oldest first, as sent
+
+
+def test_recovery_reads_the_unacked_keys_the_transport_options_name(
+        client: Client, stack: Stack, sessions: Callable[..., Session], worker: WorkerProcess) -> None:
+    """A broker configured with its own ``unacked_key``/``unacked_index_key``: the reaper and the sweep look there."""
+    run = uuid.uuid4().hex[:8]
+    options = {"unacked_key": f"recovery.unacked.{run}", "unacked_index_key": f"recovery.unacked_index.{run}"}
+    node, pool = names.qualify_node(f"recovery-keys-{run}"), f"recovery_keys_{run}"
+    direct = names.worker_queue(node)
+    taken = call(client, sessions(POOL), f"keys-{run}", direct, time.time())
+    tag = taken.envelope["properties"]["delivery_tag"]
+    stack.redis.hset(options["unacked_key"], tag, json.dumps([taken.envelope, "", direct]))
+    stack.redis.zadd(options["unacked_index_key"], {tag: time.time()})
+    stack.redis.hset(names.DIRECT_QUEUES_KEY, node, pool)
+    stack.redis.hset(names.worker_key(node), mapping={"node": node, "pool": pool})
+    try:
+        assert configure_unacked_keys(options).hash == options["unacked_key"]
+        assert locate(stack.redis, pool, {taken.task_id}).unacked == {taken.task_id: tag}
+        assert reap_dead_workers(stack.redis, pool) == {node: 1}
+    finally:
+        configure_unacked_keys(None)
+    [moved] = [json.loads(raw) for raw in stack.redis.lrange(names.pool_queue(pool), 0, -1)]
+    assert moved["headers"]["id"] == taken.task_id and not stack.redis.exists(*options.values())
+    stack.redis.delete(names.pool_queue(pool))
