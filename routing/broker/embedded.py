@@ -83,7 +83,8 @@ def resolve_url(settings: Settings) -> str:
     if record is None:
         raise ServerUnavailable(
             "(embedded)",
-            f"no server recorded in {_record_path(settings.home)}; run `flagship server start` or set REDIS_URL",
+            f"no server recorded in {_record_path(settings.home)}; run `flagship up` (server and workers) or "
+            "`flagship server start`, or set REDIS_URL",
         )
     return record.url
 
