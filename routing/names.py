@@ -72,6 +72,11 @@ def is_worker_queue(queue: str) -> bool:
     return queue.startswith(f"{PREFIX}.direct.")
 
 
+def node_of_worker_queue(queue: str) -> str:
+    """The node whose own queue ``queue`` is (the inverse of :func:`worker_queue`)."""
+    return queue[len(f"{PREFIX}.direct."):]
+
+
 #: A producer's reply channel (``flagship:results:<32 hex>``): workers also publish the results of the calls it
 #: sent there (the message's ``reply_to``), so it subscribes once instead of once per call.
 REPLY_CHANNEL_PREFIX = PREFIX + ":results:"

@@ -41,6 +41,8 @@ TEST_POOLS = {
     "liveness_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2, "queue_timeout_s": None},
     # A worker behind a TCP proxy whose connections drop (tests/reliability/test_connection_blip.py).
     "blip_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2, "queue_timeout_s": None},
+    # Calls held by a 64-thread worker for their session's turn (tests/reliability/test_held_calls.py).
+    "held_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 64, "queue_timeout_s": None},
     # Workers over TLS, as an ACL user, or refusing a broken broker (tests/reliability/test_startup.py).
     "door_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2},
     # Malformed messages pushed raw to a worker's queues (tests/reliability/test_poison.py).

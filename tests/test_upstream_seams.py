@@ -48,6 +48,7 @@ TR, DR, RS = "routing/broker/transport.py ", "routing/broker/drain.py ", "routin
 HK, PO, PUB = "tasks/worker/hooks.py ", "tasks/worker/poison.py ", "routing/producer/publish.py Publisher.send"
 EC, DC, LI = "tasks/lm/engine_choice.py ", "tasks/lm/dspy_caches.py ", "routing/producer/results/listener.py "
 SB, OFF = "tasks/sandbox/interpreter.py SandboxInterpreter.", "tasks/lm/offline.py OfflineLM"
+GOV = "tasks/lm/governor.py "
 
 SEAMS = [
     # kombu 5.7: the broker channel (routing/broker/transport.py)
@@ -80,7 +81,8 @@ SEAMS = [
     Seam(KR + "QoS.reject", "(self, delivery_tag, requeue=False)", TR + "CountingQoS", "overrides"),
     Seam(KR + "QoS.restore_visible", "(self, start=0, num=10, interval=10)", TR + "CountingQoS", "overrides"),
     Seam(VB + "QoS.restore_unacked_once", "(self, stderr=None)", TR + "CountingQoS", "overrides (skips while live)"),
-    Seam(KR + "Channel._disconnect_pools", "(self)", TR + "GuardedChannel.conn_or_acquire (sets _pool None)", "relies on"),
+    Seam(KR + "Channel._disconnect_pools", "(self)", TR + "GuardedChannel.conn_or_acquire (sets _pool None)",
+         "relies on"),
     Seam(CON + "__init__", "mentions self.on_task_request = on_task_request", HK + "Consumer.__init__ (wraps it)",
          "overrides"),
     Seam("celery.worker.strategy:default", "mentions handle = consumer.on_task_request",
@@ -170,6 +172,24 @@ SEAMS = [
     Seam(LM + "_engine_store", A, EC + "_in_store", "reads"),
     Seam("dspy.clients.engines.lm15_engine:LM15Engine._closed", A, EC + "_live", "reads"),
     Seam("dspy.clients.backend_selection:select_backend", "(lm, options=None)", EC + "_native_choice", "calls"),
+    # DSPy 3.4: the LM governor (tasks/lm/governor.py, fleet_cache.py): every LM request's one path
+    Seam(EX + "execute", "(lm, call)", GOV + "install, Governor.execute", "patches and wraps"),
+    Seam(EX + "aexecute", "(lm, call)", GOV + "install, Governor.aexecute", "patches and wraps"),
+    Seam("dspy.clients.base_lm:BaseLM.__call__", "mentions from dspy.clients.execution import execute, finalize",
+         GOV + "install (looked up per call, so the patch is seen)", "relies on"),
+    Seam(EX + "_cached", "(lm, call, asynchronous)", GOV + "Governor._before", "calls"),
+    Seam(EX + "_store", "(lm, call, result, asynchronous)", GOV + "Governor._done", "calls"),
+    Seam(EX + "PreparedCall.cache", A, GOV + "Governor._before (replaced with False)", "reads, sets"),
+    Seam(EX + "PreparedCall.kwargs", A, GOV + "_rollout", "reads"),
+    Seam("dspy.clients.call_result:CallResult.cost_details", A, GOV + "Governor._before (a hit's)", "sets"),
+    Seam("dspy.clients.call_result:CallResult.load", "(record)", "tasks/lm/fleet_cache.py FleetTier.storable",
+         "calls"),
+    Seam("dspy.clients.call_result:CACHE_FORMAT", "== 'dspy-lm15-result-v1'", "tasks/lm/fleet_cache.py", "reads"),
+    Seam("dspy.clients.cache:Cache.get", "mentions self.disk_cache.get(key)", "tasks/lm/fleet_cache.py FleetTier",
+         "relies on (FleetTier is its disk tier)"),
+    Seam("dspy.clients.cache:Cache.put", "mentions self.disk_cache.set(key, value)",
+         "tasks/lm/fleet_cache.py FleetTier", "relies on (FleetTier is its disk tier)"),
+    Seam("dspy.clients._http:finite_seconds", "(value)", GOV + "Governor._failed", "calls"),
     Seam(MM + "model_info", "(provider, model, *, namespaces=None)", DC + "cached_model_info", "patches"),
     Seam("dspy.clients.costs:model_info", "is " + MM + "model_info", DC + "install_dspy_caches", "patches"),
     Seam(CAP + "model_info", "is " + MM + "model_info", DC + "install_dspy_caches", "patches"),

@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,26 @@ class Stranded:
 #: Drains whose reply was lost, oldest first, given back when this process next opens a channel.
 _stranded: list[Stranded] = []
 _stranded_lock = threading.Lock()
+
+
+class HeldCount:
+    """What a worker tells the drain script about the calls it holds (received, not started).
+
+    The script sets ``held`` in the worker's registry hash to ``parked()`` plus what it pops, atomically
+    with the pop, so the queue's length plus ``held`` never misses a call (producers' ``max_queued``,
+    ``routing.producer.recovery.backlog``). Set by the worker at start (``key`` None: not counted).
+    """
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.parked: Callable[[], int] = lambda: 0
+        #: Drain calls this process completed (their bursts delivered): the heartbeat's own count is
+        #: written only if no later drain wrote one (``set_held.lua``).
+        self.drains_done = 0
+
+
+#: This process's worker (one per process).
+HELD = HeldCount()
 
 
 class PrerecordedQoS(kombu_redis.QoS):
@@ -152,8 +173,10 @@ def deliver_popped(channel: Any, key: str, queue: str, item: bytes) -> None:
         with channel.conn_or_acquire() as client:
             if channel._drain_script is None or channel._drain_script.registered_client is not client:
                 channel._drain_script = client.register_script(source("drain_direct_queue"))
-            reply = channel._drain_script(keys=[key, qos.unacked_key, qos.unacked_index_key, reply_key],
-                                          args=[more, time.time(), reply_ttl_ms, tag, entry], client=client)
+            held = [HELD.key] if HELD.key else []
+            reply = channel._drain_script(keys=[key, qos.unacked_key, qos.unacked_index_key, reply_key, *held],
+                                          args=[more, time.time(), reply_ttl_ms, tag, entry, HELD.parked()],
+                                          client=client)
     except redis_lib.ResponseError as exc:  # the script wrote nothing: kombu's way for this message
         if no_rpop_count(exc):  # Redis < 6.2: not on this connection
             log.warning("draining %s is off for this connection: %s", queue, exc)
@@ -161,6 +184,7 @@ def deliver_popped(channel: Any, key: str, queue: str, item: bytes) -> None:
         channel._deliver_popped(item, queue, envelope=envelope)
         return
     except (redis_lib.ConnectionError, redis_lib.TimeoutError):
+        HELD.drains_done += 1  # it may have run (and counted itself)
         # The script may have run (this message and a burst recorded un-acked, none delivered): given back to the
         # head of the queue by the next channel, once the consumer has reconnected.
         with _stranded_lock:
@@ -168,14 +192,17 @@ def deliver_popped(channel: Any, key: str, queue: str, item: bytes) -> None:
         raise
     popped = [(item, _text(reply[0]), envelope)] + [(more_item, _text(more_tag), None) for more_item, more_tag in
                                                      zip(reply[1::2], reply[2::2], strict=True)]
-    for i, (popped_item, popped_tag, parsed) in enumerate(popped):
-        try:
-            channel._deliver_popped(popped_item, queue, recorded_tag=popped_tag or None, envelope=parsed)
-        except BaseException:
-            # Recorded but not delivered (kombu never took it): this one unless kombu has it, and the rest.
-            undelivered = [popped_tag] if popped_tag and popped_tag not in qos._delivered else []
-            _give_back(qos, undelivered + [later for _, later, _ in popped[i + 1:] if later])
-            raise
+    try:
+        for i, (popped_item, popped_tag, parsed) in enumerate(popped):
+            try:
+                channel._deliver_popped(popped_item, queue, recorded_tag=popped_tag or None, envelope=parsed)
+            except BaseException:
+                # Recorded but not delivered (kombu never took it): this one unless kombu has it, and the rest.
+                undelivered = [popped_tag] if popped_tag and popped_tag not in qos._delivered else []
+                _give_back(qos, undelivered + [later for _, later, _ in popped[i + 1:] if later])
+                raise
+    finally:
+        HELD.drains_done += 1  # after the burst was parked or started: the heartbeat may count again
 
 
 def no_rpop_count(exc: Exception) -> bool:

@@ -53,6 +53,8 @@ class BeatSource(Protocol):
 
     def held_tags(self) -> list[str]: ...
 
+    def held_count(self) -> tuple[int, int] | None: ...
+
     def take_touched(self) -> dict[str, float]: ...
 
     def gauge_values(self) -> dict[str, int]: ...
@@ -136,7 +138,7 @@ class Heartbeat(threading.Thread):
         touched = source.take_touched()
         pipe = self.registry.redis.pipeline(transaction=False)
         self.registry.beat(source.node, source.incarnation, source.in_flight, source.held_tags(), pipe,
-                           extra=source.gauge_values())
+                           extra=source.gauge_values(), held=source.held_count())
         if touched:
             self.sessions.touch(touched, pipeline=pipe)
         still_registered = pipe.execute()[1]

@@ -6,10 +6,12 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from redis import Redis
 
 from routing import names
+from routing.broker.scripts import source
 from routing.settings import Settings
 
 
@@ -28,6 +30,8 @@ class WorkerInfo:
     #: Tells one run of a node from the next under the same name (its refs died with the last one).
     incarnation: str = ""
     in_flight: int = 0
+    #: Calls received and waiting for their session's turn (parked: no thread), as of the last heartbeat.
+    held: int = 0
     sessions: int = 0
     last_beat: float = 0.0
     live: bool = False
@@ -57,6 +61,7 @@ class WorkerInfo:
             started=float(data.get("started", 0)),
             incarnation=data.get("incarnation", ""),
             in_flight=int(data.get("in_flight", 0)),
+            held=int(data.get("held", 0)),
             sessions=sessions,
             last_beat=float(data.get("last_beat", 0)),
             live=live,
@@ -101,6 +106,8 @@ def remove_worker(pipe: Redis, node: str, pool: str, when: float) -> None:
 
 
 class Registry:
+    _set_held: Any = None
+
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
@@ -124,7 +131,7 @@ class Registry:
 
     def beat(
         self, node: str, incarnation: str, in_flight: int, holding: list[str], pipeline: Redis,
-        extra: dict[str, int] | None = None,
+        extra: dict[str, int] | None = None, held: tuple[int, int] | None = None,
     ) -> None:
         """Renew liveness and publish load; queues an ``HEXISTS`` whose reply says if still registered."""
         pipeline.set(names.heartbeat_key(node), incarnation, px=self._ttl_ms)
@@ -132,6 +139,10 @@ class Registry:
         pipeline.hset(names.worker_key(node), mapping={
             "in_flight": in_flight, "last_beat": time.time(), "holding": json.dumps(holding), **(extra or {}),
         })
+        if held is not None:  # (calls received and not started, drains completed when counted): set_held.lua
+            if self._set_held is None:
+                self._set_held = self.redis.register_script(source("set_held"))
+            self._set_held(keys=[names.worker_key(node)], args=list(held), client=pipeline)
 
     def another_run_is_live(self, node: str) -> bool:
         """Whether a live worker already uses ``node``: its heartbeat gets renewed while we watch.

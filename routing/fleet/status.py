@@ -48,6 +48,10 @@ def snapshot(redis: Redis, settings: Settings, pools: PoolTable) -> dict[str, An
                 "name": pool.name, "affinity": pool.affinity.value, "size": pool.size,
                 "requires": list(pool.requires), "queue": names.pool_queue(pool.name), "queued": depth,
                 "live_workers": sum(1 for w in workers if w.pool == pool.name and w.live),
+                # Every call of the pool not started yet: in its queues (shared and direct) or held by a worker
+                # for its session's turn. What autoscaling should follow (docs/operations.md).
+                "waiting": depth + sum(int(worker_replies[2 * i] or 0) + w.held
+                                       for i, w in enumerate(workers) if w.pool == pool.name),
             }
             for pool, depth in zip(pools, pool_depths)
         ],

@@ -70,6 +70,14 @@ def fleet_families(fleet: gauges.FleetGauges, sessions: gauges.SessionGauges) ->
         yield _family(name, doc, ["pool", "worker"], [([pool, node], value(w)) for pool, node, w in rows])
     yield _family("flagship_queue_depth", "Calls waiting in a queue (shared: the pool's; direct: one worker's)",
                   ["pool", "queue", "kind"], [([q.pool, q.queue, q.kind], q.depth) for q in fleet.queues])
+    # Every call not started yet, where it waits: a queue in Redis, or held by a worker for its session's turn
+    # (worker "" for a pool's shared queue). The sum per pool is what autoscaling should follow.
+    direct = {q.queue: q.depth for q in fleet.queues if q.kind == "direct"}
+    waiting = [([q.pool, "", "queue"], float(q.depth)) for q in fleet.queues if q.kind == "shared"]
+    for pool, node, w in rows:
+        waiting += [([pool, node, "queue"], float(direct.get(w.info.queue, 0))), ([pool, node, "held"], w.info.held)]
+    yield _family("flagship_calls_waiting", "Calls not started yet: in a queue, or held by a worker for their "
+                  "session's turn", ["pool", "worker", "where"], waiting)
     yield _family("flagship_deadletter_messages", f"Messages in the dead-letter list {names.DEADLETTER_KEY}",
                   [], [([], fleet.deadletter)])
     events = CounterMetricFamily(

@@ -13,6 +13,7 @@ from typing import Any
 from redis import Redis
 
 from routing import names
+from routing.broker.drain import HELD
 from routing.fleet.heartbeat import Heartbeat
 from routing.fleet.pulse import Pulse
 from routing.fleet.reaper import reap_lock, reap_lock_ttl_s, reap_node
@@ -65,6 +66,7 @@ class WorkerState:
                                    on_tick=None if self.pulse is None else self.pulse.feed)
         self.calls = InFlight(self.concurrency, self.heartbeat.nudge)
         self._run_lock = threading.RLock()  # one reincarnation at a time (the heartbeat's, or a call's)
+        HELD.key, HELD.parked = names.worker_key(self.node), self.turns.waiting  # the drain script's count
 
     @property
     def queue(self) -> str:
@@ -83,6 +85,10 @@ class WorkerState:
         self.heartbeat.start()
 
     def register(self) -> None:
+        self._register()
+        self.redis.hset(names.worker_key(self.node), "drains", HELD.drains_done)  # set_held.lua compares
+
+    def _register(self) -> None:
         self.registry.register(WorkerInfo(
             node=self.node, pool=self.pool.name, host=socket.gethostname(), pid=os.getpid(),
             queue=self.queue, capabilities=self.capabilities, programs=self.programs, concurrency=self.concurrency,
@@ -179,6 +185,11 @@ class WorkerState:
 
     def held_tags(self) -> list[str]:
         return self.calls.delivery_tags()
+
+    def held_count(self) -> tuple[int, int]:
+        """Calls received and not started (parked), with the drains completed before counting them."""
+        drains = HELD.drains_done  # first: a drain finishing meanwhile makes the script keep its newer count
+        return self.turns.waiting(), drains
 
     def take_touched(self) -> dict[str, float]:
         return self.book.take_touched()

@@ -264,6 +264,9 @@ class FlakySource:
     pool_name = "hb_test_pool"
     in_flight = 0
 
+    def held_count(self) -> tuple[int, int] | None:
+        return None
+
     def held_tags(self) -> list[str]:
         return []
 
