@@ -59,13 +59,15 @@ class Outgoing:
     written: bool = False
 
 
-def push_once(redis: Redis, queue: str, payload: str) -> None:
-    """``LPUSH queue payload`` without redis-py's retry (which would push again after a lost reply)."""
+def push_once(redis: Redis, message: Outgoing) -> None:
+    """``LPUSH`` the message without redis-py's retry (which would push it again after a lost reply)."""
+    assert message.payload is not None
     pool = redis.connection_pool
     connection = pool.get_connection()
     try:
         connection.check_health()  # a stale pooled connection is replaced before anything is written
-        connection.send_command("LPUSH", queue, payload, check_health=False)
+        message.written = True
+        connection.send_command("LPUSH", message.queue, message.payload, check_health=False)
         redis.parse_response(connection, "LPUSH")
     except redis_lib.ResponseError:
         raise
@@ -123,8 +125,7 @@ class Publisher:
             self.app.send_task(message.name, args=message.args, queue=message.queue, task_id=message.task_id,
                                declare=[], retry=False, **message.options)
             return
-        message.written = True
-        push_once(self.redis, message.queue, message.payload)
+        push_once(self.redis, message)
 
     def resent(self, message: Outgoing, header: str) -> Outgoing:
         """A copy of ``message`` under the same task id with ``header`` set (a fresh delivery tag)."""

@@ -5,7 +5,8 @@ one for 127.0.0.1 made with the ``openssl`` command line.
 
 Faults, for tests (each takes effect before the call returns):
 
-- ``drop()`` closes every current client connection once; new ones are accepted as before.
+- ``drop()`` closes every current client connection once (bytes a black hole holds on them are lost); new
+  ones are accepted as before.
 - ``black_hole()`` / ``resume()``: no byte moves in either direction, nothing is closed (a network
   failure without a TCP reset: the client's writes succeed, its reads never return); then bytes flow again,
   held ones first.
@@ -89,8 +90,10 @@ class _Link:
     replies: int = 0
     #: The number of the reply to discard (then the link is cut), once a swallowed command went up.
     swallow_at: int | None = None
+    closed: bool = False
 
     def cut(self) -> None:
+        self.closed = True
         self.client.close()
         self.server.close()
 
@@ -131,6 +134,7 @@ class BrokerProxy:
         def cut_all() -> None:
             for link in list(self._links):
                 link.cut()
+                link.flowing.set()  # held bytes are dropped, not delivered
 
         self._in_loop(cut_all)
 
@@ -181,6 +185,8 @@ class BrokerProxy:
         try:
             while data := await reader.read(65536):
                 await link.flowing.wait()
+                if link.closed:
+                    return
                 buffer += data
                 done = 0
                 while (end := resp_end(buffer, done)) is not None:
@@ -207,6 +213,8 @@ class BrokerProxy:
         try:
             while data := await reader.read(65536):
                 await link.flowing.wait()
+                if link.closed:
+                    return
                 buffer += data
                 done = 0
                 while (end := resp_end(buffer, done)) is not None:
