@@ -50,7 +50,10 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
-        # One reserved message per thread: a busy worker leaves calls in the queue.
+        # A broker connection blip does not cancel running calls: they finish, and their deliveries stay recorded
+        # un-acked meanwhile (routing.broker.transport), so nothing runs twice. (Celery 5's default, set explicitly.)
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # One reserved message per thread (calls parked for their session's turn do not count: tasks.worker.turns).
         "worker_prefetch_multiplier": 1,
         "result_expires": 3600,
         "result_extended": False,
