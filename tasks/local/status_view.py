@@ -69,16 +69,17 @@ def render_tables(data: dict[str, Any], console: Console) -> None:
     """Every table of ``flagship status`` from a fleet snapshot."""
     several = len(data["brokers"]) > 1  # pools on their own brokers: say which is where
     pools = fitted(console, f"pools @ {data['redis_url']} (primary {data['primary']})",
-                   ("pool", "affinity", "requires", "live workers", "queued (shared)",
+                   ("pool", "affinity", "requires", "live workers", "queued (shared)", "waiting",
                     *(["broker"] if several else [])),
                    [[p["name"], p["affinity"], ",".join(p["requires"]) or "-", str(p["live_workers"]),
-                     str(p["queued"]), *([p["broker"]] if several else [])] for p in data["pools"]])
+                     str(p["queued"]), str(p["waiting"]), *([p["broker"]] if several else [])]
+                    for p in data["pools"]])
     workers = fitted(console, "workers", ("node", "pool", "pid", "live", "capabilities", "programs", "sessions",
-                                          "refs", "in flight", "queued (direct)", "heartbeat age s"),
+                                          "refs", "in flight", "queued (direct)", "held", "heartbeat age s"),
                      [[w["node"], w["pool"], str(w["pid"]), "yes" if w["live"] else "NO",
                        ",".join(w["capabilities"]) or "-", "\n".join(w.get("programs") or []) or "-",
                        str(w["sessions"]), str(w["refs"]), f"{w['in_flight']}/{w['concurrency']}", str(w["queued"]),
-                       str(w["heartbeat_age_s"])] for w in data["workers"]])
+                       str(w["held"]), str(w["heartbeat_age_s"])] for w in data["workers"]])
     sessions = fitted(console, "sessions", ("session", "pool", "affinity", "worker", "idle s"),
                       [[s["id"], s["pool"], s["affinity"], s["worker"] or "(unbound)", str(s["idle_s"])]
                        for s in data["sessions"]])
