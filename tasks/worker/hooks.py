@@ -38,7 +38,7 @@ from tasks.worker.ref_store import RefStore
 from tasks.worker.refusal import cannot_start, refuse
 from tasks.worker.settings import WorkerSettings
 from tasks.worker.state import WorkerState
-from tasks.worker.turns import SessionTurns, parking
+from tasks.worker.turns import SessionTurns, delivery_tag_of, parking
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +291,9 @@ def _finished(tag: Any) -> None:
 
 @signals.task_postrun.connect
 def _postrun(task: Any, **_: Any) -> None:
-    properties = getattr(task.request, "properties", None)
-    _finished(properties.get("delivery_tag") if isinstance(properties, dict) else None)
+    _finished(delivery_tag_of(task.request))
 
 
 @signals.task_revoked.connect
-def _revoked(request: Any, **_: Any) -> None:
-    _finished(getattr(getattr(request, "message", None), "delivery_tag", None))
+def _revoked(request: Any, **_: Any) -> None:  # Celery passes the request's Context
+    _finished(delivery_tag_of(request))

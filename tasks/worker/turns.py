@@ -187,6 +187,13 @@ def call_parts(request: Any) -> tuple[str, str, dict[str, Any] | None] | None:
     return session_id, str(tag), route if isinstance(route, dict) else None
 
 
+def delivery_tag_of(request: Any) -> Any:
+    """The delivery tag of a task request or its ``Context`` (what Celery's postrun and revoked signals pass)."""
+    properties = getattr(request, "properties", None)
+    tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+    return tag if tag is not None else getattr(getattr(request, "message", None), "delivery_tag", None)
+
+
 def start_by(route: dict[str, Any] | None) -> float | None:
     deadline = route.get("deadline") if route else None
     return float(deadline) if isinstance(deadline, (int, float)) and not isinstance(deadline, bool) else None
