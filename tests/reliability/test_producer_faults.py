@@ -9,25 +9,28 @@ from __future__ import annotations
 
 import gc
 import json
+import shlex
 import threading
 import time
 import tracemalloc
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import redis as redis_lib
 from broker_proxy import BrokerProxy
 from helpers import wait_until
 
-from routing import Client, Settings, names
+from routing import Client, Session, Settings, names
 from routing.errors import CallTimeout
 from routing.fleet.registry import Liveness
 from routing.pools import Affinity, Pool
 from routing.producer.binding import Binding
 from routing.producer.future import CallFuture
 from routing.producer.results import listener
-from tasks.local.stack import Stack
+from tasks.local.stack import Stack, WorkerProcess
 
 POOL = "triage_pool"
 #: The listener notices a silent connection within this long (its probe: ~8 s; the issue's bound: 10 s).
@@ -167,3 +170,52 @@ def test_a_departed_node_leaves_no_slot_and_no_queue_estimate(client: Client) ->
         router.on_worker_death(node)
     assert router.direct_slots.size() == (held[0] - 50, held[1] - 50)
     assert router.backlog.estimated() == estimated - 50
+
+
+def test_the_acl_recipe_in_the_docs_is_accepted_and_keeps_producers_from_writing_results(stack: Stack) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "reliability.md").read_text()
+    lines = [line for line in doc.splitlines() if line.startswith("ACL SETUSER ")]
+    assert [line.split()[2] for line in lines] == ["flagship-worker", "flagship-producer"]
+    suffix, password = uuid.uuid4().hex[:6], uuid.uuid4().hex
+    users = {}
+    for line in lines:
+        args = shlex.split(line.replace("WORKER_PASSWORD", password).replace("PRODUCER_PASSWORD", password))
+        name = args[2]
+        args[2] = users[name] = f"{name}-{suffix}"
+        assert stack.redis.execute_command(*args) in (True, "OK", b"OK")
+    producer = Client(f"redis://{users['flagship-producer']}:{password}@127.0.0.1:{urlsplit(stack.redis_url).port}/0",
+                      Settings.from_env())
+    try:
+        session = producer.session(POOL)
+        marker = f"acl-{uuid.uuid4().hex[:8]}"
+        future = session.submit("record", marker=marker)
+        assert future.result(30)["marker"] == marker
+        key = listener.RESULT_KEY_PREFIX + future.id
+        assert producer.redis.get(key)  # results can be read ...
+        for forge in (lambda: producer.redis.set(key, "{}"), lambda: producer.redis.publish("any", "x"),
+                      lambda: producer.redis.config_get("*"), lambda: producer.redis.flushall()):
+            with pytest.raises(redis_lib.exceptions.NoPermissionError):  # ... not written, nor the server run
+                forge()
+        session.close()
+    finally:
+        producer.close()
+        for user in users.values():
+            stack.redis.execute_command("ACL", "DELUSER", user)
+
+
+def test_reruns_of_a_rehydrated_session_run_in_the_order_the_calls_were_made(
+    client: Client, stack: Stack, sessions: Callable[..., Session],
+    pool_workers: Callable[..., list[WorkerProcess]],
+) -> None:
+    workers = {w.node: w for w in pool_workers("kill_pool", 2)}
+    session = sessions("kill_pool", rehydrate=True)
+    dead, marker = session.worker, f"order-{uuid.uuid4().hex[:8]}-"
+    assert dead is not None
+    futures = [session.submit("record", marker=f"{marker}{i}", sleep_s=3.0 if i == 0 else 0) for i in range(8)]
+    wait_until(lambda: executions(stack, marker), timeout_s=30, what="the first call running")
+    workers[dead].kill()
+    replies = [future.result(60) for future in futures]
+    survivor = replies[0]["node"]
+    assert survivor != dead and {reply["node"] for reply in replies} == {survivor}
+    rerun = [e["marker"] for e in executions(stack, marker) if e["node"] == survivor]
+    assert rerun == [f"{marker}{i}" for i in range(8)]  # rebuilt once, then every call in its order
