@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,7 +36,7 @@ import pytest
 import redis as redis_lib
 import yaml
 from conftest import TEST_ENV
-from helpers import wait_until
+from helpers import debian_binary, wait_until
 
 from routing import names
 from routing.broker.embedded import ensure_server, read_record, stop_server
@@ -310,40 +311,107 @@ def test_metrics_deployment_and_service_carry_prometheus_scrape_annotations() ->
         assert annotations["prometheus.io/path"] == "/metrics"
 
 
-#: What KEDA's ScaledObject CRD (keda.sh/v1alpha1) and its redis scaler docs require (no package ships it).
+#: What KEDA's ScaledObject CRD (keda.sh/v1alpha1) and its redis and prometheus scalers' docs require.
 SCALED_OBJECT_SCHEMA = DEPLOY / "schemas" / "keda-scaledobject.schema.json"
+#: The number autoscaling follows: a pool's waiting calls, queued in Redis or held by workers, each series once.
+WAITING_QUERY = 'sum(max by (worker, where) (flagship_calls_waiting{{pool="{pool}"}}))'
 
 
-def test_keda_scaled_objects_scale_each_pool_deployment_on_its_redis_list() -> None:
+def scaled_object_validator() -> jsonschema.Draft202012Validator:
     schema = json.loads(SCALED_OBJECT_SCHEMA.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
-    validator = jsonschema.Draft202012Validator(schema)
-    deployments = by_kind("Deployment")
-    scaled = by_kind("ScaledObject")
-    pools_scaled = set()
-    for name, obj in scaled.items():
+    return jsonschema.Draft202012Validator(schema)
+
+
+def check_scaled_objects(docs: list[tuple[Path, dict[str, Any]]]) -> dict[str, str]:
+    """Each ScaledObject of ``docs`` valid, scaling a pool's worker Deployment on that pool's waiting calls, read
+    from the Prometheus the same manifests deploy, which scrapes the ``flagship metrics`` Service; their queries."""
+    validator = scaled_object_validator()
+    kinds: dict[str, dict[str, dict[str, Any]]] = {}
+    for _, doc in docs:
+        kinds.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    prometheus = kinds["Service"]["flagship-prometheus"]
+    (web,) = prometheus["spec"]["ports"]
+    assert prometheus["spec"]["selector"] == kinds["Deployment"]["flagship-prometheus"]["spec"]["selector"][
+        "matchLabels"]
+    config = yaml.safe_load(kinds["ConfigMap"]["flagship-prometheus"]["data"]["prometheus.yml"])
+    (metrics_port,) = kinds["Service"]["flagship-metrics"]["spec"]["ports"]
+    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"flagship-metrics:{metrics_port['port']}"]
+    queries = {}
+    for name, obj in kinds["ScaledObject"].items():
         errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(obj)]
         assert not errors, f"{name}: " + "; ".join(errors)
         spec = obj["spec"]
-        target = deployments[spec["scaleTargetRef"]["name"]]
-        pool = check_flagship_argv(container(target)["command"][1:]).pool
+        pool = check_flagship_argv(container(kinds["Deployment"][spec["scaleTargetRef"]["name"]])["command"][1:]).pool
         (trigger,) = spec["triggers"]
-        assert trigger["type"] == "redis"
-        assert trigger["metadata"]["listName"] == names.pool_queue(pool)
-        assert trigger["metadata"]["address"].split(".")[0] == "redis"
+        meta = trigger["metadata"]
+        assert trigger["type"] == "prometheus" and "authenticationRef" not in trigger
+        # KEDA's operator runs in its own namespace: the Service by its full DNS name.
+        assert meta["serverAddress"] == f"http://flagship-prometheus.default.svc.cluster.local:{web['port']}"
+        assert meta["query"] == WAITING_QUERY.format(pool=pool)
+        assert float(meta["threshold"]) > 0 and meta["ignoreNullValues"] == "false"  # no data: keep the replicas
         assert spec["minReplicaCount"] == 2 <= spec["maxReplicaCount"]
-        pools_scaled.add(pool)
-    assert pools_scaled == set(POOLS)
-    # The schema catches what KEDA would refuse: a trigger without its list, a numeric parameter.
-    bad = copy.deepcopy(next(iter(scaled.values())))
-    bad["spec"]["triggers"][0]["metadata"].pop("listName")
-    bad["spec"]["triggers"][0]["metadata"]["listLength"] = 5
+        queries[pool] = meta["query"]
+    assert set(queries) == set(POOLS)
+    return queries
+
+
+def test_keda_scaled_objects_scale_each_pool_on_its_waiting_calls_from_the_prometheus_deployed_beside_them() -> None:
+    check_scaled_objects(k8s_docs())
+    # The schema catches what KEDA would refuse: a trigger without its query, a numeric parameter.
+    validator = scaled_object_validator()
+    bad = copy.deepcopy(next(iter(by_kind("ScaledObject").values())))
+    bad["spec"]["triggers"][0]["metadata"].pop("query")
+    bad["spec"]["triggers"][0]["metadata"]["threshold"] = 5
     assert len(list(validator.iter_errors(bad))) >= 2
+    redis_trigger = {"type": "redis", "metadata": {"address": "redis:6379", "listLength": "5"}}  # no listName
+    assert list(validator.iter_errors({**bad, "spec": {**bad["spec"], "triggers": [redis_trigger]}}))
 
 
-def test_strict_pool_scaling_caveat_is_documented_next_to_the_scaled_objects() -> None:
-    text = (K8S / "keda" / "scaledobjects.yaml").read_text()
-    assert "flagship.direct.<node>" in text and "strict" in text.lower() and "hint" in text.lower()
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    """Debian's ``promtool`` (package prometheus), installed with apt-get when missing (skips if it cannot be)."""
+    return debian_binary("prometheus", lambda: shutil.which("promtool"), timeout_s=900)
+
+
+def test_the_keda_queries_add_queued_and_held_calls_of_their_pool_once_each_in_prometheus_own_engine(
+        promtool: str, tmp_path: Path) -> None:
+    """``promtool test rules`` evaluates each trigger's query with Prometheus's engine over series as ``flagship
+    metrics`` serves them: the pool's shared queue, two workers' direct queues and held calls (3 + 2 + 7 + 0 + 9), every
+    series scraped twice (pod and Service annotations), beside another pool's."""
+    queries = check_scaled_objects(k8s_docs())
+    waiting = {("", "queue"): 3, ("w1@a", "queue"): 2, ("w1@a", "held"): 7, ("w2@b", "queue"): 0, ("w2@b", "held"): 9}
+    series = [{"series": f'flagship_calls_waiting{{job="{job}",pool="{pool}",worker="{worker}",where="{where}"}}',
+               "values": f"{value * (1 if pool in queries else 100)}x3"}
+              for job in ("pods", "services") for pool in [*queries, "other_pool"]
+              for (worker, where), value in waiting.items()]
+    tests = {"tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [
+        {"expr": query, "eval_time": "2m", "exp_samples": [{"labels": "{}", "value": sum(waiting.values())}]}
+        for query in queries.values()]}]}
+    (tmp_path / "keda-queries.test.yml").write_text(json.dumps(tests))
+    done = subprocess.run([promtool, "test", "rules", str(tmp_path / "keda-queries.test.yml")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+    for variant in (K8S, K8S_SENTINEL):  # the Prometheus the triggers read loads its config
+        config = manifest_config(variant / "prometheus.yaml")
+        (tmp_path / "prometheus.yml").write_text(config)
+        done = subprocess.run([promtool, "check", "config", "--syntax-only", str(tmp_path / "prometheus.yml")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def manifest_config(path: Path) -> str:
+    (configmap,) = [doc for doc in load_all(path) if doc["kind"] == "ConfigMap"]
+    return str(configmap["data"]["prometheus.yml"])
+
+
+def test_the_scaling_caveats_are_documented_next_to_the_scaled_objects() -> None:
+    for folder in (K8S, K8S_SENTINEL):
+        text = (folder / "keda" / "scaledobjects.yaml").read_text().lower()
+        assert "held" in text and "llen" in text, folder  # why the trigger is not KEDA's redis one
+        assert "strict" in text and "hint" in text and "sessions opened after" in text, folder
 
 
 # -- Dockerfile ---------------------------------------------------------------------------------
@@ -694,37 +762,19 @@ def test_sentinel_kubernetes_variant_runs_the_same_workloads_with_the_broker_fro
         c, original = container(deployment), container(single[name])
         assert c["command"] == original["command"] and deployment["spec"]["replicas"] == \
             single[name]["spec"]["replicas"], name
+        if "envFrom" not in original:  # not a flagship process (the Prometheus): the same as the other variant's
+            assert deployment == single[name], name
+            continue
         assert c["envFrom"][:2] == [{"configMapRef": {"name": "flagship-config"}},
                                     {"secretRef": {"name": "flagship-redis"}}], name
 
 
-def test_sentinel_keda_scaled_objects_use_the_redis_sentinel_trigger_with_both_passwords_from_the_secret() -> None:
-    schema = json.loads(SCALED_OBJECT_SCHEMA.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    deployments = sentinel_kind("Deployment")
-    (auth,) = sentinel_kind("TriggerAuthentication").values()
-    secret = sentinel_kind("Secret")["flagship-redis"]["stringData"]
-    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
-    assert set(refs) == {"password", "sentinelPassword"}  # KEDA's redis-sentinel authentication parameters
-    assert all(r["name"] == "flagship-redis" and r["key"] in secret for r in refs.values())
-    assert refs["password"]["key"] == "REDIS_PASSWORD" and refs["sentinelPassword"]["key"] == \
-        "FLAGSHIP_SENTINEL_PASSWORD"
-    master = sentinel_kind("ConfigMap")["flagship-config"]["data"]["FLAGSHIP_SENTINEL_MASTER"]
-    replicas = sentinel_kind("StatefulSet")["sentinel"]["spec"]["replicas"]
-    pools = set()
-    for name, obj in sentinel_kind("ScaledObject").items():
-        errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(obj)]
-        assert not errors, f"{name}: " + "; ".join(errors)
-        (trigger,) = obj["spec"]["triggers"]
-        meta = trigger["metadata"]
-        assert trigger["type"] == "redis-sentinel" and trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
-        assert meta["sentinelMaster"] == master and re.fullmatch(r"[0-9]+", meta["listLength"])
-        assert [a.split(".")[0] for a in meta["addresses"].split(",")] == [f"sentinel-{i}" for i in range(replicas)]
-        assert all(a.endswith(".svc.cluster.local:26379") for a in meta["addresses"].split(","))
-        pool = check_flagship_argv(container(deployments[obj["spec"]["scaleTargetRef"]["name"]])["command"][1:]).pool
-        assert meta["listName"] == names.pool_queue(pool)
-        pools.add(pool)
-    assert pools == set(POOLS)
+def test_sentinel_keda_scaled_objects_and_their_prometheus_are_the_single_server_ones() -> None:
+    """``flagship metrics`` follows the sentinels itself: KEDA needs no Redis address or password there."""
+    assert check_scaled_objects(sentinel_docs()) == check_scaled_objects(k8s_docs())
+    assert sentinel_kind("ScaledObject") == by_kind("ScaledObject")
+    assert load_all(K8S_SENTINEL / "prometheus.yaml") == load_all(K8S / "prometheus.yaml")
+    assert "TriggerAuthentication" not in {doc["kind"] for _, doc in sentinel_docs()}
 
 
 def test_sentinel_start_scripts_pass_shellcheck_or_at_least_sh_syntax() -> None:
