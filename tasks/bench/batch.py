@@ -142,7 +142,7 @@ def _run(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
     settings, table = _pools_settings(base, NOOP_POOL, LM_POOL)
     with FakeServer(args.delay_s) as server:
         env = {"FLAGSHIP_POOLS": table, "FLAGSHIP_LM_API_BASE": server.base_url, "FLAGSHIP_LM": MODEL,
-               "FLAGSHIP_LM_RETRIES": "0"}
+               "FLAGSHIP_LM_RETRIES": "0", "FLAGSHIP_LM_CACHE": "off"}  # every call reaches the LM server
         with Stack(settings, env=env, loglevel="warning") as stack:
             procs = stack.start_pools(pools=[NOOP_POOL.name, LM_POOL.name])
             client = Client(stack.redis_url, settings)

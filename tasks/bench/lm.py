@@ -25,10 +25,14 @@ from tasks.bench.helpers.lm_side import (  # noqa: F401  (batch.py imports them 
     POOL_NAME,
     SIGNATURE,
     TICKETS,
+    UNCACHED,
     FakeServer,
     _fan_out,
     _median_round,
     _round,
+    adherence_case,
+    cache_case,
+    limiter_cpu_case,
 )
 from tasks.bench.helpers.report import markdown_table, update_section
 from tasks.lm.dspy_caches import installed as dspy_caches_installed
@@ -71,7 +75,7 @@ def _run(base: Settings, sessions: int, per_session: int, delay_s: float, rounds
     calls = sessions * per_session
     with FakeServer(delay_s) as server:
         env = {"FLAGSHIP_POOLS": table.to_json(), "FLAGSHIP_LM_API_BASE": server.base_url,
-               "FLAGSHIP_LM": MODEL, "FLAGSHIP_LM_RETRIES": "0"}
+               "FLAGSHIP_LM": MODEL, "FLAGSHIP_LM_RETRIES": "0", **UNCACHED}
         with Stack(settings, env=env, loglevel="warning") as stack:
             procs = stack.start_pools(pools=[POOL_NAME])
             client = Client(stack.redis_url, settings)
@@ -143,6 +147,56 @@ def markdown(report: dict[str, Any]) -> str:
             + ("(met)." if report["wall_ratio"] <= 1.0 else "(**not met** in this run).") + "\n")
 
 
+def governor_run(calls: int = 300, rpm: int = 100, window_s: float = 5.0, windows: int = 3) -> dict[str, Any]:
+    """The fleet cache's hit vs a ping, the limiter's CPU per request, and how closely the fleet keeps ``rpm``."""
+    from tasks.bench.helpers.fake_lm_server import FakeOpenAI
+
+    with own_server(Settings.from_env()) as base:
+        pool = Pool(POOL_NAME, size=2, kind=PoolKind.LM, queue_timeout_s=None)
+        table = PoolTable.load(base.pools_config).with_pool(pool)
+        settings = replace(base, pools_config=table.to_json())
+        with FakeOpenAI(delay_s=0.05) as server:  # in this process: it records when each request arrived
+            env = {"FLAGSHIP_POOLS": table.to_json(), "FLAGSHIP_LM_API_BASE": server.base_url, "FLAGSHIP_LM": MODEL,
+                   "FLAGSHIP_LM_RETRIES": "0", "FLAGSHIP_LM_CACHE": "fleet", "FLAGSHIP_LM_CACHE_MEMORY_ENTRIES": "1",
+                   "FLAGSHIP_LM_LIMITS": json.dumps({"openai/limited-model": {"rpm": rpm}}),
+                   "FLAGSHIP_LM_LIMIT_WINDOW_S": str(window_s)}
+            with Stack(settings, env=env, loglevel="warning") as stack:
+                stack.start_pools(pools=[POOL_NAME])
+                client = Client(stack.redis_url, settings)
+                try:
+                    return {"cache": cache_case(client, POOL_NAME, server.base_url, calls),
+                            "limiter_cpu": limiter_cpu_case(client.redis, 3000),
+                            "adherence": adherence_case(client, POOL_NAME, server, rpm, window_s, windows)}
+                finally:
+                    client.close()
+
+
+def governor_markdown(report: dict[str, Any]) -> str:
+    c, cpu, a = report["cache"], report["limiter_cpu"], report["adherence"]
+    added = cpu["limited"]["cpu_ms_per_call"] - cpu["unlimited"]["cpu_ms_per_call"]
+    hit_delta = c["fleet_hit_p50_ms"] - c["ping_p50_ms"]
+    rows = [
+        ["`ping` round trip (p50)", f"{c['ping_p50_ms']:.2f} ms", ""],
+        ["`Predict` call, cache hit in the worker's memory tier (p50)", f"{c['memory_hit_p50_ms']:.2f} ms", ""],
+        ["`Predict` call, cache hit in the fleet tier (Redis) (p50)", f"{c['fleet_hit_p50_ms']:.2f} ms",
+         f"+{hit_delta:.2f} ms vs ping (goal ≤ +1 ms: {'met' if hit_delta <= 1 else '**not met**'})"],
+        ["gate + settle scripts per request, no limits (pause and budget checks)",
+         f"{cpu['unlimited']['cpu_ms_per_call']:.3f} ms CPU", f"{cpu['unlimited']['wall_ms_per_call']:.3f} ms wall"],
+        ["gate + settle scripts per request, rpm + tpm + concurrency",
+         f"{cpu['limited']['cpu_ms_per_call']:.3f} ms CPU",
+         f"limits add {added:.3f} ms CPU (goal ≤ 0.1 ms: {'met' if added <= 0.1 else '**not met**'})"],
+        [f"rpm {a['rpm']} per {a['window_s']:.0f} s window, {a['offered']} calls offered by 64 threads",
+         f"{a['per_window']} per window", f"busiest sliding window {a['busiest_sliding_window']} "
+         f"(never above: {'met' if a['busiest_sliding_window'] <= a['rpm'] else '**not met**'}); "
+         f"{a['used_share']:.1%} of the allowed rate used (goal ≥ 95 %: "
+         f"{'met' if a['used_share'] >= 0.95 else '**not met**'})"],
+    ]
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"`flagship bench lm --governor`, {when} (2 shared cores): two LM workers, a fake LM server "
+            f"answering in 50 ms, {c['calls']} calls per case ({c['hits_in_history']} of the last ones recorded "
+            "as `cache_hit` in the history):\n\n" + markdown_table(["case", "measured", "vs goal"], rows) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flagship bench lm")
     parser.add_argument("--sessions", type=int, default=64, help="sessions (producer threads; in-process threads)")
@@ -154,7 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write-docs", action="store_true", help="replace the `lm` section of docs/benchmarks.md")
     parser.add_argument("--program", action="store_true", help="the two-predictor program case (lm_program)")
+    parser.add_argument("--governor", action="store_true", help="the fleet cache and limiter cases")
     args = parser.parse_args(argv)
+    if args.governor:
+        found = governor_run()
+        if args.write_docs:
+            update_section("lm_governor", governor_markdown(found))
+        print(json.dumps(found, indent=2) if args.json else governor_markdown(found))
+        return 0
     if args.program:
         from tasks.bench import lm_program
 

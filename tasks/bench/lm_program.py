@@ -71,7 +71,8 @@ def _run(base: Settings, sessions: int, per_session: int, delay_s: float, rounds
     calls = sessions * per_session
     with FakeServer(delay_s) as server:
         env = {"FLAGSHIP_POOLS": table.to_json(), "FLAGSHIP_LM_API_BASE": server.base_url,
-               "FLAGSHIP_LM": MODEL, "FLAGSHIP_LM_RETRIES": "0", **example_programs_env()}
+               "FLAGSHIP_LM": MODEL, "FLAGSHIP_LM_RETRIES": "0", "FLAGSHIP_LM_CACHE": "off",
+               **example_programs_env()}
         with Stack(settings, env=env, loglevel="warning") as stack:
             procs = stack.start_pools(pools=[POOL_NAME])
             client = Client(stack.redis_url, settings)

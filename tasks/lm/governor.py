@@ -19,7 +19,8 @@ LMs a user's program built itself), through ``dspy.clients.execution.execute`` /
 
 A call's scope (session, deadline) is set by the worker around each call
 (:func:`lm_scope`) in DSPy's settings, so DSPy's own threads (``dspy.Parallel``,
-``asyncify``) carry it. The offline scripted LM is not governed (no provider, no cost).
+``asyncify``) carry it. The offline scripted LM is counted too (its scripted tokens, cost 0); it is
+never cached, and no limit names it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from tasks.lm.fleet_cache import FleetTier, Flight, flight_var, install_fleet_ca
 from tasks.lm.governance import GovernorSettings
 from tasks.lm.ledger import Entry, Ledger, from_usage
 from tasks.lm.limiter import Admission, Limiter
-from tasks.lm.offline import OfflineLM
 
 __all__ = ["Governor", "Scope", "install", "current", "lm_scope", "SCOPE_KEY"]
 
@@ -67,8 +67,11 @@ def lm_scope(session_id: str | None, deadline: float | None = None) -> Iterator[
     if _governor is None:
         yield
         return
-    with dspy.context(**{SCOPE_KEY: Scope(session_id, deadline)}):
-        yield
+    try:
+        with dspy.context(**{SCOPE_KEY: Scope(session_id, deadline)}):
+            yield
+    finally:
+        _governor.ledger.flush()  # its cache hits are counted before its result is
 
 
 def current() -> Governor | None:
@@ -126,7 +129,7 @@ class Governor:
         self._runs_lock = threading.Lock()
 
     def governs(self, lm: Any, call: Any) -> bool:
-        return bool(getattr(call, "managed", False)) and not isinstance(lm, OfflineLM)
+        return bool(getattr(call, "managed", False))
 
     def run_of(self, session_id: str | None) -> str | None:
         """The ``client.map``/``evaluate`` run a session belongs to (read once per session)."""
@@ -156,7 +159,7 @@ class Governor:
             if hit is not None:
                 hit.cost = 0.0
                 hit.cost_details = {"kind": "cache_hit", "reason": "answered by the LM cache; no provider request"}
-                self.ledger.record(self._entry(lm, scope, cache_hits=1))
+                self.ledger.record(self._entry(lm, scope, cache_hits=1), wait=False)
                 return hit, None, call
         session_id = None if scope is None else scope.session_id
         admission = self.limiter.admit(str(lm.model), session_id, self.run_of(session_id),

@@ -1,9 +1,11 @@
 """The usage ledger's writes: every LM call's tokens, cost and cache hit, per session, run, pool and model.
 
 One pipelined write per call (``routing.fleet.usage`` names the hashes), which also
-settles the call's limiter reservation. A call waits for its write (so the budget check
-of the session's next call sees it), but calls finishing while a write is on its way
-share the next one: on a busy worker one round trip carries many calls.
+settles the call's limiter reservation. A provider call waits for its write (so the budget
+check of the session's next call sees it), but calls finishing while a write is on its way
+share the next one: on a busy worker one round trip carries many calls. A cache hit (no
+tokens, nothing to settle) does not wait: it rides with the next write, or a background one
+at most ``flush_after_s`` later.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from routing.fleet import usage
 __all__ = ["Ledger", "Entry"]
 
 log = logging.getLogger(__name__)
+
+#: The longest a cache hit's count waits for a write to ride with.
+flush_after_s = 0.05
 
 
 @dataclass
@@ -62,17 +67,26 @@ class Ledger:
         self._cond = threading.Condition()
         self._pending: list[tuple[Entry, threading.Event]] = []
         self._writing = False
+        self._flush_due = False
 
-    def record(self, entry: Entry) -> None:
-        """Add ``entry`` (returns once it is written, alone or with others' entries)."""
+    def record(self, entry: Entry, wait: bool = True) -> None:
+        """Add ``entry``: returns once it is written (alone or with others'), or at once when not ``wait``."""
         done = threading.Event()
         with self._cond:
             self._pending.append((entry, done))
+            if not wait:
+                if not self._flush_due:
+                    self._flush_due = True
+                    threading.Thread(target=self._flush_soon, name="flagship-lm-ledger", daemon=True).start()
+                return
             while self._writing and not done.is_set():
                 self._cond.wait()
             if done.is_set():
                 return
             batch, self._pending, self._writing = self._pending, [], True
+        self._write_batch(batch)
+
+    def _write_batch(self, batch: list[tuple[Entry, threading.Event]]) -> None:
         try:
             self._write([e for e, _ in batch])
         finally:
@@ -81,6 +95,21 @@ class Ledger:
                 for _, event in batch:
                     event.set()
                 self._cond.notify_all()
+
+    def _flush_soon(self) -> None:
+        threading.Event().wait(flush_after_s)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what waits (cache hits) now, unless a provider call's write took it along (no round trip then)."""
+        with self._cond:
+            self._flush_due = False
+            while self._writing:
+                self._cond.wait()
+            if not self._pending:
+                return
+            batch, self._pending, self._writing = self._pending, [], True
+        self._write_batch(batch)
 
     def _write(self, entries: list[Entry]) -> None:
         pipe = self.redis.pipeline(transaction=False)

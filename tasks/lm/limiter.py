@@ -37,6 +37,9 @@ __all__ = ["Limiter", "Admission", "pause_key"]
 concurrency_poll_s = 0.01
 #: A concurrency lease lasts the provider timeout plus this much (a killed worker's slot comes back after it).
 lease_margin_s = 10.0
+#: The window is kept this much longer (a share of it, at most ``window_guard_max_s``), so requests' trips to the
+#: provider (a few ms, more under load) cannot make two windows' requests meet in one window there.
+window_guard_share, window_guard_max_s = 0.02, 0.25
 
 
 def pause_key(model: str) -> str:
@@ -70,6 +73,8 @@ class Limiter:
     def __init__(self, redis: Redis, settings: GovernorSettings, timeout_s: float) -> None:
         self.redis, self.settings = redis, settings
         self.lease_ms = int((timeout_s + lease_margin_s) * 1000)
+        window = settings.window_s
+        self.window_ms = int(1000 * (window + min(window_guard_max_s, window_guard_share * window)))
         self._gate = redis.register_script(source("lm_gate"))
         self._pause = redis.register_script(source("lm_pause"))
         self.settle_script = redis.register_script(source("lm_settle"))
@@ -84,7 +89,7 @@ class Limiter:
                 *limit_keys(model)]
         args = [admission.request_id, estimate if limit and limit.tpm else 0, (limit and limit.rpm) or 0,
                 (limit and limit.tpm) or 0, (limit and limit.concurrency) or 0,
-                int(self.settings.window_s * 1000), self.lease_ms, int(session_id is not None), int(run_id is not None)]
+                self.window_ms, self.lease_ms, int(session_id is not None), int(run_id is not None)]
         started = time.monotonic()
         while True:
             reply = self._gate(keys, args)

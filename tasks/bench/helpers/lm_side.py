@@ -68,3 +68,89 @@ def _round(meter: CpuMeter, run: Callable[[], float], calls: int) -> dict[str, A
 
 def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(rounds, key=lambda r: r["wall_s"])[len(rounds) // 2]
+
+
+# -- `flagship bench lm --governor`: the fleet cache and the limiter ---------------------------------------------------
+
+#: Workers of the LM benchmarks answer every call from the provider (the in-process side is uncached too).
+UNCACHED = {"FLAGSHIP_LM_CACHE": "off"}
+
+
+def _p50_ms(samples: list[float]) -> float:
+    return sorted(samples)[len(samples) // 2] * 1000
+
+
+def timed(fn: Callable[[], Any], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def cache_case(client: Any, pool: str, base_url: str, n: int) -> dict[str, Any]:
+    """A cache hit's round trip (DSPy's memory tier on the worker; the fleet tier in Redis) vs a ``ping``."""
+    session = client.session(pool)
+    try:
+        module = session.predict(SIGNATURE, lm=session.lm(MODEL, api_base=base_url))
+        for ticket in TICKETS:
+            module(ticket=ticket)  # misses: each answer stored once
+        k = iter(range(10**9))
+        ping = timed(lambda: session.call("ping"), n)
+        memory = timed(lambda: module(ticket=TICKETS[0]), n)  # the worker's memory tier keeps the last answers
+        fleet = timed(lambda: module(ticket=TICKETS[next(k) % len(TICKETS)]), n)  # one memory entry: Redis serves
+        history = session.history(n=n)
+        return {"calls": n, "ping_p50_ms": _p50_ms(ping), "memory_hit_p50_ms": _p50_ms(memory),
+                "fleet_hit_p50_ms": _p50_ms(fleet), "hits_in_history": sum(e["cache_hit"] for e in history)}
+    finally:
+        session.close()
+
+
+def limiter_cpu_case(redis: Any, n: int) -> dict[str, Any]:
+    """The limiter's CPU per request on the caller (admit + settle scripts), limited vs not, and Redis's."""
+    from tasks.lm.governance import GovernorSettings, parse_limits
+    from tasks.lm.limiter import Limiter
+
+    limits = parse_limits('{"bench/limited": {"rpm": 100000000, "tpm": 1000000000, "concurrency": 1000}}')
+    limiter = Limiter(redis, GovernorSettings(limits=limits), timeout_s=60)
+    found: dict[str, Any] = {}
+    for model in ("bench/unlimited", "bench/limited"):
+        for _ in range(50):  # warm: scripts loaded, connections made
+            limiter.admit(model, None, None, None, 100)
+        cpu, wall = time.thread_time(), time.perf_counter()
+        for _ in range(n):
+            admitted = limiter.admit(model, None, None, None, 100)
+            settle = admitted.settle_args(120)
+            if settle is not None:
+                limiter.settle_script(*settle)
+        found[model.split("/")[1]] = {"cpu_ms_per_call": (time.thread_time() - cpu) * 1000 / n,
+                                      "wall_ms_per_call": (time.perf_counter() - wall) * 1000 / n}
+    return found
+
+
+def adherence_case(client: Any, pool: str, server: Any, rpm: int, window_s: float, windows: int) -> dict[str, Any]:
+    """``windows`` windows' worth of calls and one more, offered by 64 threads at once (far above ``rpm``): requests
+    at the provider in each full window from the first, and in the busiest sliding window."""
+    sessions = [client.session(pool) for _ in range(2)]
+    per_session = rpm * (windows + 1) // 2
+    try:
+        def run(i: int) -> None:
+            module = sessions[i].predict(SIGNATURE, lm=sessions[i].lm("limited-model", api_base=server.base_url))
+            module.batch([{"ticket": f"{i}-{k} {TICKETS[k % len(TICKETS)]}"} for k in range(per_session)],
+                         num_threads=32, return_exceptions=True, timeout_s=600)
+
+        before = len(server.requests)
+        with ThreadPoolExecutor(2) as threads:
+            list(threads.map(run, range(2)))
+        arrivals = sorted(r.at for r in server.requests[before:])
+    finally:
+        for s in sessions:
+            s.close()
+    start = arrivals[0]
+    full = [sum(1 for a in arrivals if start + w * window_s <= a < start + (w + 1) * window_s)
+            for w in range(windows)]
+    busiest = max(sum(1 for b in arrivals if a <= b < a + window_s) for a in arrivals)
+    return {"rpm": rpm, "window_s": window_s, "offered": 2 * per_session, "sent": len(arrivals),
+            "per_window": full, "busiest_sliding_window": busiest,
+            "used_share": sum(full) / (rpm * windows)}
