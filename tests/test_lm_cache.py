@@ -44,9 +44,10 @@ def _flush_cache(redis: Redis) -> None:
         redis.delete(*keys)
 
 
-def _run_sessions(client: Client, server: FakeOpenAI, temperature: float | None = None) -> list[Session]:
-    """10 sessions, each 100 predictions over the 100 prompts (8 at once per session): 1,000 calls."""
-    opened = [client.session(POOL) for _ in range(10)]
+def _run_sessions(client: Client, server: FakeOpenAI, temperature: float | None = None,
+                  count: int = 10) -> list[Session]:
+    """``count`` sessions, each 100 predictions over the 100 prompts (8 at once per session): 1,000 calls."""
+    opened = [client.session(POOL) for _ in range(count)]
     errors: list[BaseException] = []
 
     def one(i: int) -> None:
@@ -60,7 +61,7 @@ def _run_sessions(client: Client, server: FakeOpenAI, temperature: float | None 
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
@@ -94,7 +95,7 @@ def test_a_thousand_calls_over_a_hundred_prompts_reach_the_server_a_hundred_time
             s.close()
         assert server.served - before == 0
         before = server.served
-        for s in _run_sessions(client, server, temperature=0.7):  # another parameter: another request
+        for s in _run_sessions(client, server, temperature=0.7, count=2):  # another parameter: another request
             s.close()
         assert server.served - before == 100
         assert {r.body.get("temperature") for r in server.requests[-100:]} == {0.7}

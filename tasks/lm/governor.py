@@ -159,7 +159,8 @@ class Governor:
             if hit is not None:
                 hit.cost = 0.0
                 hit.cost_details = {"kind": "cache_hit", "reason": "answered by the LM cache; no provider request"}
-                self.ledger.record(self._entry(lm, scope, cache_hits=1), wait=False)
+                # inside a call, the count rides with the next write (the call's own at its end, lm_scope)
+                self.ledger.record(self._entry(lm, scope, cache_hits=1), wait=scope is None)
                 return hit, None, call
         session_id = None if scope is None else scope.session_id
         admission = self.limiter.admit(str(lm.model), session_id, self.run_of(session_id),

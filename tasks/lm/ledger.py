@@ -4,8 +4,8 @@ One pipelined write per call (``routing.fleet.usage`` names the hashes), which a
 settles the call's limiter reservation. A provider call waits for its write (so the budget
 check of the session's next call sees it), but calls finishing while a write is on its way
 share the next one: on a busy worker one round trip carries many calls. A cache hit (no
-tokens, nothing to settle) does not wait: it rides with the next write, or a background one
-at most ``flush_after_s`` later.
+tokens, nothing to settle) made inside a call does not wait: it rides with the next write, at
+the latest the one its call makes when it ends (:meth:`Ledger.flush`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ from routing.fleet import usage
 __all__ = ["Ledger", "Entry"]
 
 log = logging.getLogger(__name__)
-
-#: The longest a cache hit's count waits for a write to ride with.
-flush_after_s = 0.05
 
 
 @dataclass
@@ -67,17 +64,14 @@ class Ledger:
         self._cond = threading.Condition()
         self._pending: list[tuple[Entry, threading.Event]] = []
         self._writing = False
-        self._flush_due = False
 
     def record(self, entry: Entry, wait: bool = True) -> None:
-        """Add ``entry``: returns once it is written (alone or with others'), or at once when not ``wait``."""
+        """Add ``entry``: returns once it is written (alone or with others'), or at once when not ``wait``
+        (then a later write, or :meth:`flush`, takes it)."""
         done = threading.Event()
         with self._cond:
             self._pending.append((entry, done))
             if not wait:
-                if not self._flush_due:
-                    self._flush_due = True
-                    threading.Thread(target=self._flush_soon, name="flagship-lm-ledger", daemon=True).start()
                 return
             while self._writing and not done.is_set():
                 self._cond.wait()
@@ -96,14 +90,9 @@ class Ledger:
                     event.set()
                 self._cond.notify_all()
 
-    def _flush_soon(self) -> None:
-        threading.Event().wait(flush_after_s)
-        self.flush()
-
     def flush(self) -> None:
         """Write what waits (cache hits) now, unless a provider call's write took it along (no round trip then)."""
         with self._cond:
-            self._flush_due = False
             while self._writing:
                 self._cond.wait()
             if not self._pending:
