@@ -90,7 +90,7 @@ def test_hint_calls_beyond_a_busy_workers_threads_are_run_by_a_worker_that_joins
 ) -> None:
     (busy,) = pool_workers(POOL, 1)
     holders = [sessions(POOL) for _ in range(2)]
-    held = [s.submit("ping", sleep_s=6.0) for s in holders]
+    held = [s.submit("ping", sleep_s=12.0) for s in holders]  # longer than a worker's start on a loaded machine
     assert [f.target for f in held] == [busy.node, busy.node]  # they take its two threads
     wait_until(lambda: client.registry.liveness([busy.node])[busy.node].in_flight == 2, what="both threads busy")
     waiting = [sessions(POOL) for _ in range(2)]
@@ -103,7 +103,7 @@ def test_hint_calls_beyond_a_busy_workers_threads_are_run_by_a_worker_that_joins
     assert {r["node"] for r in results} == {joined.node}
     assert [s.worker for s in waiting] == [joined.node, joined.node]  # rebound where they ran
     assert {client.sessions.get(s.id).worker for s in waiting} == {joined.node}
-    assert all(f.result(15)["node"] == busy.node for f in held)
+    assert all(f.result(20)["node"] == busy.node for f in held)
 
 
 def test_a_hint_session_calling_steadily_keeps_its_worker(

@@ -145,6 +145,8 @@ def test_a_full_direct_queue_refuses_the_next_call_at_once_and_sends_nothing(
     assert limit == 5
     busy = session.submit("ping", sleep_s=3.0)
     wait_until(lambda: _queued(client, session) == 0, what="the long call taken by the worker")
+    # ... and started: a popped call counts as held until the worker's next heartbeat says it started.
+    wait_until(lambda: client.redis.hget(names.worker_key(session.worker or ""), "held") == "0", what="it started")
     waiting = [session.submit("ping") for _ in range(limit)]
     assert _queued(client, session) == limit
 

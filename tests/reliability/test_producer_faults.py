@@ -148,7 +148,9 @@ def test_ten_thousand_calls_nobody_waits_for_leave_the_producer_as_it_was(client
               f"(peak {peak / 1e6:.2f} MB), pending {results.pending()}, deadlines {router.deadlines.tracked()}")
         assert stack.redis.llen(queue) >= 10_000  # they were sent, and never ran
         assert results.pending() == pending and router.deadlines.tracked() == tracked
-        assert after - before < 1_000_000  # kept, they held 57 MB here (deep-copied arguments, futures)
+        # Kept, they held 57 MB here (deep-copied arguments, futures); 0.03 MB let go on a quiet run. The bound
+        # leaves room for what the suite's other producers' threads allocate meanwhile (traced too).
+        assert after - before < 10_000_000
         late = str(uuid.uuid4())
         router.abandon([late])  # forgetting twice, or a call never known, is harmless
         results._settle_meta(listener.RESULT_KEY_PREFIX + late, {"status": "SUCCESS", "result": 1})  # dropped
