@@ -95,13 +95,13 @@ def execute_call(
         raise OperationFailed(op, type(exc).__name__, str(exc)) from None
     if where.affinity.strict:
         worker.confirm_run()
-    if where.affinity.strict and where.incarnation not in (None, worker.incarnation):
-        # This run was declared dead while the call ran (stalled, or cut off): its caller was told so.
-        raise SessionWorkerUnavailable(session_id, where.node or worker.node)
+        if where.incarnation not in (None, worker.incarnation):
+            # This run was declared dead while the call ran (stalled, or cut off): its caller was told so.
+            raise SessionWorkerUnavailable(session_id, where.node or worker.node)
     return {"node": worker.node, "value": value}
 
 
-#: Attempts at the after-result bookkeeping (claims, hint rebind) when Redis fails, and the pause between them.
+#: Attempts at a hint session's rebind when Redis fails, and the pause between them.
 after_call_attempts = 3
 after_call_pause_s = 0.2
 
@@ -109,27 +109,24 @@ after_call_pause_s = 0.2
 def after_call(worker: WorkerState, session_id: Any, route: Any, succeeded: bool) -> None:
     """Once the call's result is stored: delete its claims and, for a hint call that ran here, rebind its session.
 
-    Never raises: the call is complete and its result stored; a Redis error here is retried, then
-    logged (claims expire with their TTL; the producer rebinds a hint session from the reply anyway).
+    Never raises: the call is complete and its result stored. A Redis error is logged (claims expire
+    with their TTL); the rebind is retried first (the producer rebinds a hint session from the reply anyway).
     """
     if not isinstance(session_id, str) or not isinstance(route, dict):
         return
-    held = claims.held(route)
+    claims.discard(worker.redis, session_id, claims.held(route))
     try:
         where = Route.parse(route)
     except InvalidArgument:
-        where = None
-    rebind = succeeded and where is not None and where.affinity is Affinity.HINT and where.node != worker.node
+        return
+    if not (succeeded and where.affinity is Affinity.HINT and where.node != worker.node):
+        return
     for attempt in range(after_call_attempts):
         try:
-            if held:
-                claims.discard(worker.redis, session_id, held)
-                held = []
-            if rebind:
-                worker.sessions.rebind(session_id, worker.node, worker.incarnation)
+            worker.sessions.rebind(session_id, worker.node, worker.incarnation)
             return
         except Exception:
             if attempt + 1 == after_call_attempts:
-                log.warning("after-call bookkeeping of session %s failed", session_id, exc_info=True)
+                log.warning("rebinding session %s after its call failed", session_id, exc_info=True)
                 return
             time.sleep(after_call_pause_s)

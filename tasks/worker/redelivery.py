@@ -47,13 +47,6 @@ def arrived_late(route: Any) -> bool:
     return isinstance(sent_at, (int, float)) and time.time() - sent_at > late_after_s
 
 
-def delivery_tag(task: Any) -> str | None:
-    """The broker delivery tag of the message the running task came in (None: not from a broker)."""
-    properties = getattr(task.request, "properties", None)
-    tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
-    return tag if isinstance(tag, str) and tag else None
-
-
 def answer_from_store(task: Any, redis: Redis, route: Any = None, copy: bool = False) -> None:
     """Raise ``Ignore`` if this call may have run before and its result is stored; count reruns otherwise.
 

@@ -26,6 +26,11 @@ from tasks.worker.settings import WorkerSettings
 from tasks.worker.turns import SessionTurns
 
 
+def _new_incarnation(started: float) -> str:
+    """Tells one run of this node from the next (strict calls carry it)."""
+    return f"{os.getpid()}-{int(started * 1000)}"
+
+
 @dataclass
 class WorkerState:
     """One worker node: its lifecycle (register, heartbeat, drain, stop) and the parts operations use.
@@ -57,7 +62,7 @@ class WorkerState:
         self.sessions = SessionStore(self.redis)
         self.book = SessionBook(self.sessions, self.settings.routing.session_ttl_s)
         #: Differs between runs of a node under the same name; strict calls check it.
-        self.incarnation = f"{os.getpid()}-{int(self.started * 1000)}"
+        self.incarnation = _new_incarnation(self.started)
         routing = self.settings.routing
         self.pulse = None if self.redis_url is None else Pulse(
             self.redis_url, names.heartbeat_key(self.node), self.incarnation, ttl_s=routing.heartbeat_ttl_s,
@@ -99,11 +104,8 @@ class WorkerState:
         """Before a strict call's result is stored: if the heartbeat was silent past the TTL (this process was
         stopped, or cut off), check the fleet did not declare this run dead meanwhile; if it did, become a new
         run first (the call then fails as its caller was told). Costs nothing while the heartbeat beats."""
-        if time.monotonic() - self.heartbeat.last_beat < self.settings.routing.heartbeat_ttl_s:
-            return
-        with self._run_lock:
-            if self.redis.hget(names.worker_key(self.node), "incarnation") != self.incarnation:
-                self.reincarnate()
+        if time.monotonic() - self.heartbeat.last_beat >= self.settings.routing.heartbeat_ttl_s:
+            self.reincarnate()  # a no-op while the registry still names this run
 
     def reincarnate(self) -> None:
         """Declared dead by the fleet (stalled, or cut off past the heartbeat TTL), yet running: come back as a
@@ -116,7 +118,7 @@ class WorkerState:
             self._become_new_run()
 
     def _become_new_run(self) -> None:
-        self.incarnation = f"{os.getpid()}-{int(time.time() * 1000)}"
+        self.incarnation = _new_incarnation(time.time())
         self.turns.mark_all_copies()
         for session_id in self.book.sessions() | self._service_sessions():
             self.forget_session(session_id)

@@ -114,12 +114,8 @@ class SessionTurns:
             self.releasing = False
             self._lock.notify_all()
 
-    @property
-    def parked(self) -> int:
-        """Calls held here that have not started (waiting for their session's turn)."""
-        return self._parked
-
     def waiting(self) -> int:
+        """Calls held here that have not started (parked for their session's turn)."""
         return self._parked
 
     # -- internals (under the lock unless said) -------------------------------
@@ -187,11 +183,13 @@ def call_parts(request: Any) -> tuple[str, str, dict[str, Any] | None] | None:
     return session_id, str(tag), route if isinstance(route, dict) else None
 
 
-def delivery_tag_of(request: Any) -> Any:
+def delivery_tag_of(request: Any) -> str | None:
     """The delivery tag of a task request or its ``Context`` (what Celery's postrun and revoked signals pass)."""
     properties = getattr(request, "properties", None)
     tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
-    return tag if tag is not None else getattr(getattr(request, "message", None), "delivery_tag", None)
+    if tag is None:
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+    return None if tag is None else str(tag)
 
 
 def start_by(route: dict[str, Any] | None) -> float | None:
