@@ -26,6 +26,7 @@ from tasks.bench.helpers.lm_side import (
     POOL_NAME,
     SIGNATURE,
     TICKETS,
+    UNCACHED,
     FakeServer,
     _fan_out,
     _median_round,
@@ -71,7 +72,7 @@ def _run(base: Settings, sessions: int, per_session: int, delay_s: float, rounds
     calls = sessions * per_session
     with FakeServer(delay_s) as server:
         env = {"FLAGSHIP_POOLS": table.to_json(), "FLAGSHIP_LM_API_BASE": server.base_url,
-               "FLAGSHIP_LM": MODEL, "FLAGSHIP_LM_RETRIES": "0", "FLAGSHIP_LM_CACHE": "off",
+               "FLAGSHIP_LM": MODEL, "FLAGSHIP_LM_RETRIES": "0", **UNCACHED,
                **example_programs_env()}
         with Stack(settings, env=env, loglevel="warning") as stack:
             procs = stack.start_pools(pools=[POOL_NAME])
