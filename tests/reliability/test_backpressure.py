@@ -143,10 +143,17 @@ def test_a_full_direct_queue_refuses_the_next_call_at_once_and_sends_nothing(
     session = sessions("bp_full_pool")
     limit = client.pools.get("bp_full_pool").max_queued
     assert limit == 5
+    worker_key = names.worker_key(session.worker or "")
+    drains_before = int(client.redis.hget(worker_key, "drains") or 0)
     busy = session.submit("ping", sleep_s=3.0)
     wait_until(lambda: _queued(client, session) == 0, what="the long call taken by the worker")
-    # ... and started: a popped call counts as held until the worker's next heartbeat says it started.
-    wait_until(lambda: client.redis.hget(names.worker_key(session.worker or ""), "held") == "0", what="it started")
+    # ... and started: the drain that popped it counted it as held (``drains`` moves on); the worker's
+    # next heartbeat says it started (``held`` back to 0 after that drain, never the value before it).
+    wait_until(
+        lambda: int(client.redis.hget(worker_key, "drains") or 0) > drains_before
+        and client.redis.hget(worker_key, "held") == "0",
+        what="it started",
+    )
     waiting = [session.submit("ping") for _ in range(limit)]
     assert _queued(client, session) == limit
 
