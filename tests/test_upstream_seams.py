@@ -147,6 +147,11 @@ SEAMS = [
     Seam(BE + "_get_result_meta", "(self, result, state, traceback, request, format_date=True, encode=False)",
          RS + "AtomicStore._store_result", "calls"),
     Seam(RB + "_MAX_STR_VALUE_SIZE", A, RS + "AtomicStore._store_result", "reads"),
+    Seam(KR + "Channel.subclient", A, TR + "GuardedChannel.subclient", "replaces"),
+    Seam("redis.client:PubSub._execute", "(self, conn, command, *args, **kwargs)",
+         "routing/broker/connect.py PubSubFailingOnLoss", "replaces"),
+    Seam("redis.client:Redis.pubsub", "mentions event_dispatcher=self._event_dispatcher",
+         TR + "GuardedChannel.subclient", "reproduces"),
     Seam(RB + "failure_expires", A, RS + "AtomicStore._store_result", "reads"),
     Seam(RB + "on_task_call", "(self, producer, task_id)", "routing/producer/results/listener_backend.py "
          "ListenerBackend, ListenerSentinelBackend", "replaces"),

@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlsplit
 
 from redis import Redis
 from redis.backoff import ExponentialBackoff
+from redis.client import PubSub
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
@@ -225,3 +226,17 @@ def execute_replicated(redis: Redis, pipe: Any, options: SentinelOptions | None 
         log.warning("no replica acknowledged a session write within %d ms; it is on the primary only "
                     "(writes do not wait for %.0f s)", wait_ms, replica_retry_s)
     return replies
+
+
+class PubSubFailingOnLoss(PubSub):  # type: ignore[misc]
+    """A pub/sub whose commands and reads raise on a lost connection instead of reconnecting inside them.
+
+    redis-py reconnects (and resubscribes) in the read that found the connection broken, then blocks
+    reading the new one: kombu, which read because the old socket was readable, stayed in that read for
+    good, and the worker took no more calls after a connection blip. Raising lets kombu's consumer
+    restart its connection as it does for any other loss.
+    """
+
+    # replaces redis-py PubSub._execute (retries with a reconnect); pinned in tests/test_upstream_seams.py
+    def _execute(self, conn: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        return command(*args, **kwargs)

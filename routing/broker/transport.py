@@ -1,19 +1,19 @@
 """kombu Redis transports for the broker: one shared client per pool, a poison guard, Sentinel.
 
-:class:`GuardedChannel` is mixed into kombu's plain and Sentinel channels, so
-``redis://``, ``rediss://`` and ``sentinel://`` brokers all get the same behaviour:
+:class:`GuardedChannel` is mixed into kombu's plain and Sentinel channels, so ``redis://``,
+``rediss://`` and ``sentinel://`` brokers all get the same behaviour:
 
 * one ``redis.Redis`` client per connection pool (kombu builds one per publish, receipt and ack);
-* every popped item is checked before kombu builds a message from it: what is not
-  an envelope is dead-lettered, never fatal to the worker;
+* every popped item is checked before kombu builds a message from it: what is not an envelope
+  is dead-lettered, never fatal to the worker;
 * a burst in the worker's own queue is popped and recorded un-acked in one script
   (``routing.broker.drain``; shared queues stay one message per ``BRPOP``);
-* an un-acknowledged message that comes back **by the visibility timeout** (its
-  worker died or hung) counts as a delivery that did not complete
-  (``flagship_deliveries``); other restores (warm shutdown, ``reject(requeue=True)``) do not;
-* a **live** worker that loses its broker connection keeps its deliveries recorded
-  un-acked instead of kombu's restore of all of them (which ran every held call
-  twice: the worker runs them still); a worker that dies leaves them to the reaper.
+* an un-acknowledged message that comes back **by the visibility timeout** (its worker died or hung)
+  counts as a delivery that did not complete (``flagship_deliveries``); other restores do not;
+* a **live** worker that loses its broker connection keeps its deliveries recorded un-acked instead
+  of kombu's restore of all of them (which ran every held call twice: the worker runs them still),
+  and its broadcast subscription raises rather than reconnecting inside a read; a worker that dies
+  leaves them to the reaper.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from kombu.transport import virtual
 from kombu.utils.objects import cached_property
 
 from routing.broker import result_acks
+from routing.broker.connect import PubSubFailingOnLoss
 from routing.broker.deadletter import DELIVERIES_HEADER, DeadLetterSettings, Letter, dead_letter, deliveries
 from routing.broker.drain import PrerecordedQoS, deliver_popped
 from routing.broker.envelope import NotAnEnvelope, envelope_problem, parse_item, text_or_none
@@ -116,6 +117,13 @@ class GuardedChannel(_ChannelBase):
         if shared is None or shared[0] is not pool:  # a new pool (after a reconnect) gets a new client
             shared = self._shared = (pool, self._create_client())  # type: ignore[no-untyped-call]
         yield shared[1]
+
+    # replaces kombu 5.7.0 Channel.subclient; pinned in tests/test_upstream_seams.py
+    @cached_property
+    def subclient(self) -> Any:
+        """kombu's fanout subscription (Celery's broadcasts), raising on a lost connection (connect.py)."""
+        client = self._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        return PubSubFailingOnLoss(client.connection_pool, event_dispatcher=client._event_dispatcher)
 
     # -- poison guard: every popped item is checked before kombu builds a message from it --------
 
@@ -235,13 +243,9 @@ class SharedClientChannel(GuardedChannel, kombu_redis.Channel):
 
 
 class SentinelGuardedChannel(GuardedChannel, kombu_redis.SentinelChannel):
-    """kombu's Sentinel channel (connections follow the current primary) with the same behaviour.
-
-    A new channel waits (up to ``failover_wait_s``, a transport option) for the
-    sentinels to name a primary that answers. Without it, a channel opened during
-    a failover fails at once and Celery's consumer backs off 2, 4, 6 ... s between
-    rounds of attempts, so workers came back seconds after the new primary was up.
-    """
+    """kombu's Sentinel channel with the same behaviour. A new channel waits (``failover_wait_s``) for the
+    sentinels to name a primary that answers: else one opened during a failover fails at once and Celery's
+    consumer backs off 2, 4, 6 ... s between attempts (workers came back seconds after the new primary)."""
 
     # extends kombu 5.7.0 SentinelChannel.from_transport_options; pinned in tests/test_upstream_seams.py
     from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options,  # type: ignore[assignment]
@@ -272,12 +276,8 @@ class RedisTransport(kombu_redis.Transport):
 
 
 class TLSRedisTransport(RedisTransport):
-    """The same for ``rediss://``: TLS even when the URL carries no ``ssl_*`` option.
-
-    kombu turns TLS on from the ``rediss`` scheme only when it picked the transport
-    itself; a transport named in ``broker_transport`` must be told (kombu's own
-    default there is not to verify the certificate; this one verifies it).
-    """
+    """The same for ``rediss://``: TLS even when the URL carries no ``ssl_*`` option (kombu turns TLS on from
+    the scheme only for a transport it picked itself; its default there does not verify; this one verifies)."""
 
     # overrides kombu 5.7.0 redis Transport.__init__; pinned in tests/test_upstream_seams.py
     def __init__(self, client: Any, **kwargs: Any) -> None:
