@@ -3,7 +3,8 @@
 Reads the broker from ``REDIS_URL`` or, without it, from the embedded server
 recorded in ``$FLAGSHIP_HOME/server.json`` (waiting up to ``--wait-s`` for it,
 since under a Procfile the server starts alongside this process), then becomes
-``celery -A tasks.app flower`` (exec: same pid).
+``celery -A tasks.app flower`` (exec: same pid), with its Broker page showing every
+pool's queues on the project's transports (``tasks.local.flower_broker``).
 
 Authentication:
 
@@ -93,7 +94,8 @@ def flower_argv(args: argparse.Namespace, extra: list[str], env: dict[str, str])
         print("refusing to start Flower without authentication: set FLOWER_BASIC_AUTH=user:password, "
               "or FLAGSHIP_FLOWER_UNAUTHENTICATED=1 to run it open on purpose", file=sys.stderr)
         raise SystemExit(EXIT_NO_AUTH)
-    argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "flower",
+    # celery with the Broker page made to work on the project's transports (tasks/local/flower_broker.py).
+    argv = [sys.executable, "-m", "tasks.local.flower_broker", "-A", "tasks.app", "flower",
             f"--port={args.port}", f"--address={args.address}", *extra]
     return argv, env
 

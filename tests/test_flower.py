@@ -7,8 +7,10 @@ Flower is started the way operators start it, through ``deploy/run_flower.py``
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -29,8 +31,10 @@ from typing import Any
 import pytest
 from fake_openai import FakeOpenAI
 from helpers import debian_binary, wait_until
+from sentinel_cluster import SentinelCluster
 
-from routing import Session
+from routing import Session, names
+from routing.pools import PoolTable
 from tasks.local.stack import Stack, WorkerProcess
 from tasks.sandbox.setup import is_cache_ready
 
@@ -95,7 +99,7 @@ def _answers_http(url: str) -> bool:
 def running_flower(stack: Stack, tmp_dir: Path, env: dict[str, str]) -> Iterator[Flower]:
     port = _free_port()
     log_path = tmp_dir / f"flower-{port}.log"
-    child_env = stack.child_env(env)
+    child_env = {**stack.child_env(env), **{k: env[k] for k in ("REDIS_URL",) if k in env}}  # another broker
     for key in ("FLOWER_BASIC_AUTH", "FLAGSHIP_FLOWER_UNAUTHENTICATED", "FLOWER_UNAUTHENTICATED_API"):
         if key not in env:
             child_env.pop(key, None)
@@ -230,6 +234,79 @@ def test_flower_names_each_call_by_operation_with_session_pool_and_ref_and_masks
     (made,) = [t for t in tasks.values() if t["name"] == "flagship.lm" and "fake-model" in t["args"]]
     assert "sk-flower-secret" not in json.dumps(tasks) and "api_key=***" in made["args"]
     assert all(t["worker"] == session.worker for t in tasks.values())
+
+
+# -- the Broker page: every pool's queues on the project's transports -------------------------------
+
+#: A pool of the test table no test starts a worker for: what is pushed to its queue stays there.
+IDLE_POOL = "rlm_empty_pool"
+BROKER_ROW = re.compile(r'<tr id="[^"]*">\s*<td>([^<]+)</td>\s*<td class="broker-secondary-column">([^<]*)</td>')
+
+
+def broker_page_counts(flower: Flower) -> dict[str, int]:
+    """The Broker page's queue table (name -> messages), read from its HTML with Flower's credentials."""
+    status, page = flower.get("/broker")
+    assert status == 200 and isinstance(page, str), page
+    assert "broker is not supported" not in page
+    return {html.unescape(name): int(count) for name, count in BROKER_ROW.findall(page)}
+
+
+def queue_lengths(flower: Flower) -> dict[str, int]:
+    status, body = flower.get("/api/queues/length")
+    assert status == 200, body
+    return {q["name"]: q["messages"] for q in body["active_queues"]}
+
+
+@contextmanager
+def parked_messages(redis: Any, queue: str, count: int) -> Iterator[None]:
+    """``count`` items in ``queue`` (a pool no worker serves), removed afterwards."""
+    redis.delete(queue)
+    redis.lpush(queue, *[json.dumps({"parked": i}) for i in range(count)])
+    try:
+        yield
+    finally:
+        redis.delete(queue)
+
+
+def test_flower_broker_page_shows_every_pools_queue_and_each_workers_direct_queue_with_message_counts(
+    stack: Stack, flower: Flower
+) -> None:
+    pools = {names.pool_queue(p.name) for p in PoolTable.load(os.environ["FLAGSHIP_POOLS"])}
+    direct = {names.worker_queue(node) for node in pool_nodes(stack)}
+    with parked_messages(stack.redis, names.pool_queue(IDLE_POOL), 3):
+        page, api = broker_page_counts(flower), queue_lengths(flower)
+    assert pools | direct <= set(page), sorted(pools | direct - set(page))
+    assert page[IDLE_POOL] == api[IDLE_POOL] == 3
+    assert {q: page[q] for q in pools | direct} == {q: api[q] for q in pools | direct}
+    _, body = flower.get("/broker")
+    assert "RedisTransport" not in body and "routing.broker.transport" not in body  # the URL, not a class path
+    assert flower.get("/broker", auth=None)[0] == 401
+
+
+def test_flower_broker_page_on_a_sentinel_broker_counts_the_primarys_queues_and_follows_a_failover(
+    stack: Stack, tmp_path: Path
+) -> None:
+    cluster = SentinelCluster(tmp_path / "sentinel")
+    cluster.workdir.mkdir()
+    try:
+        cluster.start()
+        env = {"FLOWER_BASIC_AUTH": f"ops:{secrets.token_urlsafe(12)}", "REDIS_URL": cluster.url}
+        with running_flower(stack, tmp_path, env) as flower:
+            pools = {names.pool_queue(p.name) for p in PoolTable.load(os.environ["FLAGSHIP_POOLS"])}
+            primary = cluster.server("primary")
+            primary.lpush(names.pool_queue(IDLE_POOL), *["a", "b"])
+            wait_until(lambda: cluster.server("replica").llen(IDLE_POOL) == 2, 10, what="the replica to copy them")
+            page = broker_page_counts(flower)
+            assert pools <= set(page) and page[IDLE_POOL] == 2
+            assert "sentinel://127.0.0.1:" in flower.get("/broker")[1]
+            # Flower asks the sentinels again: after a failover it counts on the promoted replica.
+            cluster.kill_primary()
+            cluster.wait_failover()
+            cluster.server("replica").lpush(names.pool_queue(IDLE_POOL), "c")
+            wait_until(lambda: broker_page_counts(flower).get(IDLE_POOL) == 3, 30, interval_s=0.5,
+                       what="the Broker page to count on the new primary")
+    finally:
+        cluster.stop()
 
 
 # -- the dashboard in headless Chromium -----------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: The minor versions the table was checked against.
-PINNED = {"kombu": "5.7", "celery": "5.7", "dspy": "3.4"}
+PINNED = {"kombu": "5.7", "celery": "5.7", "dspy": "3.4", "flower": "2.2"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ HK, PO, PUB = "tasks/worker/hooks.py ", "tasks/worker/poison.py ", "routing/prod
 EC, DC, LI = "tasks/lm/engine_choice.py ", "tasks/lm/dspy_caches.py ", "routing/producer/results/listener.py "
 SB, OFF = "tasks/sandbox/interpreter.py SandboxInterpreter.", "tasks/lm/offline.py OfflineLM"
 GOV = "tasks/lm/governor.py "
+FV, FRB, FB = "flower.views:", "flower.utils.broker:RedisBase.", "tasks/local/flower_broker.py "
 
 SEAMS = [
     # kombu 5.7: the broker channel (routing/broker/transport.py)
@@ -209,6 +210,19 @@ SEAMS = [
     Seam(PI + "_health_check", "(self) -> None", SB + "_spawn_process", "calls"),
     Seam(PI + "_session_ended", A, SB + "shutdown", "reads and sets"),
     Seam(PI + "_owner_thread", A, SB + "shutdown", "sets"),
+    # Flower 2.2: the Broker page on the project's transports (tasks/local/flower_broker.py)
+    Seam(FV + "BaseHandler.get_broker", "(self)", FB + "get_broker", "replaces"),
+    Seam("flower.views.broker:BrokerView.get", "mentions self.get_broker()", FB + "get_broker", "relies on"),
+    Seam("flower.views.broker:BrokerView.get", "mentions broker_url=self.application.broker_uri",
+         FB + "install (the URL shown)", "relies on"),
+    Seam("flower.api.tasks:GetQueueLengths.get", "mentions self.get_broker()", FB + "get_broker", "relies on"),
+    Seam("flower.app:Flower.broker_uri", A, FB + "install", "patches"),
+    Seam(FRB + "__init__", "(self, broker_url, *_, **kwargs)", FB + "FleetQueues.__init__", "extends"),
+    Seam(FRB + "queues", "(self, names)", FB + "FleetQueues.queues", "overrides"),
+    Seam(FRB + "queues", "mentions self.redis.pipeline()", FB + "FleetQueues.__init__ (sets self.redis)",
+         "relies on"),
+    Seam(FRB + "DEFAULT_SOCKET_TIMEOUT", A, FB + "read_timeout_s", "reads"),
+    Seam(FRB + "DEFAULT_SOCKET_CONNECT_TIMEOUT", A, FB + "connect_timeout_s", "reads"),
 ]
 
 #: Upstream class -> (the project's subclass, its own names there): an upstream name spelt the same would be
@@ -222,6 +236,7 @@ OURS: dict[str, tuple[str, str]] = {
                "_flush_now _guard poison_guard broker_errors"),
     LM[:-1]: ("tasks/lm/provider.py ProviderLM", "_retryable _wait _give_up _policy _typed _flagship_engine_choices "
               "retries backoff_s backoff_max_s"),
+    FRB[:-1]: (FB + "FleetQueues", "fleet_queues sentinels"),
     PI[:-1]: (SB[:-1], "_deno_dir _watchdog _stderr _ended_by _crashed _timed_out _end _kill _command _check_open pid "
               "alive stderr_tail execute_timeout_s start_timeout_s heap_mb wasm_mb"),
 }
