@@ -35,6 +35,7 @@ from tasks.ops import (  # noqa: E402, F401  (the operation allow-list)
     rlm,
     session,
 )
+from tasks.tracing.run import run_span  # noqa: E402  (worker set-up and flush from the OTEL_* environment)
 from tasks.worker import hooks, redelivery  # noqa: E402  (Celery signals; effectively once for completed work)
 from tasks.worker.calls import after_call, execute_call  # noqa: E402
 from tasks.worker.turns import delivery_tag_of  # noqa: E402
@@ -52,9 +53,11 @@ class CallTask(Task):  # type: ignore[misc]
 def run_call(self: Any, session_id: str, op: str, kwargs: dict[str, Any], route: dict[str, Any]) -> dict[str, Any]:
     """One call of a session: the allow-listed operation ``op(**kwargs)``, on the worker holding its state."""
     worker = hooks.current_worker()
-    # A call that comes again after it completed does not run (a copy of one held here is checked too).
-    redelivery.answer_from_store(self, worker.redis, route, copy=worker.turns.is_copy(delivery_tag_of(self.request)))
-    return execute_call(worker, self.request.id, session_id, op, kwargs, route)
+    with run_span(self.request, worker.node, session_id, op, kwargs, route):  # OpenTelemetry; nothing when off
+        # A call that comes again after it completed does not run (a copy of one held here is checked too).
+        redelivery.answer_from_store(self, worker.redis, route,
+                                     copy=worker.turns.is_copy(delivery_tag_of(self.request)))
+        return execute_call(worker, self.request.id, session_id, op, kwargs, route)
 
 
 @app.task(name=names.NOOP_TASK)

@@ -64,6 +64,9 @@ TEST_POOLS = {
     "program_kill_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 2, "programs": ["user_programs"]},
     # LM governance (tests/test_lm_cache.py, test_lm_limits.py, test_lm_usage.py): fleet cache, limits, budgets.
     "lm_gov_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 8, "kind": "lm", "queue_timeout_s": None},
+    # OpenTelemetry (tests/test_tracing.py): workers exporting to the test's OTLP receiver, and one with tracing off.
+    "trace_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 4},
+    "trace_off_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2},
 }
 #: Where the program packages live (workers and this process import them from here).
 PROGRAM_PATHS = [str(Path(__file__).resolve().parent / "programs"),

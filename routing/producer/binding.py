@@ -57,6 +57,8 @@ class Waiting:
     #: see ``Router.keep_strict_args``).
     pool: str | None = None
     args: list[Any] | None = None
+    #: The call's trace context headers (``routing.tracing``): a resent copy carries them too.
+    trace: dict[str, str] | None = None
 
 
 def redacted_argsrepr(args: list[Any]) -> str:

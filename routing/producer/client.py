@@ -10,7 +10,7 @@ from typing import Any
 from celery import Celery
 from redis import Redis
 
-from routing import validate
+from routing import tracing, validate
 from routing.broker.brokers import broker_url, by_broker, server_of
 from routing.broker.embedded import resolve_url
 from routing.broker.failures import translated
@@ -55,6 +55,7 @@ class Client:
 
     def __init__(self, redis_url: str, settings: Settings | None = None, pools: PoolTable | None = None) -> None:
         self.settings = settings or Settings.from_env()
+        tracing.setup("flagship-producer")  # the OTEL_* environment (routing.tracing): off unless it names an exporter
         self.pools = pools or PoolTable.load(self.settings.pools_config)
         self.redis_url = tls_url(redis_url)
         self._links_lock = threading.Lock()
@@ -218,7 +219,8 @@ class Client:
         items, build = check_map_arguments(self.settings, signature, examples, module, lm, instructions, chunk_size,
                                            progress, timeout_s, program, state, init)
         budget = usage.check_budget("map", budget_tokens, budget_usd)
-        return self._fleet(spec, build, items, Job(), chunk_size, progress, timeout_s, budget=budget)
+        with tracing.span("flagship.map call", {"flagship.pool": spec.name, "flagship.examples": len(items)}):
+            return self._fleet(spec, build, items, Job(), chunk_size, progress, timeout_s, budget=budget)
 
     def evaluate(self, pool: str, program: str, devset: Sequence[Any], metric: str, *, state: Any = None,
                  init: dict[str, Any] | None = None, input_keys: Sequence[str] | None = None,
@@ -242,7 +244,8 @@ class Client:
             validate.number("evaluate", "num_threads", num_threads, 1, validate.max_threads, integer=True)
         work = evaluation.plan(devset, metric, input_keys, return_outputs)
         budget = usage.check_budget("evaluate", budget_tokens, budget_usd)
-        run = self._fleet(spec, build, work.items, work.job, chunk_size, progress, timeout_s, num_threads, budget)
+        with tracing.span("flagship.evaluate", {"flagship.pool": spec.name, "flagship.examples": len(work.items)}):
+            run = self._fleet(spec, build, work.items, work.job, chunk_size, progress, timeout_s, num_threads, budget)
         return work.result(run)
 
     def _fleet(self, spec: Pool, build: ProgramSpec, examples: list[dict[str, Any]], job: Job,

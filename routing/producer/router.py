@@ -22,7 +22,7 @@ from celery import Celery
 from kombu.exceptions import EncodeError
 from redis import Redis
 
-from routing import names
+from routing import names, tracing
 from routing.broker import claims
 from routing.broker.connect import follows_sentinel
 from routing.errors import CallTimeout, InvalidArgument, PoolSaturated, SessionWorkerUnavailable, WorkerBusy
@@ -150,17 +150,20 @@ class Router:
         route = self._route_header(binding, node, incarnation, queue_timeout_s)
         args = [binding.session_id, op, moved.kwargs, {**route, "claims": moved.claims} if moved.claims else route]
         task_id = str(uuid.uuid4())
+        trace = tracing.call_span(op, task_id, binding.session_id, binding.pool, binding.affinity.value, node)
         # A resend must send these arguments as they are now, not as the caller's objects may become.
         keep = self.keep_strict_args or not binding.affinity.strict  # s1: strict calls too with Sentinel
         waiting = Waiting(binding.session_id, binding.affinity.strict, node, incarnation,
-                          binding.pool, copy.deepcopy(args) if keep else None)
+                          binding.pool, copy.deepcopy(args) if keep else None, trace.headers)
         reply = self.results.expect(task_id, waiting, replied=True)
+        trace.end_on(reply)
         message = None
         try:
             # Celery's message, pushed without send_task's overhead (routing/producer/publish.py); reply_to: the
             # worker publishes the result on the listener's one channel (no subscription per call).
             message = self.publisher.prepare(names.CALL_TASK, args, queue, task_id, shadow=task_view.task_name(
-                op, kwargs), reply_to=self.results.reply_channel, argsrepr=redacted_argsrepr(args))
+                op, kwargs), reply_to=self.results.reply_channel, argsrepr=redacted_argsrepr(args),
+                headers=trace.headers)
             self.publisher.push(message)
         except EncodeError as exc:
             self.results.discard(task_id)

@@ -43,6 +43,7 @@ from tasks.lm.fleet_cache import FleetTier, Flight, flight_var, install_fleet_ca
 from tasks.lm.governance import GovernorSettings
 from tasks.lm.ledger import Entry, Ledger, from_usage
 from tasks.lm.limiter import Admission, Limiter
+from tasks.tracing.dspy_spans import lm_attributes
 
 __all__ = ["Governor", "Scope", "install", "current", "lm_scope", "SCOPE_KEY"]
 
@@ -161,6 +162,7 @@ class Governor:
                 hit.cost_details = {"kind": "cache_hit", "reason": "answered by the LM cache; no provider request"}
                 # inside a call, the count rides with the next write (the call's own at its end, lm_scope)
                 self.ledger.record(self._entry(lm, scope, cache_hits=1), wait=scope is None)
+                lm_attributes({"cache_hit": True, "usage.cost_usd": 0.0})
                 return hit, None, call
         session_id = None if scope is None else scope.session_id
         admission = self.limiter.admit(str(lm.model), session_id, self.run_of(session_id),
@@ -174,6 +176,7 @@ class Governor:
             hint = finite_seconds(getattr(exc, "retry_after", None))
             self.limiter.pause(str(lm.model), hint if hint is not None else float(getattr(lm, "backoff_s", 1.0)))
         entry = self._entry(lm, scope, calls=0, waited_s=admission.waited_s)
+        lm_attributes({"cache_hit": False, "rate_limit.wait_s": admission.waited_s})
         entry.settle = admission.settle_args(0)
         if entry.waited_s or entry.settle:
             self.ledger.record(entry)
@@ -185,6 +188,8 @@ class Governor:
         entry = from_usage(self._entry(lm, scope, waited_s=admission.waited_s), result.usage, result.cost)
         used = entry.prompt_tokens + entry.completion_tokens
         entry.settle = admission.settle_args(used if used else estimate_tokens(lm, call))
+        lm_attributes({"cache_hit": False, "usage.input_tokens": entry.prompt_tokens, "usage.cost_usd": entry.cost_usd,
+                       "usage.output_tokens": entry.completion_tokens, "rate_limit.wait_s": entry.waited_s})
         self.ledger.record(entry)
 
     def _end_flights(self, flight: Flight) -> None:

@@ -251,7 +251,7 @@ class OrphanSweep:
             messages.append(publisher.prepare(
                 names.CALL_TASK, args, queue, task_id, reply_to=self.results.reply_channel,
                 shadow=task_view.task_name(args[1], args[2]), argsrepr=redacted_argsrepr(args),
-                headers={names.RESENT_HEADER: 1}))
+                headers={**(waiting.trace or {}), names.RESENT_HEADER: 1}))
         for message in messages:
             if message.payload is None:
                 publisher.push(message)
