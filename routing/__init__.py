@@ -18,9 +18,10 @@ from routing.producer.client import Client
 from routing.producer.future import CallFuture, agather, gather
 from routing.producer.prediction import History, Prediction
 from routing.producer.session import Session
+from routing.producer.streams import StreamChunk, StreamStatus
 from routing.settings import Settings
 
 __all__ = [
     "Affinity", "CallFuture", "Client", "History", "Pool", "PoolTable", "Prediction", "Session", "Settings",
-    "agather", "gather",
+    "StreamChunk", "StreamStatus", "agather", "gather",
 ]

@@ -118,7 +118,7 @@ ARGUMENTS: dict[str, dict[str, Rule]] = {
     "rlm": {**_MODULE, "sub_lm": _ref(), "max_iters": _number(1, 50, integer=True, optional=False),
             "max_llm_calls": _number(1, 500, integer=True, optional=False),
             "max_output_chars": _number(100, 1_000_000, integer=True, optional=False)},
-    "call": {"ref": _ref(optional=False), "inputs": _inputs, "program": _program()},
+    "call": {"ref": _ref(optional=False), "inputs": _inputs, "program": _program(), "stream": _object},
     "program": {"path": _program(optional=False), "init": _object, "state": _object, "lm": _ref(), "ref_id": _ref()},
     "dump_state": {"ref": _ref(optional=False)},
     "evaluate_example": {"ref": _ref(optional=False), "example": _object, "input_keys": _names,

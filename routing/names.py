@@ -48,6 +48,8 @@ RESENT_HEADER = "flagship_resent"
 RERUNS_KEY = PREFIX + ":reruns"
 #: Sorted set: task id -> when a producer resent it (a late original of a resent call checks it; pruned after an hour).
 RESENT_KEY = PREFIX + ":resent"
+#: Stream of a streamed module call's chunks (``ModuleRef.stream``), named by its task id; expires with its result.
+CALL_STREAM_KEY = PREFIX + ":stream:{task_id}"
 #: List of call executions recorded by the ``record`` operation (chaos tests and ``flagship bench chaos``).
 EXECUTIONS_KEY = PREFIX + ":executions"
 
@@ -130,3 +132,8 @@ def claim_key(session_id: str, claim_id: str) -> str:
 
 def reap_lock_key(node: str) -> str:
     return REAP_LOCK_KEY.format(node=node)
+
+
+def call_stream(task_id: str) -> str:
+    """The Redis stream a streamed call's worker writes its chunks to."""
+    return CALL_STREAM_KEY.format(task_id=task_id)

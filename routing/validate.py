@@ -260,3 +260,15 @@ def input_fields(op: str, inputs: Any, limits: SizeLimits, name: str = "inputs")
         raise InvalidArgument(op, f"{name} has {len(inputs)} fields (at most {max_input_fields})")
     for field, value in inputs.items():
         sized(op, f"input {field!r}", value, limits.max_input_bytes, INPUT_SETTING)
+
+
+def field_names(value: Any, op: str, known: list[str] | None = None) -> list[str]:
+    """A non-empty list of output field names (each one of ``known`` when that is given)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        raise InvalidArgument(op, f"fields must be a non-empty list of output field names, got {show(value)}")
+    unknown = [v for v in value if known is not None and v not in known]
+    if unknown:
+        raise InvalidArgument(op, f"cannot stream {unknown}: not output fields of this module ({known})")
+    return list(value)

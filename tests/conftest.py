@@ -67,6 +67,11 @@ TEST_POOLS = {
     # OpenTelemetry (tests/test_tracing.py): workers exporting to the test's OTLP receiver, and one with tracing off.
     "trace_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 4},
     "trace_off_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 2},
+    # Streamed calls (tests/test_streaming.py): 32 concurrent streams over two workers.
+    "stream_pool": {"affinity": "strict_queue", "size": 2, "concurrency": 16, "kind": "lm", "queue_timeout_s": None,
+                    "programs": ["user_programs"]},
+    # The service's streaming page (tests/test_service_stream.py): one worker whose offline LM writes slowly.
+    "page_pool": {"affinity": "strict_queue", "size": 1, "concurrency": 4},
 }
 #: Where the program packages live (workers and this process import them from here).
 PROGRAM_PATHS = [str(Path(__file__).resolve().parent / "programs"),

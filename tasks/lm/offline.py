@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import time
+from dataclasses import replace
 from typing import Any
 
 import dspy
 from dspy.lm15 import Message, Response, TextPart, Usage
 
+from routing.settings import env_number
 from tasks.lm.offline_format import LABEL, OFFLINE_MODEL, field_types, fit, is_text, render_chat, sections
 from tasks.lm.offline_rules import (
     rlm_action,
@@ -76,6 +81,10 @@ def _tokens(text: str) -> int:
 class _ScriptedEngine:
     """DSPy engine contract: one canonical request in, one response out, no I/O."""
 
+    def __init__(self, chunk_delay_s: float = 0.0) -> None:
+        #: A pause before each streamed piece (``FLAGSHIP_OFFLINE_CHUNK_DELAY_S``): a demo page shows text growing.
+        self.chunk_delay_s = chunk_delay_s
+
     def complete(self, request: Any) -> Response:
         messages = []
         if request.system is not None:
@@ -90,9 +99,18 @@ class _ScriptedEngine:
                         finish_reason="stop", usage=usage)
 
     def stream(self, request: Any) -> Any:
+        """The reply a word at a time (whitespace kept), so ``dspy.streamify`` streams it in pieces."""
         from dspy.lm15 import response_to_events
 
-        return response_to_events(self.complete(request))
+        for event in response_to_events(self.complete(request)):
+            delta = getattr(event, "delta", None)
+            if getattr(delta, "type", None) != "text" or delta.logprobs:
+                yield event
+                continue
+            for piece in re.findall(r"\S+\s*|\s+", delta.text) or [delta.text]:
+                if self.chunk_delay_s:
+                    time.sleep(self.chunk_delay_s)
+                yield replace(event, delta=replace(delta, text=piece))
 
     def close(self) -> None:
         """Nothing to release."""
@@ -121,7 +139,7 @@ class OfflineLM(dspy.BaseLM):
         for fixed in ("model_type", "cache", "num_retries"):  # present in dump_state(); always chat, uncached
             kwargs.pop(fixed, None)
         super().__init__(model, "chat", temperature, max_tokens, cache=False, num_retries=0, **kwargs)
-        self._engine_spec = _ScriptedEngine()
+        self._engine_spec = _ScriptedEngine(env_number(os.environ, "FLAGSHIP_OFFLINE_CHUNK_DELAY_S", 0.0, float))
         self._async_engine_spec = _AsyncScriptedEngine(self._engine_spec)
 
     def update_history(self, entry: dict[str, Any]) -> None:

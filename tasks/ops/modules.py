@@ -11,11 +11,14 @@ import json
 from typing import Any
 
 import dspy
+from celery import current_app
 
+from routing import names
 from routing.errors import InvalidArgument, LMError, RefError
 from routing.fleet import recipes
 from tasks.lm.offline import OfflineLM
 from tasks.lm.provider import build_lm, translate_lm_error
+from tasks.ops import streaming
 from tasks.ops.signatures import build_signature
 from tasks.worker.allowlist import CallContext, operation
 from tasks.worker.ref_store import RefEntry, RefStore
@@ -155,7 +158,8 @@ def run_with_lm(lm: dspy.BaseLM, fn: Any, **inputs: Any) -> Any:
     """Call ``fn`` under ``lm``, turning provider failures into the project's typed errors."""
     try:
         with dspy.context(lm=lm):
-            return fn(**inputs)
+            target = streaming.take()
+            return fn(**inputs) if target is None else streaming.run(target, fn, inputs)
     except LMError:
         raise
     except Exception as exc:
@@ -179,11 +183,28 @@ def resolve_inputs(ctx: CallContext, inputs: Any) -> Any:
 
 
 @operation("call")
-def call_module(ctx: CallContext, ref: str, inputs: dict[str, Any], program: str | None = None) -> dict[str, Any]:
+def call_module(ctx: CallContext, ref: str, inputs: dict[str, Any], program: str | None = None,
+                stream: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a module ref with keyword inputs (a context ref as ``{"$ref": id}``); returns every output field.
 
     ``program``: the program path the producer believes the ref holds (shown in Flower); checked.
+    ``stream``: ``{"fields": [...] or None}`` streams those outputs as they come (``tasks.ops.streaming``).
     """
+    target = None if stream is None else stream_target(ctx, streaming.parse("call", stream))
+    with streaming.streamed(target):
+        return _call_module(ctx, ref, inputs, program)
+
+
+def stream_target(ctx: CallContext, fields: list[str] | None) -> streaming.StreamTarget:
+    if ctx.call_id is None:
+        raise InvalidArgument("call", "only a call sent as a task can stream")
+    expires = current_app.conf.result_expires
+    ttl_s = int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 86400)
+    return streaming.StreamTarget(ctx.worker.redis, names.call_stream(ctx.call_id), ctx.call_id, ctx.session_id,
+                                  fields, ttl_s)
+
+
+def _call_module(ctx: CallContext, ref: str, inputs: dict[str, Any], program: str | None) -> dict[str, Any]:
     entry = store(ctx).get(ctx.session_id, ref)
     if entry.kind in ("lm", "context"):
         raise InvalidArgument("call", f"{ref} is {'an LM' if entry.kind == 'lm' else 'a context'}; call a module ref")

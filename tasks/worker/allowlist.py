@@ -30,6 +30,8 @@ SESSIONLESS = {"release_session"}
 class CallContext:
     session_id: str
     worker: WorkerState
+    #: The call's task id (a streamed call names its stream by it).
+    call_id: str | None = None
 
     @property
     def node(self) -> str:

@@ -87,7 +87,7 @@ def execute_call(
         kwargs = claims.resolve(worker.redis, session_id, op, kwargs, held)
     try:
         with lm_scope(session_id, where.deadline):  # its LM requests: this session's usage and budget
-            value = dispatch(CallContext(session_id, worker), op, kwargs)
+            value = dispatch(CallContext(session_id, worker, call_id), op, kwargs)
     except FlagshipError:
         raise
     except Exception as exc:

@@ -39,6 +39,7 @@ from celery import Celery
 from routing import names
 from routing.broker.connect import redis_client, socket_timeout_s
 from routing.producer.results.pending import RESULT_KEY_PREFIX, Pending, PendingCalls
+from routing.producer.streams import StreamReader
 
 __all__ = ["RESULT_KEY_PREFIX", "ResultListener"]
 
@@ -81,6 +82,8 @@ class ResultListener(PendingCalls):
         self._home_ready = threading.Event()
         self._subscribe: list[str] = [self._home]
         self._next_sweep = 0.0
+        #: Streamed calls' chunks: one ``XREAD`` for all open streams, on this thread (``routing.producer.streams``).
+        self.streams = StreamReader(self.redis, self._wake)
 
     @property
     def reply_channel(self) -> str:
@@ -115,6 +118,7 @@ class ResultListener(PendingCalls):
             self._thread.join(2)
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
+        self.streams.reset()
         self._pubsub.close()
         self.redis.close()
 
@@ -136,6 +140,7 @@ class ResultListener(PendingCalls):
                 self.losses, self.lost_at = self.losses + 1, time.monotonic()
                 log.warning("result listener lost its connection (%s); reconnecting", exc)
                 self.redis.connection_pool.disconnect()  # the pooled connections went the same way, likely
+                self.streams.reset()
                 time.sleep(backoff)
                 backoff = min(max_reconnect_backoff_s, backoff * 2)
                 self._resubscribe_all()
@@ -175,6 +180,7 @@ class ResultListener(PendingCalls):
                     selector.register(sock, selectors.EVENT_READ)
                 watched_sock = sock
             self._drain_messages()
+            self.streams.step(selector)
             self._probe()
             if time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + sweep_every_s

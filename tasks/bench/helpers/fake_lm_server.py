@@ -9,6 +9,7 @@ ChatAdapter/JSONAdapter output (e.g. ``ticket -> category``).
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import deque
@@ -34,6 +35,8 @@ class RecordedRequest:
     at: float = 0.0
     #: The status it was answered with.
     status: int = 200
+    #: ``time.monotonic()`` when a streamed answer's last chunk was sent (0: not streamed, or not yet).
+    finished_at: float = 0.0
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -61,6 +64,10 @@ class FakeOpenAI:
     delay_s: float = 0.0
     #: Keep every request in ``requests`` (off for long benchmark runs).
     record: bool = True
+    #: A ``"stream": true`` request gets its answer as Server-Sent Events in this many pieces (word-aligned),
+    #: ``chunk_delay_s`` apart; the first one leaves after ``delay_s``.
+    stream_pieces: int = 8
+    chunk_delay_s: float = 0.0
     requests: list[RecordedRequest] = field(default_factory=list)
     served: int = 0
     #: Tokens the server reported in its answers' ``usage``, added up.
@@ -194,8 +201,42 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(outcome.status, {"error": {"message": outcome.message, "type": error_type,
                                                   "code": error_type, "param": None}}, answer_at,
                        outcome.headers)
+        elif body.get("stream"):
+            self._stream(self.fake.completion(body), request, answer_at)
         else:
             self._send(200, self.fake.completion(body), answer_at)
+
+    def _stream(self, completion: dict[str, Any], request: RecordedRequest, not_before: float) -> None:
+        """The completion as OpenAI's ``chat.completion.chunk`` events (``data: ...``), then ``data: [DONE]``."""
+        text = completion["choices"][0]["message"]["content"]
+        words = re.findall(r"\S+\s*|\s+", text) or [text]
+        step = max(1, -(-len(words) // max(1, self.fake.stream_pieces)))
+        pieces = ["".join(words[i:i + step]) for i in range(0, len(words), step)]
+        base = {"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"],
+                "model": completion["model"]}
+        deltas = [{"index": 0, "delta": {"role": "assistant", "content": piece} if i == 0 else {"content": piece},
+                   "finish_reason": None} for i, piece in enumerate(pieces)]
+        events = [{**base, "choices": [delta]} for delta in deltas]
+        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                       "usage": completion["usage"]})
+        if (wait := not_before - time.monotonic()) > 0:
+            time.sleep(wait)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for i, event in enumerate(events):
+                if i and self.fake.chunk_delay_s and i < len(pieces):
+                    time.sleep(self.fake.chunk_delay_s)
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.flush()
+            request.finished_at = time.monotonic()
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
 
 
 def main(argv: list[str] | None = None) -> int:

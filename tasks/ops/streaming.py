@@ -1,0 +1,150 @@
+"""A module call streamed: DSPy's ``streamify`` on the worker, each chunk appended to the call's Redis stream.
+
+``call(..., stream={"fields": [...]})`` runs the module through ``dspy.streamify`` with one
+``StreamListener`` per field and ``XADD``\\ s every chunk and status message to
+:func:`routing.names.call_stream` of the call's task id (bounded, expiring with the call's
+result), then an end entry; the final ``Prediction`` still travels as the call's result,
+stored after the end entry. Between chunks the call checks whether its producer revoked it
+(``close()`` on the stream) and stops with ``CallCancelled``; the module's thread finishes
+its current LM request in the background, its chunks unread.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import dspy
+from celery.worker import state as celery_state
+from dspy.streaming import StatusMessage, StreamListener, StreamResponse
+from redis import Redis
+
+from routing.errors import CallCancelled, InvalidArgument
+
+#: Entries a call's stream keeps (``XADD MAXLEN ~``): older chunks are trimmed on a runaway answer.
+stream_max_len = 10_000
+
+
+@dataclass(frozen=True)
+class StreamTarget:
+    """Where a streamed call writes: its key, the fields asked for (None: the default), who it is."""
+
+    redis: Redis
+    key: str
+    call_id: str
+    session_id: str
+    fields: list[str] | None
+    ttl_s: int
+
+    def add(self, entry: dict[str, Any]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(self.key, {"e": json.dumps(entry)}, maxlen=stream_max_len, approximate=True)
+        pipe.expire(self.key, self.ttl_s)
+        pipe.execute()
+
+
+_target: contextvars.ContextVar[StreamTarget | None] = contextvars.ContextVar("flagship_stream", default=None)
+
+
+def parse(op: str, stream: Any) -> list[str] | None:
+    """The ``stream`` argument's field names (None: the module's default), or a typed error."""
+    if not isinstance(stream, dict) or set(stream) - {"fields"}:
+        raise InvalidArgument(op, 'stream must be {"fields": [names] or null}')
+    fields = stream.get("fields")
+    if fields is not None and (not isinstance(fields, list) or not fields
+                               or not all(isinstance(f, str) and f for f in fields)):
+        raise InvalidArgument(op, "stream fields must be a non-empty list of output field names")
+    return fields
+
+
+@contextmanager
+def streamed(target: StreamTarget | None) -> Iterator[None]:
+    """Module runs inside stream to ``target`` (None: not streamed); the end entry follows a normal exit."""
+    if target is None:
+        yield
+        return
+    token = _target.set(target)
+    try:
+        yield
+    finally:
+        _target.reset(token)
+    target.add({"t": "end"})
+
+
+def take() -> StreamTarget | None:
+    """The stream the current module run writes to (once: a module nested in it runs plainly)."""
+    target = _target.get()
+    if target is not None:
+        _target.set(None)
+    return target
+
+
+def _string_outputs(predictor: Any) -> list[str]:
+    return [name for name, info in predictor.signature.output_fields.items() if info.annotation is str]
+
+
+def listeners(module: Any, fields: list[str] | None) -> list[StreamListener]:
+    """One listener per field, on the last predictor with it as a string output (default: the last predictor's)."""
+    named = list(module.named_predictors())
+    if not named:
+        raise InvalidArgument("call", "this module has no predictor to stream")
+    if fields is None:
+        name, predictor = named[-1]
+        return [StreamListener(field, predict=predictor, predict_name=name) for field in _string_outputs(predictor)]
+    found = []
+    for field in fields:
+        owner = next(((n, p) for n, p in reversed(named) if field in _string_outputs(p)), None)
+        if owner is None:
+            known = sorted({f for _, p in named for f in _string_outputs(p)})
+            raise InvalidArgument("call", f"cannot stream {field!r}: not a string output of any predictor; "
+                                          f"string outputs: {known}")
+        found.append(StreamListener(field, predict=owner[1], predict_name=owner[0]))
+    return found
+
+
+class _Threaded:
+    """The module as streamify's async program: run in an anyio worker thread of the stream's own loop.
+
+    (DSPy's ``asyncify`` shares one process-wide ``CapacityLimiter`` across the event loops of concurrent
+    sync streams; each stream here has its own loop.) Whatever the module returns is kept; streamify gets a
+    ``Prediction`` either way (a program may return a dict).
+    """
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.result: Any = None
+
+    def named_predictors(self) -> Any:
+        return self.module.named_predictors()
+
+    async def acall(self, **inputs: Any) -> dspy.Prediction:
+        run = functools.partial(contextvars.copy_context().run, self.module, **inputs)
+        self.result = await anyio.to_thread.run_sync(run)
+        return self.result if isinstance(self.result, dspy.Prediction) else dspy.Prediction()
+
+
+def run(target: StreamTarget, module: Any, inputs: dict[str, Any]) -> Any:
+    """Run ``module(**inputs)`` through ``dspy.streamify``, writing its chunks to ``target``; its result."""
+    program = _Threaded(module)
+    streaming = dspy.streamify(program, stream_listeners=listeners(module, target.fields),  # type: ignore[arg-type]
+                               include_final_prediction_in_output_stream=True, is_async_program=True,
+                               async_streaming=False)
+    items = streaming(**inputs)
+    try:
+        for value in items:
+            if target.call_id in celery_state.revoked:
+                raise CallCancelled(target.session_id, "call")
+            if isinstance(value, StreamResponse) and value.chunk:
+                target.add({"t": "chunk", "field": value.signature_field_name, "text": value.chunk,
+                            "predictor": value.predict_name})
+            elif isinstance(value, StatusMessage):
+                target.add({"t": "status", "message": value.message})
+    finally:
+        items.close()
+    return program.result
