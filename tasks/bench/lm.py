@@ -209,7 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-docs", action="store_true", help="replace the `lm` section of docs/benchmarks.md")
     parser.add_argument("--program", action="store_true", help="the two-predictor program case (lm_program)")
     parser.add_argument("--governor", action="store_true", help="the fleet cache and limiter cases")
+    parser.add_argument("--stream", action="store_true", help="time to first chunk vs dspy.streamify (lm_stream)")
     args = parser.parse_args(argv)
+    if args.stream:
+        from tasks.bench import lm_stream
+
+        found = lm_stream.run()
+        if args.write_docs:
+            update_section("lm_stream", lm_stream.markdown(found))
+        print(json.dumps(found, indent=2) if args.json else lm_stream.markdown(found))
+        return 0
     if args.governor:
         found = governor_run()
         if args.write_docs:

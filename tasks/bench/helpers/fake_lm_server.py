@@ -246,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m tasks.bench.helpers.fake_lm_server")
     parser.add_argument("--delay-s", type=float, default=0.2, help="seconds each answer takes")
+    parser.add_argument("--chunk-delay-s", type=float, default=0.0, help="seconds between a streamed answer's pieces")
     args = parser.parse_args(argv)
-    with FakeOpenAI(delay_s=args.delay_s, record=False) as server:
+    with FakeOpenAI(delay_s=args.delay_s, chunk_delay_s=args.chunk_delay_s, record=False) as server:
         print(server.base_url, flush=True)
         sys.stdin.read()  # the parent closes our stdin (or exits) to stop us
     return 0

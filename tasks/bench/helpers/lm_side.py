@@ -23,8 +23,9 @@ NO_KEY = "sk-no-key-required"
 class FakeServer:
     """The fake LM server in a child process (so its CPU and GIL are its own)."""
 
-    def __init__(self, delay_s: float) -> None:
-        argv = [sys.executable, "-m", "tasks.bench.helpers.fake_lm_server", "--delay-s", str(delay_s)]
+    def __init__(self, delay_s: float, chunk_delay_s: float = 0.0) -> None:
+        argv = [sys.executable, "-m", "tasks.bench.helpers.fake_lm_server", "--delay-s", str(delay_s),
+                "--chunk-delay-s", str(chunk_delay_s)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         self.base_url = self.proc.stdout.readline().strip()
