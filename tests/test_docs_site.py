@@ -10,29 +10,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import debian_binary
+from chromium import chromium_binary, run_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "site-home.png"
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
-    "--window-size=1280,860", "--allow-file-access-from-files",
-]
-
-
-def chromium_binary() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def run_chromium(binary: str, *args: str) -> subprocess.CompletedProcess[str]:
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        return subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                              text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
 @pytest.mark.timeout(1200)
@@ -47,10 +31,11 @@ def test_docs_site_builds_strictly_and_its_home_page_renders(tmp_path: Path) -> 
     home_html = (site / "index.html").read_text()
     for page in ("Getting started", "Bring your own program", "Operations", "API reference"):
         assert page in home_html, f"the home page's navigation lacks {page!r}"
-    binary = debian_binary("chromium", chromium_binary, 900)
+    binary = chromium_binary()
     home = (site / "index.html").as_uri()
     shot = tmp_path / "site-home.png"
-    done = run_chromium(binary, "--virtual-time-budget=3000", f"--screenshot={shot}", home)
+    done = run_chromium(binary, "--allow-file-access-from-files", "--virtual-time-budget=3000", f"--screenshot={shot}",
+                        home, window=(1280, 860))
     assert shot.exists() and shot.stat().st_size > 20_000, f"no screenshot, or a blank one: {done.stderr[-1000:]}"
     # The README's copy is refreshed on request (or when missing), so a test run leaves the tree clean.
     if os.environ.get("FLAGSHIP_UPDATE_DOCS") == "1" or not SCREENSHOT.exists():

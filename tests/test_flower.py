@@ -14,14 +14,11 @@ import re
 import secrets
 import shutil
 import socket
-import struct
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -29,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chromium import chromium_binary, chromium_install_timeout_s, png_size_and_colours, run_chromium
 from fake_openai import FakeOpenAI
-from helpers import debian_binary, wait_until
+from helpers import wait_until
 from sentinel_cluster import SentinelCluster
 
 from routing import Session, names
@@ -48,8 +46,6 @@ TASKS_COLUMNS = "name,args,state,received,runtime,worker"
 
 #: Flower imports the whole Celery app (DSPy included) before it listens.
 flower_start_timeout_s = 90.0
-#: Chromium's install from Debian, when the test has to do it.
-chromium_install_timeout_s = 900.0
 
 
 @dataclass
@@ -311,27 +307,9 @@ def test_flower_broker_page_on_a_sentinel_broker_counts_the_primarys_queues_and_
 
 # -- the dashboard in headless Chromium -----------------------------------------------------------
 
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--hide-scrollbars", "--window-size=1400,900",
-]
-
-
-def _find_chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    """Debian's ``chromium``, installed with apt-get when missing (skips if that is not possible)."""
-    return debian_binary("chromium", _find_chromium, chromium_install_timeout_s)
-
-
-def run_chromium(binary: str, *args: str) -> subprocess.CompletedProcess[str]:
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        return subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return chromium_binary()
 
 
 def with_credentials(flower: Flower) -> str:
@@ -344,43 +322,6 @@ def dashboard_shows(binary: str, url: str, nodes: set[str]) -> bool:
     """Chromium's rendered DOM of the dashboard names every node (the page passed auth and ran its JS)."""
     dom = run_chromium(binary, "--virtual-time-budget=5000", "--dump-dom", url).stdout
     return "Flower" in dom and all(node in dom for node in nodes)
-
-
-def png_size_and_colours(path: Path) -> tuple[int, int, int]:
-    """Width, height and number of distinct colours of an 8-bit RGB(A) PNG (no imaging library needed)."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    pos, idat, header = 8, b"", b""
-    while pos < len(data):
-        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        chunk = data[pos + 8:pos + 8 + length]
-        header = chunk if kind == b"IHDR" else header
-        idat += chunk if kind == b"IDAT" else b""
-        pos += 12 + length
-    width, height, depth, colour_type = struct.unpack(">IIBB", header[:10])
-    assert depth == 8 and colour_type in (2, 6), f"unexpected PNG format (depth {depth}, type {colour_type})"
-    bpp = 3 if colour_type == 2 else 4
-    raw, stride = zlib.decompress(idat), width * bpp
-    prev, colours = bytearray(stride), set()
-    for y in range(height):
-        filt, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
-        for i in range(stride):
-            a = line[i - bpp] if i >= bpp else 0
-            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
-            if filt == 1:
-                line[i] = (line[i] + a) & 0xFF
-            elif filt == 2:
-                line[i] = (line[i] + b) & 0xFF
-            elif filt == 3:
-                line[i] = (line[i] + (a + b) // 2) & 0xFF
-            elif filt == 4:
-                p = a + b - c
-                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
-        if y % 4 == 0:  # sampling every fourth row is plenty to tell a page from a blank
-            colours.update(bytes(line[i:i + 3]) for i in range(0, stride, bpp))
-        prev = line
-    return width, height, len(colours)
 
 
 @pytest.mark.timeout(chromium_install_timeout_s + 300)
