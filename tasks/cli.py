@@ -98,6 +98,7 @@ BENCHES = {
     "scale": "tasks.bench.scale",
     "broker": "tasks.bench.broker",
     "chaos": "tasks.bench.chaos",
+    "tracing": "tasks.bench.tracing",
     "all": "tasks.bench.run_all",
 }
 

@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import dspy
 import pytest
+from dspy.primitives.code_interpreter import CodeExecutionError
+from dspy.utils.callback import with_callbacks
 from fake_openai import FakeOpenAI
 from helpers import wait_until
 from opentelemetry import trace
@@ -27,6 +30,7 @@ from opentelemetry.util._once import Once
 
 from routing import Client, Settings, tracing
 from tasks.local.stack import Stack, WorkerProcess
+from tasks.tracing.dspy_spans import SpanCallbacks
 
 POOL, OFF_POOL = "trace_pool", "trace_off_pool"
 #: Spans leave a process every 50 ms (the SDK's default is 5 s).
@@ -237,3 +241,45 @@ def test_a_map_of_50_examples_is_one_trace_with_every_worker_span_attached(
     assert {s["attributes"]["flagship.worker"] for s in spans if s["name"] == "flagship.run map"} <= set(
         result.per_worker)
     assert all(_descends(s, fleet_map, by_id) for s in spans if s["service"] == "trace-test-worker")
+
+
+class _Interpreter:
+    """DSPy's ``CodeInterpreter`` protocol in-process (the sandbox's own spans come from the same callbacks)."""
+
+    tools: dict[str, Any] = {}
+
+    def start(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    @with_callbacks
+    def execute(self, code: str, variables: dict[str, Any] | None = None) -> Any:
+        if "raise" in code:
+            raise CodeExecutionError("NameError: boom")
+        return self.invoke_tool("lookup", {"q": code})
+
+    @with_callbacks
+    def invoke_tool(self, tool_name: str, kwargs: dict[str, Any]) -> Any:
+        return 42
+
+
+def test_sandbox_executes_and_their_tool_calls_are_spans_with_failures_marked(
+    traced: Client, receiver: Receiver
+) -> None:
+    assert isinstance(_Interpreter(), dspy.CodeInterpreter)
+    with dspy.context(callbacks=[SpanCallbacks()]), tracing.span("test.sandbox") as parent:
+        assert parent is not None
+        assert _Interpreter().execute("print(1)") == 42
+        with pytest.raises(CodeExecutionError):
+            _Interpreter().execute("raise")
+    trace_id = format(parent.get_span_context().trace_id, "032x")
+    spans = wait_until(lambda: (lambda t: t if len(t) == 4 else None)(receiver.trace(trace_id)), what="4 spans")
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for span in spans:
+        by_name.setdefault(span["name"], []).append(span)
+    executes, tool = by_name["sandbox.execute"], by_name["sandbox.tool lookup"][0]
+    assert len(executes) == 2 and tool["parent_id"] == executes[0]["span_id"]
+    failed = next(s for s in executes if s["attributes"].get("error.type"))
+    assert failed["attributes"]["error.type"] == "CodeExecutionError" and failed["status"] == 2  # STATUS_CODE_ERROR
