@@ -181,3 +181,20 @@ def test_a_killed_worker_ends_its_stream_with_the_typed_error_after_the_chunks_d
             for item in stream:
                 delivered.append(item)
     assert delivered[0].text and all(not isinstance(i, Prediction) for i in delivered)
+
+
+def test_an_rlm_ref_streams_its_actions_reasoning_from_a_sandboxed_run(
+    stack: Stack, sessions: Callable[..., Session]
+) -> None:
+    worker = stack.start_worker("rlm_pool", "rlm-stream-0", env={"FLAGSHIP_SANDBOX_TIMEOUT_S": "5"})
+    try:
+        session = sessions("rlm_pool")  # the offline LM: a scripted RLM run
+        rlm = session.rlm("context, query -> output", max_iters=3)
+        log = "\n".join(f"2026-01-0{i % 9 + 1} category=outage checkout 502" for i in range(40))
+        with rlm.stream(context=log, query="How many outages?", fields=["reasoning"]) as stream:
+            items, prediction, _ = drain(stream)
+        chunks = [i for i in items if isinstance(i, StreamChunk)]
+        assert len(chunks) >= 2 and {(c.field, c.predictor) for c in chunks} == {("reasoning", "generate_action")}
+        assert prediction.output
+    finally:
+        worker.stop()
