@@ -191,11 +191,11 @@ def test_one_trace_per_call_from_the_producer_span_to_the_lm_request(
     call = wait_until(lambda: next((s for s in receiver.spans if s["attributes"].get("flagship.task_id") == future.id
                                     and s["name"] == "flagship.call call"), None), what="the producer's call span")
     assert call["parent_id"] == "" and call["service"] == "trace-test-producer"
-    spans = wait_until(lambda: (lambda t: t if any(s["name"].startswith("chat ") for s in t) else None)(
-        receiver.trace(call["trace_id"])), what="the call's LM span")
+    wanted = {"flagship.run call", "dspy.ChainOfThought", "dspy.Predict", "chat openai/trace-model"}
+    spans = wait_until(lambda: (lambda t: t if wanted <= {s["name"] for s in t} else None)(
+        receiver.trace(call["trace_id"])), what="the worker's spans of the call")
     by_id = {s["span_id"]: s for s in spans}
     names = sorted(s["name"] for s in spans)
-    assert "flagship.run call" in names and "dspy.ChainOfThought" in names and "dspy.Predict" in names
     assert all(_descends(s, call, by_id) for s in spans), names
     run = next(s for s in spans if s["name"] == "flagship.run call")
     assert run["parent_id"] == call["span_id"] and run["service"] == "trace-test-worker"
@@ -226,7 +226,8 @@ def test_a_map_of_50_examples_is_one_trace_with_every_worker_span_attached(
         spans = receiver.trace(trace_id)
         lm_spans = [s for s in spans if s["name"].startswith("chat ")]
         runs = [s for s in spans if s["name"] == "flagship.run map"]
-        return spans if len(lm_spans) == 50 and len(runs) == 5 else None
+        ours = {"test.parent", "flagship.map call"} <= {s["name"] for s in spans}  # this process's, ended last
+        return spans if len(lm_spans) == 50 and len(runs) == 5 and ours else None
 
     spans = wait_until(complete, timeout_s=20, what="the map's 50 LM spans")
     by_id = {s["span_id"]: s for s in spans}
@@ -283,3 +284,31 @@ def test_sandbox_executes_and_their_tool_calls_are_spans_with_failures_marked(
     assert len(executes) == 2 and tool["parent_id"] == executes[0]["span_id"]
     failed = next(s for s in executes if s["attributes"].get("error.type"))
     assert failed["attributes"]["error.type"] == "CodeExecutionError" and failed["status"] == 2  # STATUS_CODE_ERROR
+
+
+def test_a_call_rerun_after_its_worker_died_stays_in_the_callers_trace(
+    traced: Client, receiver: Receiver, workers: list[WorkerProcess]
+) -> None:
+    """Last here: it kills one of the traced workers. The rerun is sent from a background thread."""
+    session = traced.session(POOL, rehydrate=True)
+    session.predict("question -> answer")  # a ref the rebuild replays
+    node = session.worker
+    assert node is not None
+    with tracing.span("test.rehydrate") as parent:
+        assert parent is not None
+        running = session.submit("ping", sleep_s=4)
+    wait_until(lambda: traced.registry.liveness([node])[node].in_flight >= 1, what="the call running")
+    next(w for w in workers if w.node == node).kill()
+    assert running.result(30)["node"] != node
+    trace_id = format(parent.get_span_context().trace_id, "032x")
+    spans = wait_until(lambda: (lambda t: t if sum(s["name"] == "flagship.call ping" for s in t) == 2 else None)(
+        receiver.trace(trace_id)), what="both call spans of the ping")
+    root = next(s for s in spans if s["name"] == "test.rehydrate")
+    first, rerun = sorted((s for s in spans if s["name"] == "flagship.call ping"),
+                          key=lambda s: "error.type" not in s["attributes"])
+    assert first["attributes"]["error.type"] == "SessionWorkerUnavailable"
+    assert first["parent_id"] == rerun["parent_id"] == root["span_id"]
+    assert rerun["attributes"]["flagship.worker"] not in ("", node)
+    rebuilt = wait_until(lambda: [s for s in receiver.trace(trace_id) if s["name"] == "flagship.run predict"],
+                         what="the rebuilt ref's run")
+    assert rebuilt[0]["attributes"]["flagship.rehydration"] is True

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 import weakref
 from collections.abc import Callable, Generator
 from concurrent.futures import Future, InvalidStateError, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import Any
 
+from routing import tracing
 from routing.errors import CallTimeout, SessionWorkerUnavailable
 from routing.producer.binding import Binding, Sent
 from routing.producer.router import Router
@@ -51,6 +54,8 @@ class CallFuture(Future[Any]):
         #: The task ids this future waits on (a rehydrated rerun adds its own), for forgetting them.
         self._task_ids = [sent.task_id]
         self._relay = _Relay(self)
+        #: The caller's context (its current span), for a rerun sent from a background thread; None: tracing off.
+        self._context = contextvars.copy_context() if tracing.tracer() is not None else None
         sent.reply.add_done_callback(self._relay)
 
     @property
@@ -102,7 +107,9 @@ class CallFuture(Future[Any]):
         error = reply.exception()
         if isinstance(error, SessionWorkerUnavailable) and self.rehydrate and error.node == self.sent.target:
             # Rebuilding replays recipes and waits for them: never on the listener's thread.
-            self.router.background(self._rerun_rehydrated, self.binding.session_id)
+            rerun = self._rerun_rehydrated if self._context is None else partial(self._context.run,
+                                                                                  self._rerun_rehydrated)
+            self.router.background(rerun, self.binding.session_id)
             return
         if error is not None:
             self._settle(None, None, error)
