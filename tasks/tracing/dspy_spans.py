@@ -4,13 +4,14 @@ DSPy 3.4.1 calls a ``BaseCallback``'s ``on_*_start`` and ``on_*_end`` around eac
 those on the thread (or asyncio task) that runs it; the span started is made current
 until its end, so what runs inside nests under it, and the LM governor
 (``tasks.lm.governor``) sets the request's tokens, cost, cache hit and rate-limit
-wait on the LM span (:func:`lm_attributes`). Installed only when tracing is on.
+wait on the LM span (:func:`lm_attributes`). Added around each call only when tracing is on.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import dspy
@@ -20,8 +21,6 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from routing import tracing
-
-log = logging.getLogger(__name__)
 
 
 def _model(instance: Any) -> str:
@@ -104,19 +103,19 @@ class SpanCallbacks(BaseCallback):
         self._end(call_id, exception)
 
 
-_installed: SpanCallbacks | None = None
+_callbacks = SpanCallbacks()
 
 
-def install() -> None:
-    """Add the span callbacks to DSPy's global callbacks (the worker's main thread, at its start)."""
-    global _installed
-    if _installed is not None:
-        return
-    _installed = SpanCallbacks()
-    try:
-        dspy.configure(callbacks=[*(dspy.settings.get("callbacks") or []), _installed])
-    except RuntimeError as exc:  # DSPy settings owned by another thread: no DSPy spans, call spans still
-        log.warning("DSPy callbacks not installed (%s): no module/LM spans", exc)
+@contextmanager
+def traced_dspy() -> Iterator[None]:
+    """DSPy calls inside get spans: the span callbacks added to DSPy's callbacks for this call only.
+
+    ``dspy.context`` rather than ``dspy.configure``: it leaves DSPy's global settings (and which thread
+    may change them) to the user's programs; DSPy carries it into ``dspy.Parallel``'s threads and the
+    worker's batch threads copy it.
+    """
+    with dspy.context(callbacks=[*(dspy.settings.get("callbacks") or []), _callbacks]):
+        yield
 
 
 def lm_attributes(attributes: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from routing import names, tracing
 from routing.broker.deadletter import DELIVERIES_HEADER
+from tasks.tracing import dspy_spans
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ def run_span(request: Any, node: str | None, session_id: Any, op: Any, kwargs: A
                                       attributes=attributes, record_exception=False,
                                       set_status_on_exception=False) as span:
         try:
-            yield
+            with dspy_spans.traced_dspy():
+                yield
         except BaseException as exc:
             _failed(span, exc)
             raise
@@ -102,9 +104,6 @@ def _setup(sender: str, **_: Any) -> None:
     """The worker's tracer provider, from the ``OTEL_*`` environment; off without an exporter named there."""
     if not tracing.setup("flagship-worker"):
         return
-    from tasks.tracing import dspy_spans
-
-    dspy_spans.install()
     signals.task_received.connect(_on_received, weak=False)
     log.info("worker %s exports OpenTelemetry spans", sender)
 
