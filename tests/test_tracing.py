@@ -17,6 +17,7 @@ from typing import Any
 
 import dspy
 import pytest
+from celery import signals
 from dspy.primitives.code_interpreter import CodeExecutionError
 from dspy.utils.callback import with_callbacks
 from fake_openai import FakeOpenAI
@@ -242,6 +243,28 @@ def test_a_map_of_50_examples_is_one_trace_with_every_worker_span_attached(
     assert {s["attributes"]["flagship.worker"] for s in spans if s["name"] == "flagship.run map"} <= set(
         result.per_worker)
     assert all(_descends(s, fleet_map, by_id) for s in spans if s["service"] == "trace-test-worker")
+
+
+def test_a_call_sent_through_send_task_carries_its_trace_context_too(traced: Client, receiver: Receiver) -> None:
+    """A publish signal receiver makes the router use Celery's ``send_task`` (routing/producer/publish.py)."""
+    def watching(**_: Any) -> None:
+        pass
+
+    session = traced.session(POOL)
+    signals.before_task_publish.connect(watching)
+    try:
+        future = session.submit("ping")
+        assert future.result(10)["node"] == session.worker
+    finally:
+        signals.before_task_publish.disconnect(watching)
+        session.close()
+
+    def both() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        mine = {s["name"]: s for s in receiver.spans if s["attributes"].get("flagship.task_id") == future.id}
+        return (mine["flagship.call ping"], mine["flagship.run ping"]) if len(mine) == 2 else None
+
+    call, run = wait_until(both, what="the call's producer and worker spans")  # type: ignore[misc]
+    assert run["trace_id"] == call["trace_id"] and run["parent_id"] == call["span_id"]
 
 
 class _Interpreter:
