@@ -38,6 +38,7 @@ GRPC_PROTOCOLS = frozenset({"grpc"})
 _lock = threading.Lock()
 _installed: Any = None  # the SDK TracerProvider this process installed
 _tracer: trace.Tracer | None = None
+_stopped = False  # shutdown() ran: tracing is off for the rest of the process
 
 
 def exporters_wanted(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -60,7 +61,7 @@ def setup(service_name: str, environ: Mapping[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     wanted = exporters_wanted(environ)
     with _lock:
-        if _installed is not None or not wanted:
+        if _installed is not None or not wanted or _stopped:
             return _installed is not None
         if tracer() is not None:
             return True  # the application's own provider
@@ -111,6 +112,8 @@ def tracer() -> trace.Tracer | None:
     """This process's tracer; None while no real provider is installed (tracing off: every helper is a no-op)."""
     global _tracer
     if _tracer is None:
+        if _stopped:
+            return None
         provider = trace.get_tracer_provider()
         if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
             return None
@@ -125,9 +128,12 @@ def flush(timeout_s: float = 5.0) -> None:
 
 
 def shutdown() -> None:
-    """Flush and stop the exporters this process installed."""
-    if _installed is not None:
-        _installed.shutdown()
+    """Flush and stop the exporters this process installed; tracing is off from then on (a worker at exit)."""
+    global _installed, _tracer, _stopped
+    with _lock:
+        provider, _installed, _tracer, _stopped = _installed, None, None, True
+    if provider is not None:
+        provider.shutdown()
 
 
 class CallTrace:

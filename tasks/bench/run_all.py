@@ -8,8 +8,9 @@ import sys
 import time
 
 #: Run in this order (cheapest first); each module's ``main(argv)`` takes ``--write-docs``.
-BENCHMARKS = ("routing", "payload", "batch", "lm", "scale", "sandbox")
-MODULES = {"routing": "tasks.bench.routing", "payload": "tasks.bench.payload", "batch": "tasks.bench.batch",
+BENCHMARKS = ("routing", "tracing", "payload", "batch", "lm", "scale", "sandbox")
+MODULES = {"routing": "tasks.bench.routing", "tracing": "tasks.bench.tracing", "payload": "tasks.bench.payload",
+           "batch": "tasks.bench.batch",
            "lm": "tasks.bench.lm", "scale": "tasks.bench.scale", "sandbox": "tasks.bench.sandbox"}
 
 

@@ -149,7 +149,7 @@ def run(calls: int, block: int, micro: int) -> dict[str, Any]:
 
 def _traced_side(stack: Stack, client: Client, otel: dict[str, str], worker_pid: int | None, redis: int | None,
                  calls: int) -> dict[str, float]:
-    """The same no-op call with every span exported, by this process and the worker (last: the provider stays)."""
+    """The same no-op call with every span exported, by this process and the worker (last: tracing stops after)."""
     saved = {key: os.environ.get(key) for key in otel}
     os.environ.update(otel)
     try:
@@ -166,7 +166,7 @@ def _traced_side(stack: Stack, client: Client, otel: dict[str, str], worker_pid:
     for _ in range(200):
         session.call("ping", timeout_s=10)
     _block(meter, cpu, lambda: session.call("ping", timeout_s=10), calls)
-    tracing.flush()
+    tracing.shutdown()  # off again for what runs next in this process (`flagship bench all`)
     return _per_call(cpu, calls)
 
 
