@@ -210,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--program", action="store_true", help="the two-predictor program case (lm_program)")
     parser.add_argument("--governor", action="store_true", help="the fleet cache and limiter cases")
     parser.add_argument("--stream", action="store_true", help="time to first chunk vs dspy.streamify (lm_stream)")
+    parser.add_argument("--tracing", action="store_true", help="tracing's CPU per call, off and on (bench tracing)")
     args = parser.parse_args(argv)
+    if args.tracing:
+        from tasks.bench import tracing
+
+        return tracing.main([*(["--json"] if args.json else []), *(["--write-docs"] if args.write_docs else [])])
     if args.stream:
         from tasks.bench import lm_stream
 
