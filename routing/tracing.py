@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -146,9 +147,18 @@ class CallTrace:
         self.headers = headers
 
     def end_on(self, reply: Future[Any]) -> None:
-        """End the span when ``reply`` settles: the worker that ran it, or the typed error's name."""
+        """End the span when ``reply`` settles: the worker that ran it, or the typed error's name; or, for a call
+        nobody waits for any more (its caller timed out and let go, or cancelled it), when ``reply`` is dropped."""
         if self.span is not None:
             reply.add_done_callback(self._end)
+            weakref.finalize(reply, self._let_go)
+
+    def _let_go(self) -> None:
+        span = self.span
+        if span is not None and span.is_recording():
+            span.set_attribute("error.type", "CallAbandoned")
+            span.set_status(Status(StatusCode.ERROR, "nobody waits for the call any more"))
+            span.end()
 
     def _end(self, reply: Future[Any]) -> None:
         span = self.span

@@ -7,6 +7,7 @@ LM requests go to a local OpenAI-protocol server (``tests/fake_openai.py``).
 
 from __future__ import annotations
 
+import gc
 import gzip
 import os
 import threading
@@ -30,6 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.util._once import Once
 
 from routing import Client, Settings, tracing
+from routing.errors import CallTimeout
 from tasks.local.stack import Stack, WorkerProcess
 from tasks.tracing.dspy_spans import SpanCallbacks
 
@@ -265,6 +267,21 @@ def test_a_call_sent_through_send_task_carries_its_trace_context_too(traced: Cli
 
     call, run = wait_until(both, what="the call's producer and worker spans")  # type: ignore[misc]
     assert run["trace_id"] == call["trace_id"] and run["parent_id"] == call["span_id"]
+
+
+def test_a_call_its_caller_let_go_of_still_ends_its_span(traced: Client, receiver: Receiver) -> None:
+    """A caller that timed out and dropped the future, or cancelled the call: the span ends, marked abandoned."""
+    session = traced.session(POOL)
+    future = session.submit("ping", sleep_s=2)
+    task_id = future.id
+    with pytest.raises(CallTimeout):
+        future.result(0.05)
+    del future  # nobody waits for it any more: the router forgets it
+    gc.collect()
+    call = wait_until(lambda: next((s for s in receiver.spans if s["attributes"].get("flagship.task_id") == task_id
+                                    and s["name"] == "flagship.call ping"), None), what="the let-go call's span")
+    assert call["attributes"]["error.type"] == "CallAbandoned" and call["status"] == 2  # STATUS_CODE_ERROR
+    session.close()
 
 
 class _Interpreter:
