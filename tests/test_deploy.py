@@ -432,7 +432,7 @@ def test_dockerfile_parses_lints_clean_and_has_a_python_3_11_worker_and_an_rlm_s
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY source {source} is not in the build context"
     runs = [(ins, ctx) for ins, ctx in zip(structure, parsed.context_structure) if ins["instruction"] == "RUN"]
-    assert any("pip install ." in ins["value"] for ins, _ in runs)
+    assert any("pip install \"./[tracing]\"" in ins["value"] for ins, _ in runs)  # the image can trace
     (setup, ctx) = next((ins, ctx) for ins, ctx in runs if "tasks.sandbox.setup" in ins["value"])
     deno_dir = ctx.get_values(context_type="ENV")["FLAGSHIP_DENO_DIR"]
     assert f"--deno-dir {deno_dir}" in setup["value"]
