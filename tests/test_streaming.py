@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from routing import Client, Prediction, Session, StreamChunk, StreamStatus
 from routing.errors import InvalidArgument, SessionWorkerUnavailable
 from routing.producer.streams import CallStream
 from tasks.local.stack import Stack, WorkerProcess
+from tasks.ops.streaming import _Earlier
 
 POOL = "stream_pool"
 TWO_STEP = "user_programs.agents:TwoStep"
@@ -181,6 +183,23 @@ def test_a_killed_worker_ends_its_stream_with_the_typed_error_after_the_chunks_d
             for item in stream:
                 delivered.append(item)
     assert delivered[0].text and all(not isinstance(i, Prediction) for i in delivered)
+
+
+def test_a_rerun_into_the_same_stream_writes_only_what_goes_beyond_the_earlier_run() -> None:
+    """A call run again under its task id (redelivered after its worker was lost) finds the earlier run's pieces."""
+    def entry(**fields: str) -> tuple[bytes, dict[bytes, bytes]]:
+        return b"1-0", {b"e": json.dumps(fields).encode()}
+
+    pieces = [entry(t="chunk", field="answer", text=t, predictor="self") for t in ("Once up", "on a")]
+    earlier = _Earlier([entry(t="status", message="Calling"), *pieces])
+    key = ("answer", "self")
+    assert earlier.status() is False and earlier.status() is True  # the earlier run's one status, then new ones
+    assert [earlier.chunk(key, t) for t in ["Once", " upon", " a time"]] == [("", False), ("", False), (" time", False)]
+    assert earlier.chunk(("other", "self"), "new field") == ("new field", False)
+    differs = _Earlier([entry(t="chunk", field="answer", text="Hello", predictor="self")])
+    assert differs.chunk(key, "Hel") == ("", False)
+    assert differs.chunk(key, "p!") == ("Help!", True)  # it came out different: the field starts over, said once
+    assert differs.chunk(key, " more") == (" more", False)
 
 
 def test_an_rlm_ref_streams_its_actions_reasoning_from_a_sandboxed_run(

@@ -129,8 +129,48 @@ class _Threaded:
         return self.result if isinstance(self.result, dspy.Prediction) else dspy.Prediction()
 
 
+class _Earlier:
+    """What an earlier run of this call streamed (a rerun after its worker was lost has the same task id and
+    stream): the rerun writes only what goes beyond it, so its caller gets every piece once."""
+
+    def __init__(self, entries: list[Any]) -> None:
+        self.sent: dict[tuple[str, Any], str] = {}
+        self.statuses = 0
+        for _, fields in entries:
+            try:
+                entry = json.loads(fields.get(b"e") or fields.get("e"))
+            except (TypeError, ValueError):
+                continue
+            if entry.get("t") == "chunk":
+                key = (entry.get("field"), entry.get("predictor"))
+                self.sent[key] = self.sent.get(key, "") + str(entry.get("text", ""))
+            self.statuses += entry.get("t") == "status"
+        self.produced = dict.fromkeys(self.sent, "")
+        self.emitted = {key: len(text) for key, text in self.sent.items()}
+        self.differs: set[tuple[str, Any]] = set()
+
+    def chunk(self, key: tuple[str, Any], text: str) -> tuple[str, bool]:
+        """The part of ``text`` not streamed yet, and whether this field's answer just turned out different."""
+        if key in self.differs or key not in self.sent:
+            return text, False
+        produced = self.produced[key] = self.produced[key] + text
+        if self.sent[key].startswith(produced):
+            return "", False  # streamed by the earlier run
+        if produced.startswith(self.sent[key]):
+            new, self.emitted[key] = produced[self.emitted[key]:], len(produced)
+            return new, False
+        self.differs.add(key)  # the rerun wrote something else: this field starts over
+        return produced, True
+
+    def status(self) -> bool:
+        """Whether the next status message is new (the earlier run's come again, in the same order)."""
+        self.statuses -= 1
+        return self.statuses < 0
+
+
 def run(target: StreamTarget, module: Any, inputs: dict[str, Any]) -> Any:
     """Run ``module(**inputs)`` through ``dspy.streamify``, writing its chunks to ``target``; its result."""
+    earlier = _Earlier(target.redis.xrange(target.key))
     program = _Threaded(module)
     streaming = dspy.streamify(program, stream_listeners=listeners(module, target.fields),  # type: ignore[arg-type]
                                include_final_prediction_in_output_stream=True, is_async_program=True,
@@ -141,9 +181,14 @@ def run(target: StreamTarget, module: Any, inputs: dict[str, Any]) -> Any:
             if target.call_id in celery_state.revoked:
                 raise CallCancelled(target.session_id, "call")
             if isinstance(value, StreamResponse) and value.chunk:
-                target.add({"t": "chunk", "field": value.signature_field_name, "text": value.chunk,
-                            "predictor": value.predict_name})
-            elif isinstance(value, StatusMessage):
+                field, predictor = value.signature_field_name, value.predict_name
+                text, differs = earlier.chunk((field, predictor), value.chunk)
+                if differs:
+                    target.add({"t": "status", "message": f"the call runs again after its worker was lost and "
+                                f"{field!r} came out different: it starts over"})
+                if text:
+                    target.add({"t": "chunk", "field": field, "text": text, "predictor": predictor})
+            elif isinstance(value, StatusMessage) and earlier.status():
                 target.add({"t": "status", "message": value.message})
     finally:
         items.close()
