@@ -202,6 +202,26 @@ def test_a_rerun_into_the_same_stream_writes_only_what_goes_beyond_the_earlier_r
     assert differs.chunk(key, " more") == (" more", False)
 
 
+def test_a_hint_call_its_dead_worker_held_runs_again_on_the_rebuilt_session(
+    pool_workers: Callable[..., list[WorkerProcess]], sessions: Callable[..., Session]
+) -> None:
+    """The reaper moves it to the pool's queue; the worker there has no refs: ``rehydrate`` rebuilds and reruns it."""
+    workers = pool_workers("hint_kill_pool", count=2)
+    with FakeOpenAI(stream_pieces=10, chunk_delay_s=0.3) as slow:
+        session = sessions("hint_kill_pool", rehydrate=True)
+        session.lm("openai/fake-model", api_base=slow.base_url, api_key="sk-test")
+        predict = session.predict("ticket -> answer")
+        first_worker = session.worker
+        with predict.stream(ticket="Tell me a long story", fields=["answer"]) as stream:
+            items = [next(i for i in stream if isinstance(i, StreamChunk))]
+            next(w for w in workers if w.node == first_worker).kill()
+            items += list(stream)
+        assert session.worker != first_worker and predict(ticket="and now?").answer  # the session serves on
+    chunks, prediction = [i for i in items if isinstance(i, StreamChunk)], items[-1]
+    assert isinstance(prediction, Prediction) and prediction.answer
+    assert prediction.answer.startswith("".join(c.text for c in chunks))  # the pieces delivered, then the answer
+
+
 def test_an_rlm_ref_streams_its_actions_reasoning_from_a_sandboxed_run(
     stack: Stack, sessions: Callable[..., Session]
 ) -> None:

@@ -13,7 +13,7 @@ from functools import partial
 from typing import Any
 
 from routing import tracing
-from routing.errors import CallTimeout, SessionWorkerUnavailable
+from routing.errors import CallTimeout, RefNotFound, SessionWorkerUnavailable
 from routing.producer.binding import Binding, Sent
 from routing.producer.router import Router
 
@@ -26,7 +26,9 @@ class CallFuture(Future[Any]):
     and ``as_completed``; any number of threads may wait) and awaitable from
     asyncio. A strict call whose worker dies settles with
     ``SessionWorkerUnavailable`` as soon as the producer's watch sees it, or,
-    with ``rehydrate``, runs again on the rebuilt session first. ``cancel()``
+    with ``rehydrate``, runs again on the rebuilt session first (so does a hint
+    call its dead worker held, which another worker found without the session's
+    refs). ``cancel()``
     revokes a call that has not started (it is then never run).
 
     A call whose ``result``/``exception`` timed out (``CallTimeout``) and whose
@@ -105,7 +107,8 @@ class CallFuture(Future[Any]):
 
     def _on_reply(self, reply: Future[Any]) -> None:
         error = reply.exception()
-        if isinstance(error, SessionWorkerUnavailable) and self.rehydrate and error.node == self.sent.target:
+        if self.rehydrate and (isinstance(error, SessionWorkerUnavailable) and error.node == self.sent.target
+                               or self._moved_off_its_refs(error)):
             # Rebuilding replays recipes and waits for them: never on the listener's thread.
             rerun = self._rerun_rehydrated if self._context is None else partial(self._context.run,
                                                                                   self._rerun_rehydrated)
@@ -117,6 +120,10 @@ class CallFuture(Future[Any]):
         envelope = reply.result()
         self.router.ran_on(self.binding, envelope["node"])
         self._settle(envelope["node"], envelope["value"])
+
+    def _moved_off_its_refs(self, error: BaseException | None) -> bool:
+        """A hint call its dead worker held, run by another worker without the session's refs (the reaper moved it)."""
+        return isinstance(error, RefNotFound) and self.sent.target is not None and error.node != self.sent.target
 
     def _rerun_rehydrated(self) -> None:
         """The worker died with this call: rebuild the session elsewhere and run the call again there."""
