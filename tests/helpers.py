@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 import pytest
 
 from tasks.local.stack import Stack, WorkerProcess
@@ -49,3 +54,33 @@ def debian_binary(package: str, find: Callable[[], str | None], timeout_s: float
     if not found:
         pytest.skip(f"apt-get installed {package} but no {package} binary is on PATH")
     return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_service(env: dict[str, str]) -> Iterator[str]:
+    """examples/service.py under uvicorn with ``env`` on a free port: its base URL, once it answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "examples.service:app", "--port", str(port),
+                             "--log-level", "warning"], cwd=Path(__file__).resolve().parents[1], env=env,
+                            stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert proc.poll() is None, "uvicorn exited"
+        try:
+            return httpx.get(f"{url}/openapi.json", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(answers, timeout_s=60, what="the service to answer")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(15)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import wait_until
+from helpers import running_service
 
 from tasks.local.stack import Stack
 
@@ -24,33 +21,10 @@ TICKETS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def service(stack: Stack) -> Iterator[str]:
-    port = _free_port()
-    env = {**os.environ, "REDIS_URL": stack.redis_url}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "examples.service:app", "--port", str(port),
-                             "--log-level", "warning"], cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        assert proc.poll() is None, "uvicorn exited"
-        try:
-            return httpx.get(f"{url}/openapi.json", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(answers, timeout_s=60, what="the service to answer")
+    with running_service({**os.environ, "REDIS_URL": stack.redis_url}) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 def test_each_client_gets_its_own_session_and_concurrent_requests_are_classified(service: str) -> None:

@@ -11,20 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from chromium import chromium_binary, chromium_install_timeout_s, devtools, png_size_and_colours
-from helpers import wait_until
+from helpers import running_service, wait_until
 
 from routing import names
 from tasks.local.stack import Stack, WorkerProcess
@@ -38,12 +35,6 @@ TICKET = "I was charged twice on my last invoice, please refund one charge."
 FIELDS = ("category", "urgency", "action")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def page_worker(stack: Stack) -> Iterator[WorkerProcess]:
     worker = stack.start_worker(POOL, env={"FLAGSHIP_OFFLINE_CHUNK_DELAY_S": str(CHUNK_DELAY_S)})
@@ -51,32 +42,13 @@ def page_worker(stack: Stack) -> Iterator[WorkerProcess]:
     worker.stop()
 
 
-@contextmanager
-def running_service(stack: Stack, pool: str) -> Iterator[str]:
-    port = _free_port()
-    env = {**stack.child_env(), "FLAGSHIP_SERVICE_POOL": pool}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "examples.service:app", "--port", str(port),
-                             "--log-level", "warning"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        assert proc.poll() is None, "uvicorn exited"
-        try:
-            return httpx.get(f"{url}/openapi.json", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(answers, timeout_s=60, what="the service to answer")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(15)
+def service_of(stack: Stack, pool: str) -> AbstractContextManager[str]:
+    return running_service({**stack.child_env(), "FLAGSHIP_SERVICE_POOL": pool})
 
 
 @pytest.fixture(scope="module")
 def service(stack: Stack, page_worker: WorkerProcess) -> Iterator[str]:
-    with running_service(stack, POOL) as url:
+    with service_of(stack, POOL) as url:
         yield url
 
 
@@ -124,7 +96,7 @@ def test_the_sse_endpoint_sends_chunks_as_they_come_then_done_and_the_chunks_joi
 def test_bad_input_is_a_422_and_a_pool_without_workers_is_an_error_event(stack: Stack, service: str) -> None:
     assert httpx.get(stream_url(service, "sse", ""), timeout=30).status_code == 422
     assert httpx.get(stream_url(service, "sse", "x" * 20_001), timeout=30).status_code == 422
-    with running_service(stack, "rlm_empty_pool") as nowhere:  # a pool of the test table no worker serves
+    with service_of(stack, "rlm_empty_pool") as nowhere:  # a pool of the test table no worker serves
         with httpx.stream("GET", stream_url(nowhere, "sse", TICKET), timeout=60) as response:
             received = list(events(response))
     assert len(received) == 1 and received[0][0] == "error"

@@ -123,7 +123,7 @@ class CallFuture(Future[Any]):
 
     def _moved_off_its_refs(self, error: BaseException | None) -> bool:
         """A hint call its dead worker held, run by another worker without the session's refs (the reaper moved it)."""
-        return isinstance(error, RefNotFound) and self.sent.target is not None and error.node != self.sent.target
+        return isinstance(error, RefNotFound) and self.sent.target not in (None, getattr(error, "node", None))
 
     def _rerun_rehydrated(self) -> None:
         """The worker died with this call: rebuild the session elsewhere and run the call again there."""
