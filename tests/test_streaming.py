@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -154,12 +155,33 @@ def test_closing_a_stream_mid_answer_cancels_the_call_and_its_worker_stops_strea
         assert entries and all('"end"' not in e for e in entries) and len(entries) < 10
 
 
+def test_breaking_out_of_a_stream_cancels_the_call_and_its_program_makes_no_further_lm_request(
+    stream_workers: list[WorkerProcess], sessions: Callable[..., Session], client: Client
+) -> None:
+    """No ``with``: the dropped iterator is collected, which cancels; the program's second predictor never asks."""
+    reader = client.results.streams
+    with FakeOpenAI(stream_pieces=10, chunk_delay_s=0.3) as slow:
+        triage = slow_session(sessions, POOL, slow).program(TWO_STEP)
+        for item in triage.stream(ticket="The checkout page returns 502 errors", fields=["category"]):
+            if isinstance(item, StreamChunk):
+                call_id = item.call_id
+                break
+        gc.collect()
+        assert reader.open_count() == 0  # the stream is no longer read
+        # The worker stops at its next chunk and waits for the run to end: the session's next call runs after it.
+        assert triage(ticket="short").action
+        meta = str(client.redis.get(f"celery-task-meta-{call_id}"))
+        assert "REVOKED" in meta or "CallCancelled" in meta
+        asked = [r for r in slow.requests if "The checkout page returns 502" in json.dumps(r.body)]
+        assert len(asked) == 1  # classify only: the cancelled run's act request never went out
+
+
 def test_a_forced_reconnect_of_the_stream_reader_loses_and_repeats_nothing(
     stream_workers: list[WorkerProcess], sessions: Callable[..., Session], client: Client
 ) -> None:
     with FakeOpenAI(stream_pieces=12, chunk_delay_s=0.1) as slow:
         predict = slow_session(sessions, POOL, slow).predict("ticket -> answer")
-        reader = client.router.results.streams
+        reader = client.results.streams
         losses = reader.losses
         with predict.stream(ticket="Tell me a long story") as stream:
             items = [next(i for i in stream if isinstance(i, StreamChunk))]
@@ -219,7 +241,8 @@ def test_a_hint_call_its_dead_worker_held_runs_again_on_the_rebuilt_session(
         assert session.worker != first_worker and predict(ticket="and now?").answer  # the session serves on
     chunks, prediction = [i for i in items if isinstance(i, StreamChunk)], items[-1]
     assert isinstance(prediction, Prediction) and prediction.answer
-    assert prediction.answer.startswith("".join(c.text for c in chunks))  # the pieces delivered, then the answer
+    # The rerun writes to its caller's stream, past the pieces the dead run wrote: each piece once, none missing.
+    assert "".join(c.text for c in chunks) == prediction.answer
 
 
 def test_an_rlm_ref_streams_its_actions_reasoning_from_a_sandboxed_run(

@@ -129,8 +129,11 @@ class CallFuture(Future[Any]):
         """The worker died with this call: rebuild the session elsewhere and run the call again there."""
         try:
             self.router.rehydrate(self.binding, self.sent.target, self.sent.incarnation)
-            retry = CallFuture(self.router, self.binding, self.op, self.kwargs,
-                               self.router.send(self.binding, self.op, self.kwargs))
+            kwargs = self.kwargs
+            if isinstance(stream := kwargs.get("stream"), dict) and "id" not in stream:  # a streamed call's rerun
+                kwargs = {**kwargs, "stream": {**stream, "id": self.sent.task_id}}  # writes to its caller's stream
+            sent = self.router.send(self.binding, self.op, kwargs)
+            retry = CallFuture(self.router, self.binding, self.op, kwargs, sent)
         except BaseException as exc:  # typed errors from the rebuild settle this call
             self._settle(None, None, exc)
             return

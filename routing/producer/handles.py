@@ -6,6 +6,7 @@ A handle is JSON (ref id, session id, worker, kind); calling it sends the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
@@ -155,6 +156,7 @@ class ModuleRef:
 
     def astream(self, *, fields: list[str] | None = None, **inputs: Any) -> AsyncCallStream:
         """``stream`` for asyncio: ``async for item in module.astream(...)``; ``aclose()`` cancels."""
+        asyncio.get_running_loop()  # outside a running loop: a RuntimeError before anything is sent
         future, key = self._streamed(inputs, fields)
         return AsyncCallStream(future, future.router.results.streams, key, future.id)
 
@@ -164,7 +166,7 @@ class ModuleRef:
             fields = validate.field_names(fields, "stream", known and [*known, "reasoning"])
         future = self.session.submit_decoded("call", {**self.call_kwargs(inputs), "stream": {"fields": fields}},
                                              prediction_of)
-        return future, names.call_stream(future.id)
+        return future, names.call_stream(future.id)  # a rerun under a new task id writes here too (future.py)
 
     def dump_state(self) -> dict[str, Any]:
         """The worker-held module's state (DSPy's ``dump_state()`` JSON): save it, load it elsewhere with ``state=``.

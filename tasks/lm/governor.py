@@ -26,6 +26,7 @@ never cached, and no limit names it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from cachetools import LRUCache
 from redis import Redis
 
 from routing.broker.connect import redis_client
+from routing.errors import CallCancelled
 from routing.fleet import usage
 from tasks.lm.fleet_cache import FleetTier, Flight, flight_var, install_fleet_cache
 from tasks.lm.governance import GovernorSettings
@@ -60,6 +62,11 @@ class Scope:
     session_id: str | None
     #: Epoch seconds by which the call must be done waiting (the route's ``deadline``; None: the default wait).
     deadline: float | None = None
+
+
+#: Set around a module run its producer may cancel mid-way (a stream's ``close()``): once the event is set, the
+#: run's next LM request raises ``CallCancelled`` instead of going out (the one in flight finishes).
+stop_requests: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("flagship_stop", default=None)
 
 
 @contextmanager
@@ -154,6 +161,8 @@ class Governor:
 
     def _before(self, lm: Any, call: Any, scope: Scope | None, asynchronous: bool) -> tuple[Any, Any, Any]:
         """``(cached result, None, call)`` on a hit, else ``(None, admission, uncached call)`` once admitted."""
+        if (stop := stop_requests.get()) is not None and stop.is_set():
+            raise CallCancelled(None if scope is None else scope.session_id, "call")
         cacheable = self.cache_on and call.cache and not _rollout(call)
         if cacheable:
             hit = self.execution._cached(lm, call, asynchronous)

@@ -188,20 +188,21 @@ def call_module(ctx: CallContext, ref: str, inputs: dict[str, Any], program: str
     """Run a module ref with keyword inputs (a context ref as ``{"$ref": id}``); returns every output field.
 
     ``program``: the program path the producer believes the ref holds (shown in Flower); checked.
-    ``stream``: ``{"fields": [...] or None}`` streams those outputs as they come (``tasks.ops.streaming``).
+    ``stream``: ``{"fields": [...] or None, "id": task id}`` streams those outputs as they come to the stream of
+    ``id`` (default: this task's; a rerun under a new task id names its first one's) (``tasks.ops.streaming``).
     """
-    target = None if stream is None else stream_target(ctx, streaming.parse("call", stream))
+    target = None if stream is None else stream_target(ctx, *streaming.parse("call", stream))
     with streaming.streamed(target):
         return _call_module(ctx, ref, inputs, program)
 
 
-def stream_target(ctx: CallContext, fields: list[str] | None) -> streaming.StreamTarget:
+def stream_target(ctx: CallContext, fields: list[str] | None, stream_id: str | None) -> streaming.StreamTarget:
     if ctx.call_id is None:
         raise InvalidArgument("call", "only a call sent as a task can stream")
     expires = current_app.conf.result_expires
     ttl_s = int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 86400)
-    return streaming.StreamTarget(ctx.worker.redis, names.call_stream(ctx.call_id), ctx.call_id, ctx.session_id,
-                                  fields, ttl_s)
+    return streaming.StreamTarget(ctx.worker.redis, names.call_stream(stream_id or ctx.call_id), ctx.call_id,
+                                  ctx.session_id, fields, ttl_s)
 
 
 def _call_module(ctx: CallContext, ref: str, inputs: dict[str, Any], program: str | None) -> dict[str, Any]:

@@ -5,8 +5,9 @@
 :func:`routing.names.call_stream` of the call's task id (bounded, expiring with the call's
 result), then an end entry; the final ``Prediction`` still travels as the call's result,
 stored after the end entry. Between chunks the call checks whether its producer revoked it
-(``close()`` on the stream) and stops with ``CallCancelled``; the module's thread finishes
-its current LM request in the background, its chunks unread.
+(``close()`` on the stream): the module's next LM request then raises (the one in flight
+finishes, unread), and the call ends with ``CallCancelled`` once the module's run has, so the
+session's next call never runs beside it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
+import logging
+import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +30,12 @@ from dspy.streaming import StatusMessage, StreamListener, StreamResponse
 from redis import Redis
 
 from routing.errors import CallCancelled, InvalidArgument
+from tasks.lm.governor import stop_requests
 
+log = logging.getLogger(__name__)
+
+#: How long a cancelled call waits for its module's run to end (its LM request in flight finishes first).
+cancel_wait_s = 60.0
 #: Entries a call's stream keeps (``XADD MAXLEN ~``): older chunks are trimmed on a runaway answer.
 stream_max_len = 10_000
 
@@ -52,15 +61,17 @@ class StreamTarget:
 _target: contextvars.ContextVar[StreamTarget | None] = contextvars.ContextVar("flagship_stream", default=None)
 
 
-def parse(op: str, stream: Any) -> list[str] | None:
-    """The ``stream`` argument's field names (None: the module's default), or a typed error."""
-    if not isinstance(stream, dict) or set(stream) - {"fields"}:
-        raise InvalidArgument(op, 'stream must be {"fields": [names] or null}')
-    fields = stream.get("fields")
+def parse(op: str, stream: Any) -> tuple[list[str] | None, str | None]:
+    """The ``stream`` argument's field names (None: the module's default) and stream id (None: the task id's)."""
+    if not isinstance(stream, dict) or set(stream) - {"fields", "id"}:
+        raise InvalidArgument(op, 'stream must be {"fields": [names] or null, "id": task id (optional)}')
+    fields, stream_id = stream.get("fields"), stream.get("id")
     if fields is not None and (not isinstance(fields, list) or not fields
                                or not all(isinstance(f, str) and f for f in fields)):
         raise InvalidArgument(op, "stream fields must be a non-empty list of output field names")
-    return fields
+    if stream_id is not None and not (isinstance(stream_id, str) and re.fullmatch(r"[0-9a-f-]{32,36}", stream_id)):
+        raise InvalidArgument(op, "stream id must be a task id (a UUID)")
+    return fields, stream_id
 
 
 @contextmanager
@@ -96,6 +107,8 @@ def listeners(module: Any, fields: list[str] | None) -> list[StreamListener]:
         raise InvalidArgument("call", "this module has no predictor to stream")
     if fields is None:
         name, predictor = named[-1]
+        if not _string_outputs(predictor):
+            raise InvalidArgument("call", f"the last predictor ({name}) has no string output to stream; name fields=")
         return [StreamListener(field, predict=predictor, predict_name=name) for field in _string_outputs(predictor)]
     found = []
     for field in fields:
@@ -119,14 +132,22 @@ class _Threaded:
     def __init__(self, module: Any) -> None:
         self.module = module
         self.result: Any = None
+        #: Set when the module's run ended (returned or raised), wherever it ran.
+        self.ended = threading.Event()
 
     def named_predictors(self) -> Any:
         return self.module.named_predictors()
 
     async def acall(self, **inputs: Any) -> dspy.Prediction:
-        run = functools.partial(contextvars.copy_context().run, self.module, **inputs)
+        run = functools.partial(contextvars.copy_context().run, self._run, inputs)
         self.result = await anyio.to_thread.run_sync(run)
         return self.result if isinstance(self.result, dspy.Prediction) else dspy.Prediction()
+
+    def _run(self, inputs: dict[str, Any]) -> Any:
+        try:
+            return self.module(**inputs)
+        finally:
+            self.ended.set()
 
 
 class _Earlier:
@@ -172,6 +193,8 @@ def run(target: StreamTarget, module: Any, inputs: dict[str, Any]) -> Any:
     """Run ``module(**inputs)`` through ``dspy.streamify``, writing its chunks to ``target``; its result."""
     earlier = _Earlier(target.redis.xrange(target.key))
     program = _Threaded(module)
+    stop = threading.Event()
+    token = stop_requests.set(stop)  # before streamify copies the context for the module's thread
     streaming = dspy.streamify(program, stream_listeners=listeners(module, target.fields),  # type: ignore[arg-type]
                                include_final_prediction_in_output_stream=True, is_async_program=True,
                                async_streaming=False)
@@ -179,6 +202,10 @@ def run(target: StreamTarget, module: Any, inputs: dict[str, Any]) -> Any:
     try:
         for value in items:
             if target.call_id in celery_state.revoked:
+                # The module's next LM request raises; the session's next call waits until the run has ended.
+                stop.set()
+                if not program.ended.wait(cancel_wait_s):
+                    log.warning("cancelled call %s: its module still runs after %.0f s", target.call_id, cancel_wait_s)
                 raise CallCancelled(target.session_id, "call")
             if isinstance(value, StreamResponse) and value.chunk:
                 field, predictor = value.signature_field_name, value.predict_name
@@ -191,5 +218,6 @@ def run(target: StreamTarget, module: Any, inputs: dict[str, Any]) -> Any:
             elif isinstance(value, StatusMessage) and earlier.status():
                 target.add({"t": "status", "message": value.message})
     finally:
+        stop_requests.reset(token)
         items.close()
     return program.result

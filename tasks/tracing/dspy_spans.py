@@ -55,7 +55,7 @@ class SpanCallbacks(BaseCallback):
             pass
         if exception is not None:
             span.set_attribute("error.type", type(exception).__name__)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
+            span.set_status(Status(StatusCode.ERROR, type(exception).__name__))  # not its text: LM output, inputs
         span.end()
 
     def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:

@@ -89,7 +89,7 @@ def run_span(request: Any, node: str | None, session_id: Any, op: Any, kwargs: A
 def _failed(span: Span, exc: BaseException) -> None:
     name = type(exc).__name__
     span.set_attribute("error.type", name)
-    span.set_status(Status(StatusCode.ERROR, f"{name}: {exc}"))
+    span.set_status(Status(StatusCode.ERROR, name))  # not its text: it may quote LM output or inputs
 
 
 def _on_received(request: Any, **_: Any) -> None:

@@ -4,7 +4,7 @@ Items come in the worker's order: ``StreamChunk``/``StreamStatus`` until the wor
 entry, then the call's ``Prediction`` (its future's result, as ``ModuleRef.__call__``
 returns it). A call that fails (its worker died, the module raised) raises its typed
 error after the items already delivered. A call that succeeded without an end entry
-reaching us (a rebuilt session ran it again under a new task id) gets its stream read
+reaching us (a safety net: reruns write to the first run's stream) gets its stream read
 once more directly, then its ``Prediction``. ``close()`` (also on leaving a ``with``
 block, or a dropped iterator) cancels the call: it is revoked, a running one stops
 streaming at its next chunk, and its stream is no longer read.
@@ -13,8 +13,11 @@ streaming at its next chunk, and its stream is no longer read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import time
+import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -28,6 +31,21 @@ end_grace_s = 2.0
 _DONE, _CAUGHT_UP = object(), object()
 
 
+def _to_weak(put: weakref.WeakMethod[Callable[[Any], None]], item: Any) -> None:
+    if (method := put()) is not None:
+        method(item)
+
+
+def _done_to_weak(put: weakref.WeakMethod[Callable[[Any], None]], _: Future[Any]) -> None:
+    _to_weak(put, _DONE)
+
+
+def _let_go(reader: StreamReader, key: str, future: Future[Any]) -> None:
+    """An iterator collected: stop reading its stream; cancel its call unless it settled."""
+    reader.close(key)
+    future.cancel()
+
+
 class _Stream:
     """What both iterators share: the call, its stream, and what an item means."""
 
@@ -36,8 +54,11 @@ class _Stream:
         self.finished = False
         #: When the call settled without its end entry read yet (the grace period runs from then).
         self._settled_at: float | None = None
-        reader.open(key, call_id, self._put)
-        future.add_done_callback(lambda _: self._put(_DONE))
+        # The reader and the future hold this iterator weakly: one dropped unfinished (a ``break`` without
+        # ``with``) is collected, and that cancels its call and stops reading its stream.
+        reader.open(key, call_id, functools.partial(_to_weak, weakref.WeakMethod(self._put)))
+        future.add_done_callback(functools.partial(_done_to_weak, weakref.WeakMethod(self._put)))
+        weakref.finalize(self, _let_go, reader, key, future)
 
     def _put(self, item: Any) -> None:
         raise NotImplementedError
@@ -113,11 +134,6 @@ class CallStream(_Stream):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self._cancel()
-        except Exception:  # an interpreter shutting down
-            pass
 
 
 class AsyncCallStream(_Stream):
@@ -162,8 +178,3 @@ class AsyncCallStream(_Stream):
     async def __aexit__(self, *exc: object) -> None:
         self._cancel()
 
-    def __del__(self) -> None:
-        try:
-            self._cancel()
-        except Exception:
-            pass
