@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -145,7 +146,7 @@ class Session(RefMethods):
         """
         sent, rehydrate = self._send_now(op, kwargs, rehydrate)
         if not isinstance(sent, Sent):  # a rebuild is due: replaying recipes waits, never on the loop
-            sent = await asyncio.get_running_loop().run_in_executor(None, sent)
+            sent = await asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, sent)
         return await CallFuture(self.router, self.binding, op, kwargs, sent, rehydrate)
 
     async def amap(self, op: str, kwargs_list: Iterable[dict[str, Any]], *, return_exceptions: bool = False,
