@@ -193,11 +193,11 @@ def run(target: StreamTarget, module: Any, inputs: dict[str, Any]) -> Any:
     """Run ``module(**inputs)`` through ``dspy.streamify``, writing its chunks to ``target``; its result."""
     earlier = _Earlier(target.redis.xrange(target.key))
     program = _Threaded(module)
-    stop = threading.Event()
-    token = stop_requests.set(stop)  # before streamify copies the context for the module's thread
     streaming = dspy.streamify(program, stream_listeners=listeners(module, target.fields),  # type: ignore[arg-type]
                                include_final_prediction_in_output_stream=True, is_async_program=True,
                                async_streaming=False)
+    stop = threading.Event()
+    token = stop_requests.set(stop)  # before streamify copies the context for the module's thread (first item)
     items = streaming(**inputs)
     try:
         for value in items:
