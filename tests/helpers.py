@@ -84,3 +84,15 @@ def running_service(env: dict[str, str]) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+@contextmanager
+def started_workers(stack: Stack, pools: list[str], env: dict[str, str] | None = None) -> Iterator[list[WorkerProcess]]:
+    """A worker of each of ``pools`` (a pool named twice: two), started together, stopped at the end."""
+    workers = [stack.start_worker(pool, wait=False, env=env) for pool in pools]
+    try:
+        stack.wait_ready(workers)
+        yield workers
+    finally:
+        for worker in workers:
+            worker.stop()

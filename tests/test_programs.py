@@ -12,7 +12,7 @@ import dspy
 import pytest
 from conftest import PROGRAM_PATHS
 from fake_openai import FakeOpenAI
-from helpers import wait_until
+from helpers import started_workers, wait_until
 from scripted_lm import scripted_reply
 
 from routing import Client, Prediction, Session
@@ -32,11 +32,8 @@ TICKETS = ["I was charged twice for my subscription", "The checkout page returns
 
 @pytest.fixture(scope="module")
 def program_workers(stack: Stack) -> Iterator[list[WorkerProcess]]:
-    workers = [stack.start_worker(POOL, wait=False) for _ in range(2)]
-    stack.wait_ready(workers)
-    yield workers
-    for worker in workers:
-        worker.stop()
+    with started_workers(stack, [POOL, POOL]) as workers:
+        yield workers
 
 
 @pytest.fixture(scope="module")

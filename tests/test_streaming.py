@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from fake_openai import FakeOpenAI
+from helpers import started_workers
 from scripted_lm import scripted_reply
 
 from routing import Client, Prediction, Session, StreamChunk, StreamStatus
@@ -26,11 +27,8 @@ TWO_STEP = "user_programs.agents:TwoStep"
 
 @pytest.fixture(scope="module")
 def stream_workers(stack: Stack) -> Iterator[list[WorkerProcess]]:
-    workers = [stack.start_worker(POOL, wait=False) for _ in range(2)]
-    stack.wait_ready(workers)
-    yield workers
-    for worker in workers:
-        worker.stop()
+    with started_workers(stack, [POOL, POOL]) as workers:
+        yield workers
 
 
 @pytest.fixture(scope="module")
