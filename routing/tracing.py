@@ -27,7 +27,7 @@ from typing import Any
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-__all__ = ["CallTrace", "OFF", "call_span", "exporters_wanted", "flush", "setup", "span", "tracer"]
+__all__ = ["CallTrace", "OFF", "call_span", "exporters_wanted", "flush", "mark_failed", "setup", "span", "tracer"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,13 @@ def shutdown() -> None:
         provider.shutdown()
 
 
+def mark_failed(span: Span, error_type: str, description: str | None = None) -> None:
+    """An error status and ``error.type`` on ``span``: the error's type name, never its text (which may quote LM
+    output or a call's inputs)."""
+    span.set_attribute("error.type", error_type)
+    span.set_status(Status(StatusCode.ERROR, description or error_type))
+
+
 class CallTrace:
     """A call's producer span and the headers carrying its context to the worker (both None: tracing off)."""
 
@@ -156,8 +163,7 @@ class CallTrace:
     def _let_go(self) -> None:
         span = self.span
         if span is not None and span.is_recording():
-            span.set_attribute("error.type", "CallAbandoned")
-            span.set_status(Status(StatusCode.ERROR, "nobody waits for the call any more"))
+            mark_failed(span, "CallAbandoned", "nobody waits for the call any more")
             span.end()
 
     def _end(self, reply: Future[Any]) -> None:
@@ -165,9 +171,7 @@ class CallTrace:
         assert span is not None
         error = None if reply.cancelled() else reply.exception()
         if reply.cancelled() or error is not None:
-            name = "CancelledError" if error is None else type(error).__name__
-            span.set_attribute("error.type", name)
-            span.set_status(Status(StatusCode.ERROR, name))
+            mark_failed(span, "CancelledError" if error is None else type(error).__name__)
         else:
             envelope = reply.result()
             if isinstance(envelope, dict) and envelope.get("node"):
@@ -199,5 +203,10 @@ def span(name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[Spa
     if active is None:
         yield None
         return
-    with active.start_as_current_span(name, attributes=attributes) as current:
-        yield current
+    with active.start_as_current_span(name, attributes=attributes, record_exception=False,
+                                      set_status_on_exception=False) as current:
+        try:
+            yield current
+        except BaseException as exc:
+            mark_failed(current, type(exc).__name__)
+            raise

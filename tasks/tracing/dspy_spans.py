@@ -18,7 +18,7 @@ import dspy
 from dspy.utils.callback import BaseCallback
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Span
 
 from routing import tracing
 
@@ -54,8 +54,7 @@ class SpanCallbacks(BaseCallback):
         except Exception:  # ended on another context than it started (never in DSPy 3.4.1): the span still ends
             pass
         if exception is not None:
-            span.set_attribute("error.type", type(exception).__name__)
-            span.set_status(Status(StatusCode.ERROR, type(exception).__name__))  # not its text: LM output, inputs
+            tracing.mark_failed(span, type(exception).__name__)
         span.end()
 
     def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from celery import signals
 from opentelemetry import propagate
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from routing import names, tracing
 from routing.broker.deadletter import DELIVERIES_HEADER
@@ -82,14 +82,8 @@ def run_span(request: Any, node: str | None, session_id: Any, op: Any, kwargs: A
             with dspy_spans.traced_dspy():
                 yield
         except BaseException as exc:
-            _failed(span, exc)
+            tracing.mark_failed(span, type(exc).__name__)
             raise
-
-
-def _failed(span: Span, exc: BaseException) -> None:
-    name = type(exc).__name__
-    span.set_attribute("error.type", name)
-    span.set_status(Status(StatusCode.ERROR, name))  # not its text: it may quote LM output or inputs
 
 
 def _on_received(request: Any, **_: Any) -> None:
