@@ -27,8 +27,8 @@ from typing import Any
 from routing import Client, Pool, PoolTable, Settings, gather
 from routing.pools import PoolKind
 from tasks.bench.helpers.env import CpuMeter, own_server, server_pid
+from tasks.bench.helpers.lm_side import MODEL, NO_KEY, SIGNATURE, TICKETS, UNCACHED, FakeServer, worker_env
 from tasks.bench.helpers.report import markdown_table, update_section
-from tasks.bench.lm import MODEL, NO_KEY, SIGNATURE, TICKETS, FakeServer
 from tasks.local.stack import Stack
 
 NOOP_POOL = Pool("batch_bench_pool", size=2, kind=PoolKind.CPU)
@@ -141,8 +141,7 @@ def _run(args: argparse.Namespace, base: Settings) -> dict[str, Any]:
     report: dict[str, Any] = {}
     settings, table = _pools_settings(base, NOOP_POOL, LM_POOL)
     with FakeServer(args.delay_s) as server:
-        env = {"FLAGSHIP_POOLS": table, "FLAGSHIP_LM_API_BASE": server.base_url, "FLAGSHIP_LM": MODEL,
-               "FLAGSHIP_LM_RETRIES": "0", "FLAGSHIP_LM_CACHE": "off"}  # every call reaches the LM server
+        env = worker_env(table, server.base_url, **UNCACHED)  # every call reaches the LM server
         with Stack(settings, env=env, loglevel="warning") as stack:
             procs = stack.start_pools(pools=[NOOP_POOL.name, LM_POOL.name])
             client = Client(stack.redis_url, settings)

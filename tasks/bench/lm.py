@@ -19,7 +19,7 @@ from typing import Any
 from routing import Client, Pool, PoolTable, Settings
 from routing.pools import PoolKind
 from tasks.bench.helpers.env import CpuMeter, own_server, server_pid
-from tasks.bench.helpers.lm_side import (  # noqa: F401  (batch.py imports them from here)
+from tasks.bench.helpers.lm_side import (
     MODEL,
     NO_KEY,
     POOL_NAME,
@@ -33,6 +33,7 @@ from tasks.bench.helpers.lm_side import (  # noqa: F401  (batch.py imports them 
     adherence_case,
     cache_case,
     limiter_cpu_case,
+    worker_env,
 )
 from tasks.bench.helpers.report import markdown_table, update_section
 from tasks.lm.dspy_caches import installed as dspy_caches_installed
@@ -74,8 +75,7 @@ def _run(base: Settings, sessions: int, per_session: int, delay_s: float, rounds
     settings = replace(base, pools_config=table.to_json())
     calls = sessions * per_session
     with FakeServer(delay_s) as server:
-        env = {"FLAGSHIP_POOLS": table.to_json(), "FLAGSHIP_LM_API_BASE": server.base_url,
-               "FLAGSHIP_LM": MODEL, "FLAGSHIP_LM_RETRIES": "0", **UNCACHED}
+        env = worker_env(table.to_json(), server.base_url, **UNCACHED)
         with Stack(settings, env=env, loglevel="warning") as stack:
             procs = stack.start_pools(pools=[POOL_NAME])
             client = Client(stack.redis_url, settings)
@@ -156,10 +156,9 @@ def governor_run(calls: int = 300, rpm: int = 100, window_s: float = 5.0, window
         table = PoolTable.load(base.pools_config).with_pool(pool)
         settings = replace(base, pools_config=table.to_json())
         with FakeOpenAI(delay_s=0.05) as server:  # in this process: it records when each request arrived
-            env = {"FLAGSHIP_POOLS": table.to_json(), "FLAGSHIP_LM_API_BASE": server.base_url, "FLAGSHIP_LM": MODEL,
-                   "FLAGSHIP_LM_RETRIES": "0", "FLAGSHIP_LM_CACHE": "fleet", "FLAGSHIP_LM_CACHE_MEMORY_ENTRIES": "1",
-                   "FLAGSHIP_LM_LIMITS": json.dumps({"openai/limited-model": {"rpm": rpm}}),
-                   "FLAGSHIP_LM_LIMIT_WINDOW_S": str(window_s)}
+            env = worker_env(table.to_json(), server.base_url, FLAGSHIP_LM_CACHE="fleet",
+                             FLAGSHIP_LM_CACHE_MEMORY_ENTRIES="1", FLAGSHIP_LM_LIMIT_WINDOW_S=str(window_s),
+                             FLAGSHIP_LM_LIMITS=json.dumps({"openai/limited-model": {"rpm": rpm}}))
             with Stack(settings, env=env, loglevel="warning") as stack:
                 stack.start_pools(pools=[POOL_NAME])
                 client = Client(stack.redis_url, settings)

@@ -31,6 +31,7 @@ from tasks.bench.helpers.lm_side import (
     _fan_out,
     _median_round,
     _round,
+    worker_env,
 )
 from tasks.bench.helpers.report import markdown_table
 from tasks.local.stack import EXAMPLES_DIR, Stack, example_programs_env
@@ -71,9 +72,7 @@ def _run(base: Settings, sessions: int, per_session: int, delay_s: float, rounds
     settings = replace(base, pools_config=table.to_json())
     calls = sessions * per_session
     with FakeServer(delay_s) as server:
-        env = {"FLAGSHIP_POOLS": table.to_json(), "FLAGSHIP_LM_API_BASE": server.base_url,
-               "FLAGSHIP_LM": MODEL, "FLAGSHIP_LM_RETRIES": "0", **UNCACHED,
-               **example_programs_env()}
+        env = worker_env(table.to_json(), server.base_url, **UNCACHED, **example_programs_env())
         with Stack(settings, env=env, loglevel="warning") as stack:
             procs = stack.start_pools(pools=[POOL_NAME])
             client = Client(stack.redis_url, settings)

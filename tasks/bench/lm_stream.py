@@ -18,7 +18,7 @@ from typing import Any
 from routing import Client, Pool, PoolTable, Settings, StreamChunk
 from routing.pools import PoolKind
 from tasks.bench.helpers.env import own_server
-from tasks.bench.helpers.lm_side import MODEL, NO_KEY, POOL_NAME, TICKETS, UNCACHED, FakeServer
+from tasks.bench.helpers.lm_side import MODEL, NO_KEY, POOL_NAME, TICKETS, UNCACHED, FakeServer, worker_env
 from tasks.bench.helpers.report import markdown_table
 from tasks.local.stack import Stack
 
@@ -51,8 +51,7 @@ def _run(base: Settings, streams: int, delay_s: float, chunk_delay_s: float, wor
     table = PoolTable.load(base.pools_config).with_pool(pool)
     settings = replace(base, pools_config=table.to_json())
     with FakeServer(delay_s, chunk_delay_s) as server:
-        env = {"FLAGSHIP_POOLS": table.to_json(), "FLAGSHIP_LM_API_BASE": server.base_url, "FLAGSHIP_LM": MODEL,
-               "FLAGSHIP_LM_RETRIES": "0", **UNCACHED}
+        env = worker_env(table.to_json(), server.base_url, **UNCACHED)
         with Stack(settings, env=env, loglevel="warning") as stack:
             stack.start_pools(pools=[POOL_NAME])
             client = Client(stack.redis_url, settings)

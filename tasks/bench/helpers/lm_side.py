@@ -77,6 +77,12 @@ def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 UNCACHED = {"FLAGSHIP_LM_CACHE": "off"}
 
 
+def worker_env(pools_json: str, base_url: str, **more: str) -> dict[str, str]:
+    """A bench stack's worker environment: the pool table, the fake LM server as every worker's LM, no retries."""
+    return {"FLAGSHIP_POOLS": pools_json, "FLAGSHIP_LM_API_BASE": base_url, "FLAGSHIP_LM": MODEL,
+            "FLAGSHIP_LM_RETRIES": "0", **more}
+
+
 def _p50_ms(samples: list[float]) -> float:
     return sorted(samples)[len(samples) // 2] * 1000
 
