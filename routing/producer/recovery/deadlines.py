@@ -20,7 +20,6 @@ import heapq
 import itertools
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -33,6 +32,7 @@ from redis import Redis
 from routing.broker import claims
 from routing.broker.envelope import task_id_of
 from routing.errors import QueueTimeout
+from routing.producer.recovery.watcher import CallWatcher
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +81,15 @@ class _Tracked:
     due_at: float = 0.0
 
 
-class DeadlineSweeper:
+class DeadlineSweeper(CallWatcher[_Tracked]):
     """Needs a client without ``decode_responses``: a queue may hold anything, and ``LREM`` must match bytes."""
 
     def __init__(self, redis: Redis, fail_where: FailWhere) -> None:
+        super().__init__("flagship-deadlines")
         self.redis = redis
         self.fail_where = fail_where
-        self._cond = threading.Condition()
-        self._tracked: dict[str, _Tracked] = {}
         self._due: list[tuple[float, int, str]] = []  # (monotonic time to look, tie-breaker, task id)
         self._seq = itertools.count()
-        self._stop = False
-        self._thread: threading.Thread | None = None
 
     def track(self, task_id: str, reply: Future[Any], tag: Any, queues: tuple[str, ...], timeout_s: float,
               session_id: str, op: str, claimed: dict[str, str]) -> None:
@@ -100,31 +97,13 @@ class DeadlineSweeper:
         queues = tuple(dict.fromkeys(queues))  # sent to the shared queue: it is named twice
         entry = _Tracked(task_id, tag, queues, session_id, op, timeout_s, claimed, due_at=time.monotonic() + timeout_s)
         with self._cond:
-            self._tracked[task_id] = entry
-            heapq.heappush(self._due, (entry.due_at, next(self._seq), task_id))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="flagship-deadlines", daemon=True)
-                self._thread.start()
+            heapq.heappush(self._due, (entry.due_at, next(self._seq), task_id))  # forgotten ones are skipped
+            self._watch(task_id, entry, reply)
             if self._due[0][2] == task_id:  # due before whatever the thread sleeps for (usually not: no wake-up)
                 self._cond.notify()
-        reply.add_done_callback(lambda _: self.forget(task_id))
 
-    def tracked(self) -> int:
-        """Calls whose deadline is still watched (settled ones are forgotten)."""
-        with self._cond:
-            return len(self._tracked)
-
-    def close(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(2)
-
-    def forget(self, task_id: str) -> None:
-        """Stop watching the call's deadline (it settled, or nobody waits for it any more)."""
-        with self._cond:
-            self._tracked.pop(task_id, None)  # its heap entry is skipped when it comes up
+    #: Calls whose deadline is still watched.
+    tracked = CallWatcher.watched
 
     # -- the sweeper thread --------------------------------------------------------
 
@@ -144,13 +123,13 @@ class DeadlineSweeper:
         """Sleep until some tracked call is due; returns every due one (None: stopping)."""
         with self._cond:
             while not self._stop:
-                while self._due and self._due[0][2] not in self._tracked:
+                while self._due and self._due[0][2] not in self._watched:
                     heapq.heappop(self._due)
                 now = time.monotonic()
                 if self._due and self._due[0][0] + batch_window_s <= now:
                     due = []
                     while self._due and self._due[0][0] <= now:
-                        entry = self._tracked.get(heapq.heappop(self._due)[2])
+                        entry = self._watched.get(heapq.heappop(self._due)[2])
                         if entry is not None:
                             due.append(entry)
                     return due
@@ -204,7 +183,7 @@ class DeadlineSweeper:
         with self._cond:
             for entry in held:
                 if now - entry.due_at > recheck_for_s:
-                    self._tracked.pop(entry.task_id, None)
-                elif entry.task_id in self._tracked:
+                    self._watched.pop(entry.task_id, None)
+                elif entry.task_id in self._watched:
                     heapq.heappush(self._due, (now + entry.backoff_s, next(self._seq), entry.task_id))
                     entry.backoff_s = min(recheck_max_s, entry.backoff_s * 2)

@@ -25,7 +25,6 @@ may not have run. Its claim-checked arguments are left to expire with the sessio
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -41,6 +40,7 @@ from routing.broker.failures import BROKER_ERRORS
 from routing.errors import CallOutcomeUnknown
 from routing.producer.publish import Outgoing, Publisher
 from routing.producer.recovery.deadlines import FailWhere
+from routing.producer.recovery.watcher import CallWatcher
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +74,18 @@ class _Unconfirmed:
     missing_since: float | None = None
 
 
-class UnconfirmedSends:
+class UnconfirmedSends(CallWatcher[_Unconfirmed]):
     """Looks for calls whose push may have failed (see the module docstring); one thread, idle when none."""
 
     def __init__(self, redis: Redis, publisher: Publisher, settle_stored: Callable[[list[str]], set[str]],
                  fail_where: FailWhere) -> None:
+        super().__init__("flagship-unconfirmed")
         self.redis = redis
         self.publisher = publisher
         self.settle_stored = settle_stored
         self.fail_where = fail_where
         options = publisher.app.conf.broker_transport_options or {}
         self.unacked_key = str(options.get("unacked_key") or UNACKED_KEY)
-        self._cond = threading.Condition()
-        self._calls: dict[str, _Unconfirmed] = {}
-        self._stop = False
-        self._thread: threading.Thread | None = None
 
     def look_for(self, message: Outgoing, reply: Future[Any], tag: Any, pool: str, session_id: str, op: str,
                  error: BaseException) -> None:
@@ -98,37 +95,20 @@ class UnconfirmedSends:
         entry = _Unconfirmed(message, tag, pool, session_id, op, time.monotonic(), f"{type(error).__name__}: {error}",
                              [(message.payload, message.delivery_tag)])
         with self._cond:
-            self._calls[message.task_id] = entry
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="flagship-unconfirmed", daemon=True)
-                self._thread.start()
+            self._watch(message.task_id, entry, reply)
             self._cond.notify()
-        reply.add_done_callback(lambda _: self.forget(message.task_id))
 
-    def unconfirmed(self) -> int:
-        """Calls still looked for."""
-        with self._cond:
-            return len(self._calls)
-
-    def forget(self, task_id: str) -> None:
-        with self._cond:
-            self._calls.pop(task_id, None)
-
-    def close(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(2)
+    #: Calls still looked for.
+    unconfirmed = CallWatcher.watched
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self._calls:
+                while not self._stop and not self._watched:
                     self._cond.wait()
                 if self._stop:
                     return
-                calls = list(self._calls.values())
+                calls = list(self._watched.values())
             for entry in calls:
                 try:
                     self._look(entry)
@@ -156,7 +136,7 @@ class UnconfirmedSends:
 
     def _open(self) -> set[str]:
         with self._cond:
-            return set(self._calls)
+            return set(self._watched)
 
     def _found(self, entry: _Unconfirmed) -> bool:
         """Whether any copy of the call is queued or un-acknowledged."""
