@@ -28,7 +28,9 @@ def env_number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> 
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced, for logs and status output."""
+    """``url`` with any password replaced, for logs and status output (in each URL of a ``;`` list: Sentinel)."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     parts = urlsplit(url)
     if not parts.password:
         return url

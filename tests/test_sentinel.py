@@ -44,6 +44,7 @@ from routing.errors import CallTimeout, FlagshipError
 from routing.fleet import pulse
 from routing.producer.results.listener import ResultListener
 from routing.producer.results.listener_backend import listener_backend_url
+from routing.settings import redact_url
 from tasks.local.stack import Stack
 
 STRICT_POOL, HINT_POOL = "sentinel_strict_pool", "sentinel_hint_pool"
@@ -236,6 +237,8 @@ def test_sentinel_options_come_from_the_environment() -> None:
     assert SentinelOptions.from_env({}) == SentinelOptions("mymaster", None, 500)
     address = parse_sentinel_url("sentinel://:pw@h1:26379;sentinel://h2/3")
     assert address.sentinels == (("h1", 26379), ("h2", 26379)) and address.db == 3 and address.password == "pw"
+    # Logs, status and Flower mask the password of every URL of the list.
+    assert redact_url("sentinel://:pw@h1:26379;sentinel://:pw2@h2/3") == "sentinel://:***@h1:26379;sentinel://:***@h2/3"
 
 
 def test_the_result_listener_says_when_it_is_back_and_still_settles_calls(stack: Stack) -> None:

@@ -37,11 +37,6 @@ from routing.settings import Settings, redact_url
 connect_timeout_s, read_timeout_s = RedisBase.DEFAULT_SOCKET_CONNECT_TIMEOUT, RedisBase.DEFAULT_SOCKET_TIMEOUT
 
 
-def masked_url(url: str) -> str:
-    """``url`` with every password masked (each part of a ``sentinel://...;sentinel://...`` list too)."""
-    return ";".join(redact_url(part) for part in url.split(";"))
-
-
 def pool_queues(url: str, pools: PoolTable) -> set[str]:
     """The shared queues of the pools that live on the broker at ``url``."""
     return {names.pool_queue(pool.name) for pool in pools if same_server(broker_url(pool, url), url)}
@@ -89,7 +84,7 @@ def install() -> None:
     """Point Flower's broker views at :func:`get_broker`; show the broker's URL, not the transport class path."""
     flower_views.BaseHandler.get_broker = get_broker
     # replaces flower 2.2.0 app.Flower.broker_uri (a cached property: the connection's URI, transport path included)
-    flower_app.Flower.broker_uri = property(lambda app: masked_url(app.capp.conf.broker_url))
+    flower_app.Flower.broker_uri = property(lambda app: redact_url(app.capp.conf.broker_url))
 
 
 def main() -> int:
